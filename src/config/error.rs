@@ -1,0 +1,165 @@
+//! Config errors that tell the operator exactly where to look.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// One problem in a config file: which file, which line, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}: {}", self.file.display(), self.key, self.message),
+            None => write!(f, "{}: {}: {}", self.file.display(), self.key, self.message),
+        }
+    }
+}
+
+/// Every problem found in one load; `check` prints them all at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects errors against one source text, turning byte spans into lines.
+pub struct ErrorSink<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> ErrorSink<'a> {
+    pub fn new(file: &'a Path, text: &'a str) -> Self {
+        ErrorSink {
+            file,
+            text,
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn at(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let line = line_of(self.text, span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(line),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    pub fn without_line(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line: None,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// A TOML syntax or schema error, located by its span; the key is
+    /// recovered from the surrounding text because the parser reports only
+    /// a message and a span.
+    pub fn from_toml(&mut self, err: &toml::de::Error) {
+        let message = err.message().trim().to_string();
+        match err.span() {
+            Some(span) => {
+                let key = key_at(self.text, span.clone());
+                self.at(span, key, message);
+            }
+            None => self.without_line("(file)", message),
+        }
+    }
+
+    pub fn finish(self) -> Result<(), ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// The dotted key a span belongs to: the enclosing `[table]` header plus the
+/// key on the span's line (or the spanned text itself when it is a key).
+fn key_at(text: &str, span: Range<usize>) -> String {
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = &text[line_start..line_end];
+
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+
+    let header_line = line.trim_start().starts_with('[');
+    let local = if header_line {
+        None
+    } else {
+        let in_line = start - line_start;
+        match line.find('=') {
+            Some(eq) if eq < in_line => Some(line[..eq].trim().to_string()),
+            _ => text
+                .get(span.clone())
+                .map(|s| s.trim().trim_matches('"').to_string())
+                .filter(|s| !s.is_empty() && !s.contains('\n')),
+        }
+    };
+    let table = if header_line {
+        Some(line.trim().trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    } else {
+        table
+    };
+    match (table, local) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (Some(t), None) => t,
+        (None, Some(k)) => k,
+        (None, None) => "(file)".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_of_a_value_is_table_plus_key() {
+        let text = "[proxy]\nthreads = \"two\"\n";
+        let at = text.find("\"two\"").unwrap();
+        assert_eq!(key_at(text, at..at + 5), "proxy.threads");
+        assert_eq!(line_of(text, at), 2);
+    }
+
+    #[test]
+    fn key_of_an_unknown_key_is_the_key_itself() {
+        let text = "[datasources.a]\nurl = \"http://x\"\nlisten = 3\n";
+        let at = text.find("listen").unwrap();
+        assert_eq!(key_at(text, at..at + 6), "datasources.a.listen");
+    }
+}

@@ -1,0 +1,385 @@
+//! Config: the external TOML schema (`schema`) turned into a validated
+//! internal model. Nothing downstream of this module re-checks a value: if
+//! `load` returns a `Config`, every address, URL, path and timeout in it is
+//! usable.
+
+mod error;
+mod schema;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::WrappedX509;
+use toml::Spanned;
+use url::Url;
+
+pub use error::{ConfigError, ConfigErrors};
+use error::ErrorSink;
+use schema::{RawConfig, RawDataSource};
+
+use crate::upstream::Upstream;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:6180";
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+const DEFAULT_GRACE_PERIOD_S: u64 = 10;
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// An hour: longer than any sane upstream timeout, short enough to catch a
+/// value given in the wrong unit.
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+pub struct Config {
+    pub file: PathBuf,
+    pub proxy: ProxySettings,
+    pub admin: AdminSettings,
+    pub audit: AuditSettings,
+    pub datasources: HashMap<String, Arc<DataSource>>,
+}
+
+pub struct ProxySettings {
+    pub listen: Vec<SocketAddr>,
+    pub threads: usize,
+    pub grace_period: Duration,
+}
+
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+pub struct AuditSettings {
+    pub output: AuditOutput,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+pub struct DataSource {
+    pub name: String,
+    /// The URL as configured, for admin output and messages.
+    pub url: String,
+    pub upstream: Upstream,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Replaces the system roots for this data source when set.
+    pub ca: Option<Arc<CaType>>,
+    pub pass_set_cookie: bool,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(path, &text),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }])),
+    }
+}
+
+/// Validates config text; `path` names it in errors and anchors relative paths.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut sink = ErrorSink::new(path, text);
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            sink.from_toml(&e);
+            return Err(sink.finish().err().unwrap_or(ConfigErrors(Vec::new())));
+        }
+    };
+    let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut v = Validator {
+        sink,
+        base_dir: &base_dir,
+    };
+
+    let listen = match &raw.proxy.listen {
+        Some(addrs) if addrs.is_empty() => {
+            v.sink.without_line("proxy.listen", "at least one listen address is required");
+            Vec::new()
+        }
+        Some(addrs) => addrs
+            .iter()
+            .filter_map(|a| v.loopback_addr(a, "proxy.listen"))
+            .collect(),
+        None => vec![parse_default(DEFAULT_LISTEN)],
+    };
+    let threads = match &raw.proxy.threads {
+        Some(t) if !(1..=1024).contains(t.get_ref()) => {
+            v.sink.at(t.span(), "proxy.threads", "must be between 1 and 1024");
+            1
+        }
+        Some(t) => *t.get_ref(),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let grace_s = match &raw.proxy.grace_period_s {
+        Some(g) if *g.get_ref() > 3600 => {
+            v.sink.at(g.span(), "proxy.grace_period_s", "must be at most 3600");
+            0
+        }
+        Some(g) => *g.get_ref(),
+        None => DEFAULT_GRACE_PERIOD_S,
+    };
+    let admin_listen = match &raw.admin.listen {
+        Some(a) => v.socket_addr(a, "admin.listen"),
+        None => Some(parse_default(DEFAULT_ADMIN_LISTEN)),
+    };
+    if let Some(admin) = admin_listen {
+        if listen.contains(&admin) {
+            v.sink.without_line("admin.listen", format!("{admin} is also a proxy listen address"));
+        }
+    }
+    let audit_output = match &raw.audit.output {
+        None => AuditOutput::Stdout,
+        Some(o) if o.get_ref() == "stdout" => AuditOutput::Stdout,
+        Some(o) if o.get_ref().trim().is_empty() => {
+            v.sink.at(o.span(), "audit.output", "must be \"stdout\" or a file path");
+            AuditOutput::Stdout
+        }
+        Some(o) => AuditOutput::File(v.relative(o.get_ref())),
+    };
+
+    let mut datasources = HashMap::new();
+    for (name, raw_ds) in &raw.datasources {
+        if let Some(ds) = v.datasource(name, raw_ds) {
+            datasources.insert(ds.name.clone(), Arc::new(ds));
+        }
+    }
+
+    v.sink.finish()?;
+    Ok(Config {
+        file: path.to_path_buf(),
+        proxy: ProxySettings {
+            listen,
+            threads,
+            grace_period: Duration::from_secs(grace_s),
+        },
+        admin: AdminSettings {
+            listen: admin_listen.unwrap_or_else(|| parse_default(DEFAULT_ADMIN_LISTEN)),
+        },
+        audit: AuditSettings {
+            output: audit_output,
+        },
+        datasources,
+    })
+}
+
+fn parse_default(addr: &str) -> SocketAddr {
+    addr.parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// A data source name is one path segment of the route, so it is kept to
+/// characters that need no encoding and cannot be a dot segment.
+fn valid_datasource_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name.len() <= 64
+}
+
+struct Validator<'a> {
+    sink: ErrorSink<'a>,
+    base_dir: &'a Path,
+}
+
+impl Validator<'_> {
+    fn relative(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn socket_addr(&mut self, a: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        match a.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.sink.at(
+                    a.span(),
+                    key,
+                    format!("`{}` is not an IP:port address", a.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn loopback_addr(&mut self, a: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        let addr = self.socket_addr(a, key)?;
+        if !addr.ip().is_loopback() {
+            self.sink.at(
+                a.span(),
+                key,
+                format!("{addr} is not a loopback address; plain-HTTP listeners must be on loopback (remote callers come through TLS)"),
+            );
+            return None;
+        }
+        Some(addr)
+    }
+
+    fn timeout(&mut self, value: &Option<Spanned<u64>>, key: String, default_ms: u64) -> Duration {
+        match value {
+            Some(t) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMEOUT_MS => {
+                self.sink.at(t.span(), key, format!("must be between 1 and {MAX_TIMEOUT_MS} ms"));
+                Duration::from_millis(default_ms)
+            }
+            Some(t) => Duration::from_millis(*t.get_ref()),
+            None => Duration::from_millis(default_ms),
+        }
+    }
+
+    fn datasource(&mut self, name: &Spanned<String>, raw: &RawDataSource) -> Option<DataSource> {
+        let key = |field: &str| format!("datasources.{}.{field}", name.get_ref());
+        if !valid_datasource_name(name.get_ref()) {
+            self.sink.at(
+                name.span(),
+                format!("datasources.{}", name.get_ref()),
+                "a data source name is 1-64 letters, digits, '-' or '_', starting with a letter or digit",
+            );
+        }
+        let upstream = match Url::parse(raw.url.get_ref()) {
+            Ok(url) => match Upstream::from_url(&url) {
+                Ok(u) => Some(u),
+                Err(msg) => {
+                    self.sink.at(raw.url.span(), key("url"), msg);
+                    None
+                }
+            },
+            Err(e) => {
+                self.sink.at(
+                    raw.url.span(),
+                    key("url"),
+                    format!("`{}` is not a valid URL: {e}", raw.url.get_ref()),
+                );
+                None
+            }
+        };
+        let connect_timeout = self.timeout(&raw.connect_timeout_ms, key("connect_timeout_ms"), DEFAULT_CONNECT_TIMEOUT_MS);
+        let timeout = self.timeout(&raw.timeout_ms, key("timeout_ms"), DEFAULT_TIMEOUT_MS);
+        let idle_timeout = self.timeout(&raw.idle_timeout_ms, key("idle_timeout_ms"), DEFAULT_IDLE_TIMEOUT_MS);
+        let ca = match &raw.ca_file {
+            None => None,
+            Some(f) => match load_ca_file(&self.relative(f.get_ref())) {
+                Ok(ca) => Some(ca),
+                Err(msg) => {
+                    self.sink.at(f.span(), key("ca_file"), msg);
+                    None
+                }
+            },
+        };
+        if raw.ca_file.is_some() && upstream.as_ref().is_some_and(|u| !u.tls) {
+            if let Some(f) = &raw.ca_file {
+                self.sink.at(f.span(), key("ca_file"), "set, but the url is not https://");
+            }
+        }
+        Some(DataSource {
+            name: name.get_ref().clone(),
+            url: raw.url.get_ref().clone(),
+            upstream: upstream?,
+            connect_timeout,
+            timeout,
+            idle_timeout,
+            ca,
+            pass_set_cookie: raw.pass_set_cookie,
+        })
+    }
+}
+
+/// Loads a PEM bundle of CA certificates, refusing anything pingora would
+/// panic on later (it parses certificates with `expect`).
+fn load_ca_file(path: &Path) -> Result<Arc<CaType>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut certs = Vec::new();
+    for item in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let der = item.map_err(|e| format!("{}: not valid PEM: {e}", path.display()))?;
+        let wrapped = WrappedX509::try_new(der.to_vec(), |raw| {
+            x509_parser::parse_x509_certificate(raw).map(|(_, cert)| cert)
+        })
+        .map_err(|e| format!("{}: not a valid certificate: {e}", path.display()))?;
+        certs.push(wrapped);
+    }
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(Arc::from(certs.into_boxed_slice()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse(Path::new("/etc/sealgate/test.toml"), text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(Path::new("x.toml"), "[datasources.a]\nurl = \"https://example.com\"\n").unwrap();
+        assert_eq!(c.proxy.listen, vec![parse_default(DEFAULT_LISTEN)]);
+        assert_eq!(c.admin.listen, parse_default(DEFAULT_ADMIN_LISTEN));
+        assert_eq!(c.audit.output, AuditOutput::Stdout);
+        let a = &c.datasources["a"];
+        assert_eq!(a.timeout, Duration::from_millis(DEFAULT_TIMEOUT_MS));
+        assert!(a.ca.is_none());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = errors("[proxy]\nlisten = [\"127.0.0.1:1\"]\nlisen = 3\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("/etc/sealgate/test.toml:3: proxy.lisen: unknown field `lisen`"), "{e:?}");
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_with_its_line() {
+        let e = errors(concat!(
+            "[proxy]\n",
+            "listen = [\"0.0.0.0:6180\"]\n",
+            "[datasources.ok]\n",
+            "url = \"https://example.com\"\n",
+            "[datasources.bad]\n",
+            "url = \"not a url\"\n",
+            "timeout_ms = 0\n",
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].contains(":2: proxy.listen: 0.0.0.0:6180 is not a loopback address"), "{e:?}");
+        assert!(e[1].contains(":6: datasources.bad.url: `not a url` is not a valid URL"), "{e:?}");
+        assert!(e[2].contains(":7: datasources.bad.timeout_ms"), "{e:?}");
+    }
+
+    #[test]
+    fn datasource_names_are_single_safe_segments() {
+        assert!(valid_datasource_name("payments-v2_eu"));
+        for bad in ["", ".", "..", "-x", "a/b", "a.b", "a%2f"] {
+            assert!(!valid_datasource_name(bad), "{bad}");
+        }
+        let e = errors("[datasources.\"a.b\"]\nurl = \"https://example.com\"\n");
+        assert!(e[0].contains(":1: datasources.a.b: a data source name"), "{e:?}");
+    }
+
+    #[test]
+    fn ca_file_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "not pem").unwrap();
+        let text = "[datasources.a]\nurl = \"https://example.com\"\nca_file = \"ca.pem\"\n";
+        let e = parse(&dir.path().join("c.toml"), text).err().unwrap();
+        assert!(e.to_string().contains(":3: datasources.a.ca_file:"), "{e}");
+        assert!(e.to_string().contains("no certificate found"), "{e}");
+    }
+}

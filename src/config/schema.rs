@@ -1,0 +1,55 @@
+//! The external TOML schema, exactly as operators write it.
+//!
+//! Every value that later validation may reject is `Spanned`, so an error can
+//! name the line it came from. `deny_unknown_fields` everywhere: a typo in a
+//! security proxy's config must never be silently ignored.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub proxy: RawProxy,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub datasources: BTreeMap<Spanned<String>, RawDataSource>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    pub listen: Option<Vec<Spanned<String>>>,
+    pub threads: Option<Spanned<usize>>,
+    pub grace_period_s: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub output: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataSource {
+    pub url: Spanned<String>,
+    pub connect_timeout_ms: Option<Spanned<u64>>,
+    pub timeout_ms: Option<Spanned<u64>>,
+    pub idle_timeout_ms: Option<Spanned<u64>>,
+    pub ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub pass_set_cookie: bool,
+}
