@@ -2,3 +2,5 @@
 
 pub mod config;
 pub mod upstream;
+pub mod errors;
+pub mod route;

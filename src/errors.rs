@@ -1,0 +1,140 @@
+//! The errors sealgate answers with itself: a small fixed set of codes
+//! (SPEC section 4), each with its status, used unchanged in the JSON body,
+//! the audit record and metric labels.
+
+use bytes::Bytes;
+use pingora::{Error, ErrorSource, ErrorType};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    CallerUnauthenticated,
+    CallerForbidden,
+    EgressDenied,
+    UnknownDatasource,
+    UpstreamUnreachable,
+    UpstreamTls,
+    CredentialUnavailable,
+    UpstreamTimeout,
+    /// A fault inside sealgate; never caused by the caller or upstream.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::CallerUnauthenticated => 401,
+            ErrorCode::CallerForbidden | ErrorCode::EgressDenied => 403,
+            ErrorCode::UnknownDatasource => 404,
+            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls => 502,
+            ErrorCode::CredentialUnavailable => 503,
+            ErrorCode::UpstreamTimeout => 504,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::CallerUnauthenticated => "caller_unauthenticated",
+            ErrorCode::CallerForbidden => "caller_forbidden",
+            ErrorCode::EgressDenied => "egress_denied",
+            ErrorCode::UnknownDatasource => "unknown_datasource",
+            ErrorCode::UpstreamUnreachable => "upstream_unreachable",
+            ErrorCode::UpstreamTls => "upstream_tls",
+            ErrorCode::CredentialUnavailable => "credential_unavailable",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::Internal => "internal_error",
+        }
+    }
+
+    /// Whether the request failed on the way out (after sealgate let it
+    /// through) rather than being refused by sealgate.
+    pub fn is_upstream(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls | ErrorCode::UpstreamTimeout
+        )
+    }
+}
+
+/// An error response sealgate sends: the code plus a message for humans.
+/// Messages never carry secrets, request bodies or query strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({ "error": self.code.as_str(), "message": self.message });
+        Bytes::from(body.to_string())
+    }
+}
+
+/// What went wrong in pingora, in the caller's terms. `None` means the
+/// caller's connection is already gone, so there is nobody to answer.
+pub fn classify(e: &Error) -> Option<Refusal> {
+    use ErrorType::*;
+    let etype = e.etype();
+    match e.esource() {
+        ErrorSource::Upstream => Some(match etype {
+            ConnectTimedout | TLSHandshakeTimedout => {
+                Refusal::new(ErrorCode::UpstreamTimeout, "connecting to the upstream timed out")
+            }
+            ReadTimedout | WriteTimedout => {
+                Refusal::new(ErrorCode::UpstreamTimeout, "the upstream did not answer in time")
+            }
+            TLSHandshakeFailure | InvalidCert | TLSWantX509Lookup | HandshakeError => Refusal::new(
+                ErrorCode::UpstreamTls,
+                "TLS with the upstream failed: its certificate could not be verified or the handshake failed",
+            ),
+            ConnectRefused => Refusal::new(ErrorCode::UpstreamUnreachable, "the upstream refused the connection"),
+            ConnectNoRoute => Refusal::new(ErrorCode::UpstreamUnreachable, "no route to the upstream"),
+            InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => {
+                Refusal::new(ErrorCode::UpstreamUnreachable, "the upstream sent an invalid response")
+            }
+            _ => Refusal::new(ErrorCode::UpstreamUnreachable, "the connection to the upstream failed"),
+        }),
+        ErrorSource::Downstream => match etype {
+            ReadError | WriteError | ConnectionClosed => None,
+            ReadTimedout => Some(Refusal::new(ErrorCode::BadRequest, "reading the request timed out")),
+            _ => Some(Refusal::new(ErrorCode::BadRequest, "malformed request")),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => match etype {
+            HTTPStatus(400) => Some(Refusal::new(ErrorCode::BadRequest, "malformed request")),
+            _ => Some(Refusal::new(ErrorCode::Internal, "internal error")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_the_spec_json() {
+        let r = Refusal::new(ErrorCode::UnknownDatasource, "no data source \"x\"");
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v, serde_json::json!({"error": "unknown_datasource", "message": "no data source \"x\""}));
+    }
+
+    #[test]
+    fn upstream_errors_map_to_spec_codes() {
+        let up = |t| classify(&Error::new_up(t)).map(|r| r.code);
+        assert_eq!(up(ErrorType::ConnectRefused), Some(ErrorCode::UpstreamUnreachable));
+        assert_eq!(up(ErrorType::ConnectTimedout), Some(ErrorCode::UpstreamTimeout));
+        assert_eq!(up(ErrorType::ReadTimedout), Some(ErrorCode::UpstreamTimeout));
+        assert_eq!(up(ErrorType::TLSHandshakeFailure), Some(ErrorCode::UpstreamTls));
+        assert_eq!(classify(&Error::new_down(ErrorType::ConnectionClosed)), None);
+    }
+}
