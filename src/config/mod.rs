@@ -72,6 +72,10 @@ pub struct DataSource {
     /// Replaces the system roots for this data source when set.
     pub ca: Option<Arc<CaType>>,
     pub pass_set_cookie: bool,
+    /// Isolates this data source's pooled upstream connections: pingora's
+    /// pool key ignores the per-peer CA, so without it two data sources at
+    /// one address could share a connection verified against the other's CA.
+    pub pool_key: u64,
 }
 
 /// Reads and validates a config file.
@@ -285,7 +289,14 @@ impl Validator<'_> {
                 self.sink.at(f.span(), key("ca_file"), "set, but the url is not https://");
             }
         }
+        let pool_key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (name.get_ref(), raw.url.get_ref(), raw.ca_file.as_ref().map(|f| f.get_ref())).hash(&mut h);
+            h.finish()
+        };
         Some(DataSource {
+            pool_key,
             name: name.get_ref().clone(),
             url: raw.url.get_ref().clone(),
             upstream: upstream?,

@@ -1,0 +1,123 @@
+//! The admin listener: health, readiness and metrics.
+//!
+//! It runs as a pingora background service with its own listener, not as a
+//! pingora listening service: those stop accepting on SIGTERM, and the
+//! admin listener must keep answering (`/readyz` 503) while sealgate drains.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::state::Shared;
+
+/// How long one admin request may take to arrive; keeps a stuck scraper
+/// from holding a connection forever.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct AdminService {
+    shared: Arc<Shared>,
+    /// Bound before pingora starts, so a busy port fails `run` at once.
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// The proxy's own listeners: readiness means they accept connections.
+    proxy_listeners: Vec<SocketAddr>,
+}
+
+impl AdminService {
+    pub fn new(shared: Arc<Shared>, listener: std::net::TcpListener, proxy_listeners: Vec<SocketAddr>) -> Self {
+        AdminService {
+            shared,
+            listener: std::sync::Mutex::new(Some(listener)),
+            proxy_listeners,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for AdminService {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let taken = self.listener.lock().ok().and_then(|mut l| l.take());
+        let Some(std_listener) = taken else { return };
+        let listener = match std_listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(std_listener))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "admin listener could not be started");
+                return;
+            }
+        };
+        tokio::spawn(mark_ready_when_listening(self.shared.clone(), self.proxy_listeners.clone()));
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, &req)) }
+                });
+                let mut builder = http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+                if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+/// Ready once every proxy listener accepts a connection: that is the moment
+/// traffic sent here would be served.
+async fn mark_ready_when_listening(shared: Arc<Shared>, addrs: Vec<SocketAddr>) {
+    for addr in addrs {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    shared.lifecycle.set_ready();
+    tracing::info!("sealgate is ready");
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    resp
+}
+
+fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" if shared.lifecycle.is_draining() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+        }
+        "/readyz" if shared.lifecycle.is_ready() => text(StatusCode::OK, "text/plain", "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n"),
+        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.encode()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}

@@ -1,0 +1,360 @@
+//! pingora glue: each `ProxyHttp` hook hands over to the module that owns
+//! the decision (routing, upstream, errors, audit, metrics) and keeps no
+//! policy of its own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use http::header::{self, HeaderName};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::{TcpKeepalive, ALPN};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::{H1UpgradePolicy, HttpPeer, HttpUpstreamRequestPolicy};
+use pingora::{Error, ErrorType, Result};
+
+use crate::audit::{now_rfc3339, AuditRecord, Decision};
+use crate::config::{Config, DataSource};
+use crate::errors::{classify, ErrorCode, Refusal};
+use crate::metrics::NO_DATASOURCE;
+use crate::route;
+use crate::state::Shared;
+
+/// Until callers are identified (mTLS, tokens), every caller is a loopback
+/// process and is named as the SPEC names it.
+const LOCAL_CALLER: &str = "local";
+
+pub const REQUEST_ID_HEADER: &str = "x-sealgate-request-id";
+
+/// Response headers that describe one hop and must not cross sealgate.
+/// `Transfer-Encoding` is absent on purpose: pingora re-frames each hop
+/// from it and removes it where the downstream protocol has no use for it.
+const HOP_BY_HOP_RESPONSE: [&str; 6] = [
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+pub struct SealgateProxy {
+    shared: Arc<Shared>,
+}
+
+impl SealgateProxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        SealgateProxy { shared }
+    }
+}
+
+/// Per-request state. Dropping it ends the request's `active_requests`
+/// share, whichever way the request ended.
+pub struct RequestCtx {
+    shared: Arc<Shared>,
+    started: Instant,
+    request_id: u64,
+    config: Arc<Config>,
+    datasource: Option<Arc<DataSource>>,
+    upstream_target: String,
+    upstream_addr: Option<SocketAddr>,
+    connect_attempts: usize,
+    refusal: Option<Refusal>,
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        self.shared.metrics.active_requests.dec();
+    }
+}
+
+impl RequestCtx {
+    fn request_id_text(&self) -> String {
+        format!("{:016x}", self.request_id)
+    }
+}
+
+/// Writes sealgate's own JSON error response.
+async fn respond(session: &mut Session, ctx: &RequestCtx, refusal: &Refusal) -> Result<()> {
+    let body = refusal.body();
+    let mut resp = ResponseHeader::build(refusal.code.status(), Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    resp.insert_header(REQUEST_ID_HEADER, ctx.request_id_text())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+#[async_trait]
+impl ProxyHttp for SealgateProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        self.shared.metrics.active_requests.inc();
+        RequestCtx {
+            shared: self.shared.clone(),
+            started: Instant::now(),
+            request_id: self.shared.next_request_id(),
+            config: self.shared.config.load_full(),
+            datasource: None,
+            upstream_target: String::new(),
+            upstream_addr: None,
+            connect_attempts: 0,
+            refusal: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let uri = &session.req_header().uri;
+        let routed = match route::split(uri.path()) {
+            Ok(r) => match ctx.config.datasources.get(r.datasource) {
+                Some(ds) => {
+                    ctx.upstream_target = route::upstream_target(&ds.upstream.base_path, r.rest, uri.query());
+                    ctx.datasource = Some(ds.clone());
+                    Ok(())
+                }
+                None => Err(Refusal::new(
+                    ErrorCode::UnknownDatasource,
+                    format!("no data source named \"{}\"", r.datasource.escape_default()),
+                )),
+            },
+            Err(route::RouteError::NoDatasource) => Err(Refusal::new(
+                ErrorCode::UnknownDatasource,
+                "the path must start with /<datasource>/",
+            )),
+            Err(route::RouteError::Escape(how)) => Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("{how}: it could leave the data source's base path"),
+            )),
+        };
+        match routed {
+            Ok(()) => Ok(false),
+            Err(refusal) => {
+                respond(session, ctx, &refusal).await?;
+                ctx.refusal = Some(refusal);
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let Some(ds) = ctx.datasource.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no data source chosen");
+        };
+        let target = &ds.upstream;
+        let addrs = match self
+            .shared
+            .resolver
+            .resolve(&target.host, target.port, ds.connect_timeout)
+            .await
+        {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                let refusal = Refusal::new(ErrorCode::UpstreamUnreachable, format!("resolving the upstream host: {e}"));
+                ctx.refusal = Some(refusal);
+                return Err(Error::new_up(ErrorType::ConnectError));
+            }
+        };
+        let addr = addrs[ctx.connect_attempts % addrs.len()];
+        ctx.connect_attempts += 1;
+        ctx.upstream_addr = Some(addr);
+
+        let mut peer = HttpPeer::new(addr, target.tls, target.sni.clone());
+        peer.group_key = ds.pool_key;
+        let options = &mut peer.options;
+        options.connection_timeout = Some(ds.connect_timeout);
+        options.total_connection_timeout = Some(ds.connect_timeout);
+        options.read_timeout = Some(ds.timeout);
+        options.write_timeout = Some(ds.timeout);
+        options.idle_timeout = Some(ds.idle_timeout);
+        options.verify_cert = true;
+        options.verify_hostname = true;
+        options.ca = ds.ca.clone();
+        options.alpn = if target.tls { ALPN::H2H1 } else { ALPN::H1 };
+        options.tcp_keepalive = Some(TcpKeepalive {
+            idle: std::time::Duration::from_secs(30),
+            interval: std::time::Duration::from_secs(10),
+            count: 3,
+            #[cfg(target_os = "linux")]
+            user_timeout: std::time::Duration::from_secs(0),
+        });
+        options.http_upstream_request_policy = HttpUpstreamRequestPolicy {
+            h1_upgrade: H1UpgradePolicy::Deny,
+            ..HttpUpstreamRequestPolicy::standard()
+        };
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Another resolved address may answer; try each once.
+        let untried = ctx.datasource.is_some()
+            && ctx.upstream_addr.is_some()
+            && ctx.connect_attempts < MAX_CONNECT_ATTEMPTS;
+        e.set_retry(untried && e.etype() != &ErrorType::ConnectTimedout);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(ds) = ctx.datasource.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "no data source chosen");
+        };
+        let uri = http::Uri::builder()
+            .path_and_query(ctx.upstream_target.as_str())
+            .build()
+            .map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "request target"))?;
+        upstream_request.set_uri(uri);
+        upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
+        // The caller's own credentials never reach a data source.
+        for name in [header::AUTHORIZATION, header::PROXY_AUTHORIZATION, header::COOKIE] {
+            upstream_request.remove_header(&name);
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        strip_hop_by_hop_response(upstream_response);
+        if !ctx.datasource.as_ref().is_some_and(|ds| ds.pass_set_cookie) {
+            upstream_response.remove_header(&header::SET_COOKIE);
+        }
+        upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id_text())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let refusal = ctx.refusal.clone().or_else(|| classify(e));
+        let mut error_code = 0;
+        if let Some(refusal) = &refusal {
+            error_code = refusal.code.status();
+            // Once the response head is out, the only honest signal left is
+            // to cut the connection, which pingora does after this hook.
+            if session.response_written().is_none() {
+                if let Err(write_err) = respond(session, ctx, refusal).await {
+                    tracing::debug!(error = %write_err, "could not send the error response");
+                }
+            }
+        }
+        ctx.refusal = refusal;
+        FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map_or_else(|| ctx.refusal.as_ref().map_or(0, |r| r.code.status()), |r| r.status.as_u16());
+        let datasource = ctx.datasource.as_ref().map(|d| d.name.as_str());
+        let elapsed = ctx.started.elapsed();
+        let metrics = &self.shared.metrics;
+        let ds_label = datasource.unwrap_or(NO_DATASOURCE);
+        let code = http::StatusCode::from_u16(status);
+        let code = code.as_ref().map_or("0", |s| s.as_str());
+        metrics
+            .requests
+            .with_label_values(&[ds_label, LOCAL_CALLER, code])
+            .inc();
+        metrics
+            .duration
+            .with_label_values(&[ds_label])
+            .observe(elapsed.as_secs_f64());
+
+        let refused_here = ctx.refusal.as_ref().filter(|r| !r.code.is_upstream());
+        let req = session.req_header();
+        let record = AuditRecord {
+            ts: now_rfc3339(),
+            request_id: ctx.request_id_text(),
+            caller: Some(LOCAL_CALLER),
+            datasource,
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            upstream: ctx.upstream_addr.map(|a| a.to_string()),
+            egress_ip: None,
+            region: None,
+            decision: if refused_here.is_some() { Decision::Deny } else { Decision::Allow },
+            reason: refused_here.map(|r| r.message.as_str()),
+            status,
+            request_bytes: session.body_bytes_read() as u64,
+            response_bytes: session.body_bytes_sent() as u64,
+            duration_ms: (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            error: ctx.refusal.as_ref().map(|r| r.code.as_str()),
+        };
+        self.shared.audit.record(&record).await;
+    }
+
+    /// pingora logs this with every error; the default includes the query
+    /// string, which may carry secrets, so it is reduced to what on-call
+    /// needs to find the audit record.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        format!(
+            "{} /{} request_id={}",
+            session.req_header().method,
+            ctx.datasource.as_ref().map_or("-", |d| d.name.as_str()),
+            ctx.request_id_text()
+        )
+    }
+}
+
+/// How many resolved addresses one request may try before giving up.
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
+    let nominated: Vec<HeaderName> = resp
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| name != header::TRANSFER_ENCODING && name != header::CONTENT_LENGTH)
+        .collect();
+    for name in nominated {
+        resp.remove_header(&name);
+    }
+    resp.remove_header(&header::CONNECTION);
+    for name in HOP_BY_HOP_RESPONSE {
+        resp.remove_header(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_standard_and_nominated_hop_by_hop_headers() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for (k, v) in [
+            ("connection", "x-hop, keep-alive"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authenticate", "Basic"),
+            ("upgrade", "h2c"),
+            ("trailer", "x"),
+            ("content-type", "text/plain"),
+        ] {
+            resp.append_header(k, v).unwrap();
+        }
+        strip_hop_by_hop_response(&mut resp);
+        let left: Vec<&str> = resp.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["content-type"]);
+    }
+}

@@ -1,0 +1,185 @@
+//! Assembles a running sealgate from a validated config: checks every
+//! listener can be bound, builds pingora's `ServerConf` from our TOML,
+//! starts the proxy and admin services, and owns the signal handling
+//! (drain on SIGTERM, fast stop on SIGINT).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::background::background_service;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::admin::AdminService;
+use crate::audit::AuditLog;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::SealgateProxy;
+use crate::state::Shared;
+
+/// After a drain ends, how long the audit writer gets to write what is queued.
+const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Audit(std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs sealgate until it is told to stop. Returns once drained.
+pub fn serve(config: Config) -> Result<(), StartError> {
+    let admin_listener = bind(config.admin.listen, "admin listener")?;
+    // pingora binds its listeners later, and on failure retries for 30 s and
+    // then panics inside a task, leaving a process without a listener; so
+    // each address is proven bindable first.
+    for addr in &config.proxy.listen {
+        drop(bind(*addr, "proxy listener")?);
+    }
+    let metrics = Metrics::new()?;
+    let audit = AuditLog::open(&config.audit.output).map_err(StartError::Audit)?;
+    let proxy_listen = config.proxy.listen.clone();
+    let grace_period = config.proxy.grace_period;
+    let server_conf = server_conf(&config);
+    let shared = Shared::new(config, metrics, audit);
+
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        SealgateProxy::new(shared.clone()),
+        "sealgate proxy",
+    );
+    for addr in &proxy_listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "sealgate admin",
+        AdminService::new(shared.clone(), admin_listener, proxy_listen.clone()),
+    ));
+    tracing::info!(listen = ?proxy_listen, "sealgate starting");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            shared: shared.clone(),
+            grace_period,
+        }),
+    });
+    shared.audit.flush_blocking(AUDIT_FLUSH_TIMEOUT);
+    tracing::info!("sealgate stopped");
+    Ok(())
+}
+
+fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, what, source })
+}
+
+fn server_conf(config: &Config) -> ServerConf {
+    // pingora's defaults put the pid file and upgrade socket in /tmp under
+    // fixed names shared by every pingora process on the machine.
+    let runtime_dir = std::env::var_os("RUNTIME_DIRECTORY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let id = std::process::id();
+    ServerConf {
+        threads: config.proxy.threads,
+        grace_period_seconds: Some(config.proxy.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        pid_file: runtime_dir.join(format!("sealgate-{id}.pid")).display().to_string(),
+        upgrade_sock: runtime_dir.join(format!("sealgate-{id}.sock")).display().to_string(),
+        daemon: false,
+        ..ServerConf::default()
+    }
+}
+
+/// pingora's own watcher knows SIGTERM, SIGINT and SIGQUIT only; sealgate
+/// needs to mark itself draining first, and to end the drain as soon as no
+/// request is left instead of sleeping out the whole grace period.
+struct Signals {
+    shared: Arc<Shared>,
+    grace_period: Duration,
+}
+
+fn watch(kind: SignalKind) -> Option<Signal> {
+    match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, ?kind, "cannot watch signal");
+            None
+        }
+    }
+}
+
+async fn next(signal: &mut Option<Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut term = watch(SignalKind::terminate());
+        let mut quit = watch(SignalKind::quit());
+        let mut int = watch(SignalKind::interrupt());
+        let mut hup = watch(SignalKind::hangup());
+        loop {
+            tokio::select! {
+                _ = next(&mut term) => break,
+                _ = next(&mut quit) => break,
+                _ = next(&mut int) => {
+                    tracing::info!("SIGINT: stopping now");
+                    return ShutdownSignal::FastShutdown;
+                }
+                _ = next(&mut hup) => {
+                    tracing::warn!("SIGHUP: configuration reload is not supported yet; nothing changed");
+                }
+            }
+        }
+        tracing::info!(grace_period_s = self.grace_period.as_secs(), "draining");
+        self.shared.lifecycle.begin_drain();
+        exit_when_drained(self.shared.clone(), self.grace_period);
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// pingora sleeps out the whole grace period after it stops accepting; this
+/// ends the process as soon as the last request in flight has finished.
+fn exit_when_drained(shared: Arc<Shared>, grace_period: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("sealgate-drain".into())
+        .spawn(move || {
+            let deadline = Instant::now() + grace_period;
+            // Let pingora close its listeners, so no new request starts after
+            // the count is seen at zero.
+            std::thread::sleep(Duration::from_millis(100));
+            while Instant::now() < deadline {
+                if shared.metrics.active_requests.get() <= 0 {
+                    shared.audit.flush_blocking(AUDIT_FLUSH_TIMEOUT);
+                    tracing::info!("drained; exiting");
+                    std::process::exit(0);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            tracing::warn!(
+                in_flight = shared.metrics.active_requests.get(),
+                "grace period over with requests still in flight; they are cut off"
+            );
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot watch the drain; waiting out the grace period");
+    }
+}
