@@ -1,0 +1,366 @@
+//! Test harness: runs the real `sealgate` binary against real upstream
+//! servers on loopback, and talks to it over real sockets.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sealgate");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A running sealgate with its own temp dir, config and captured output.
+pub struct Sealgate {
+    child: Option<Child>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sealgate {
+    /// Starts sealgate with the given `[datasources.*]` (and any other) TOML
+    /// appended to a config that listens on fresh loopback ports.
+    pub fn start(extra_toml: &str) -> Sealgate {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, extra_toml)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra_toml: &str) -> Sealgate {
+        let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let config = format!(
+            "[proxy]\nlisten = [\"{proxy}\"]\nthreads = 2\ngrace_period_s = 5\n\
+             [admin]\nlisten = \"{admin}\"\n\
+             [audit]\noutput = \"audit.log\"\n\n{extra_toml}"
+        );
+        let config_path = dir.path().join("sealgate.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let child = spawn_sealgate(&["run", "-c", config_path.to_str().unwrap_or_default()], dir.path());
+        let mut sg = Sealgate {
+            child: Some(child),
+            proxy,
+            admin,
+            dir,
+        };
+        sg.wait_ready();
+        sg
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("sealgate exited during startup ({status}); stderr:\n{}", self.stderr());
+            }
+            if http_get_blocking(self.admin, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        panic!("sealgate did not become ready; stderr:\n{}", self.stderr());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal sealgate");
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_child(self.child.as_mut()?, timeout)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    /// Audit records written so far (the writer flushes whenever its queue
+    /// is empty, so this waits briefly for `min` records).
+    pub fn audit(&self, min: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+                .collect();
+            if records.len() >= min || Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get_blocking(self.admin, "/metrics").map(|(_, b)| b).unwrap_or_default()
+    }
+}
+
+impl Drop for Sealgate {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Spawns the binary with stdout/stderr captured to files in `dir`.
+pub fn spawn_sealgate(args: &[&str], dir: &Path) -> Child {
+    let out = std::fs::File::create(dir.join("stdout")).expect("stdout file");
+    let err = std::fs::File::create(dir.join("stderr")).expect("stderr file");
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("SEALGATE_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn sealgate")
+}
+
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Runs a sealgate subcommand to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("SEALGATE_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sealgate");
+    if let Some(mut input) = child.stdin.take() {
+        use std::io::Write;
+        input.write_all(stdin).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("sealgate output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal blocking GET for admin endpoints: (status, body).
+pub fn http_get_blocking(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+// ---------------------------------------------------------------- client --
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+pub fn full(body: impl Into<Bytes>) -> BoxBody {
+    Full::new(body.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> BoxBody {
+    full(Bytes::new())
+}
+
+/// Sends one request over a fresh HTTP/1.1 connection.
+pub async fn send(addr: SocketAddr, req: Request<BoxBody>) -> Response<Incoming> {
+    let stream = TcpStream::connect(addr).await.expect("connect to sealgate");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http1 handshake");
+    tokio::spawn(conn);
+    sender.send_request(req).await.expect("send request")
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Response<Incoming> {
+    send(addr, Request::get(path).header("host", "sealgate").body(empty()).expect("request")).await
+}
+
+pub async fn body_bytes(resp: Response<Incoming>) -> Bytes {
+    resp.into_body().collect().await.expect("whole body").to_bytes()
+}
+
+pub async fn json(resp: Response<Incoming>) -> serde_json::Value {
+    serde_json::from_slice(&body_bytes(resp).await).expect("JSON body")
+}
+
+/// Asserts the response is sealgate's SPEC error with this status and code.
+pub async fn assert_error(resp: Response<Incoming>, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(resp.status(), StatusCode::from_u16(status).unwrap());
+    let ct = resp.headers().get("content-type").cloned();
+    assert_eq!(ct.as_ref().and_then(|v| v.to_str().ok()), Some("application/json"));
+    let v = json(resp).await;
+    assert_eq!(v["error"], code, "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    v
+}
+
+// ------------------------------------------------------------- upstreams --
+
+pub type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<BoxBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+pub fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<BoxBody>> + Send + 'static,
+{
+    Arc::new(move |req| Box::pin(f(req)))
+}
+
+/// An HTTP upstream (h1, or h1/h2 by ALPN when `tls` is given).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+pub async fn upstream(h: Handler, tls: Option<Arc<rustls::ServerConfig>>) -> Upstream {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let h = h.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let h = h.clone();
+                    async move { Ok::<_, std::convert::Infallible>(h(req).await) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(cfg) => {
+                        let Ok(tls_stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await else {
+                            return;
+                        };
+                        let _ = builder.serve_connection(TokioIo::new(tls_stream), svc).await;
+                    }
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            });
+        }
+    });
+    Upstream { addr, accepted }
+}
+
+/// An upstream that speaks raw bytes, for misbehaviour hyper would not allow.
+pub async fn raw_upstream<F, Fut>(f: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind raw upstream");
+    let addr = listener.local_addr().expect("raw upstream addr");
+    let f = Arc::new(f);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(f(stream));
+        }
+    });
+    addr
+}
+
+/// Reads a request head (up to the blank line) from a raw connection.
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+// ------------------------------------------------------------------- TLS --
+
+pub struct TestCa {
+    pub cert: rcgen::Certificate,
+    pub key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("ca key");
+        let cert = params.self_signed(&key).expect("ca cert");
+        TestCa { cert, key }
+    }
+
+    pub fn write_pem(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.cert.pem()).expect("write CA pem");
+        path.to_path_buf()
+    }
+
+    /// A rustls server config presenting a leaf for `names`, signed by this CA.
+    pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).expect("leaf params");
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let leaf = params.signed_by(&key, &self.cert, &self.key).expect("leaf cert");
+        let chain = vec![leaf.der().clone()];
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key_der)
+            .expect("server cert");
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+}
