@@ -34,7 +34,11 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    pub fn new(shared: Arc<Shared>, listener: std::net::TcpListener, proxy_listeners: Vec<SocketAddr>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: std::net::TcpListener,
+        proxy_listeners: Vec<SocketAddr>,
+    ) -> Self {
         AdminService {
             shared,
             listener: std::sync::Mutex::new(Some(listener)),
@@ -58,7 +62,10 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
-        tokio::spawn(mark_ready_when_listening(self.shared.clone(), self.proxy_listeners.clone()));
+        tokio::spawn(mark_ready_when_listening(
+            self.shared.clone(),
+            self.proxy_listeners.clone(),
+        ));
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(conn) => conn,
@@ -78,7 +85,10 @@ impl BackgroundService for AdminService {
                 builder
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(ADMIN_HEADER_TIMEOUT);
-                if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                if let Err(e) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
                     tracing::debug!(error = %e, "admin connection ended with an error");
                 }
             });
@@ -98,11 +108,17 @@ async fn mark_ready_when_listening(shared: Arc<Shared>, addrs: Vec<SocketAddr>) 
     tracing::info!("sealgate is ready");
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     resp
 }
 
@@ -117,7 +133,11 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
         }
         "/readyz" if shared.lifecycle.is_ready() => text(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n"),
-        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.encode()),
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            shared.metrics.encode(),
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

@@ -72,7 +72,9 @@ impl AuditLog {
                     .append(true)
                     .mode(0o640)
                     .open(path)
-                    .map_err(|e| io::Error::new(e.kind(), format!("audit output {}: {e}", path.display())))?;
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("audit output {}: {e}", path.display()))
+                    })?;
                 Box::new(file)
             }
         };
@@ -94,7 +96,9 @@ impl AuditLog {
     /// Writes out everything queued so far; for shutdown, from a plain thread.
     pub fn flush_blocking(&self, timeout: Duration) {
         let (done_tx, done_rx) = std_mpsc::sync_channel(1);
-        if self.tx.blocking_send(Message::Flush(done_tx)).is_ok() && done_rx.recv_timeout(timeout).is_err() {
+        if self.tx.blocking_send(Message::Flush(done_tx)).is_ok()
+            && done_rx.recv_timeout(timeout).is_err()
+        {
             tracing::error!("audit records may not all have been written before exit");
         }
     }
@@ -160,8 +164,22 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&encode(&r)).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         for k in [
-            "ts", "request_id", "caller", "datasource", "method", "path", "upstream", "egress_ip", "region",
-            "decision", "reason", "status", "request_bytes", "response_bytes", "duration_ms", "error",
+            "ts",
+            "request_id",
+            "caller",
+            "datasource",
+            "method",
+            "path",
+            "upstream",
+            "egress_ip",
+            "region",
+            "decision",
+            "reason",
+            "status",
+            "request_bytes",
+            "response_bytes",
+            "duration_ms",
+            "error",
         ] {
             assert!(keys.contains(&k), "{k} missing");
         }

@@ -11,7 +11,11 @@ use crate::{config, demo, logging, server};
 const DEFAULT_CONFIG: &str = "/etc/sealgate/sealgate.toml";
 
 #[derive(Parser)]
-#[command(name = "sealgate", version, about = "Egress proxy that holds data-source credentials so app servers never do")]
+#[command(
+    name = "sealgate",
+    version,
+    about = "Egress proxy that holds data-source credentials so app servers never do"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -73,19 +73,25 @@ fn start_echo_upstream() -> std::io::Result<SocketAddr> {
     let std_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let addr = std_listener.local_addr()?;
     std_listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new().name("demo-echo".into()).spawn(move || {
-        runtime.block_on(async move {
-            let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else { return };
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service_fn(echo))
-                        .await;
-                });
-            }
-        });
-    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("demo-echo".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+                    return;
+                };
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service_fn(echo))
+                            .await;
+                    });
+                }
+            });
+        })?;
     Ok(addr)
 }
 
@@ -99,7 +105,12 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            )
+        })
         .collect();
     let report = serde_json::json!({
         "method": parts.method.as_str(),
@@ -109,7 +120,9 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
         "body_bytes": body_bytes,
     });
     let mut resp = Response::new(Full::new(Bytes::from(format!("{report:#}\n"))));
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }

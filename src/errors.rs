@@ -125,16 +125,34 @@ mod tests {
     fn body_is_the_spec_json() {
         let r = Refusal::new(ErrorCode::UnknownDatasource, "no data source \"x\"");
         let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
-        assert_eq!(v, serde_json::json!({"error": "unknown_datasource", "message": "no data source \"x\""}));
+        assert_eq!(
+            v,
+            serde_json::json!({"error": "unknown_datasource", "message": "no data source \"x\""})
+        );
     }
 
     #[test]
     fn upstream_errors_map_to_spec_codes() {
         let up = |t| classify(&Error::new_up(t)).map(|r| r.code);
-        assert_eq!(up(ErrorType::ConnectRefused), Some(ErrorCode::UpstreamUnreachable));
-        assert_eq!(up(ErrorType::ConnectTimedout), Some(ErrorCode::UpstreamTimeout));
-        assert_eq!(up(ErrorType::ReadTimedout), Some(ErrorCode::UpstreamTimeout));
-        assert_eq!(up(ErrorType::TLSHandshakeFailure), Some(ErrorCode::UpstreamTls));
-        assert_eq!(classify(&Error::new_down(ErrorType::ConnectionClosed)), None);
+        assert_eq!(
+            up(ErrorType::ConnectRefused),
+            Some(ErrorCode::UpstreamUnreachable)
+        );
+        assert_eq!(
+            up(ErrorType::ConnectTimedout),
+            Some(ErrorCode::UpstreamTimeout)
+        );
+        assert_eq!(
+            up(ErrorType::ReadTimedout),
+            Some(ErrorCode::UpstreamTimeout)
+        );
+        assert_eq!(
+            up(ErrorType::TLSHandshakeFailure),
+            Some(ErrorCode::UpstreamTls)
+        );
+        assert_eq!(
+            classify(&Error::new_down(ErrorType::ConnectionClosed)),
+            None
+        );
     }
 }

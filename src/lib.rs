@@ -1,15 +1,15 @@
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod upstream;
-pub mod errors;
-pub mod route;
+pub mod admin;
 pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod errors;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
-pub mod state;
-pub mod admin;
+pub mod route;
 pub mod server;
-pub mod cli;
-pub mod demo;
-pub mod logging;
+pub mod state;
+pub mod upstream;

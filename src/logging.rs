@@ -9,7 +9,14 @@ use tracing_subscriber::EnvFilter;
 /// pingora logs upstream request headers at debug and raw wire bytes at
 /// trace; h2 and hyper log frames. Whatever `RUST_LOG` asks for, these stay
 /// at info or quieter so an injected credential never reaches a log line.
-const WIRE_LOGGING_TARGETS: [&str; 6] = ["pingora", "pingora_core", "pingora_proxy", "pingora_pool", "h2", "hyper"];
+const WIRE_LOGGING_TARGETS: [&str; 6] = [
+    "pingora",
+    "pingora_core",
+    "pingora_proxy",
+    "pingora_pool",
+    "h2",
+    "hyper",
+];
 
 pub fn init() {
     let requested = std::env::var("RUST_LOG").unwrap_or_default();
@@ -18,12 +25,19 @@ pub fn init() {
         .map(str::trim)
         .filter(|d| !d.is_empty() && !WIRE_LOGGING_TARGETS.iter().any(|t| d.starts_with(t)))
         .collect();
-    let base = if own.is_empty() { "info".to_string() } else { own.join(",") };
+    let base = if own.is_empty() {
+        "info".to_string()
+    } else {
+        own.join(",")
+    };
     let mut filter = EnvFilter::try_new(&base).unwrap_or_else(|e| {
         eprintln!("sealgate: RUST_LOG `{requested}` is not valid ({e}); logging at info");
         EnvFilter::new("info")
     });
-    let cap = if filter.max_level_hint().is_some_and(|l| l > LevelFilter::INFO) {
+    let cap = if filter
+        .max_level_hint()
+        .is_some_and(|l| l > LevelFilter::INFO)
+    {
         LevelFilter::INFO
     } else {
         filter.max_level_hint().unwrap_or(LevelFilter::INFO)

@@ -21,7 +21,10 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("sealgate_requests_total", "Requests answered, by data source, caller and HTTP status sent."),
+            Opts::new(
+                "sealgate_requests_total",
+                "Requests answered, by data source, caller and HTTP status sent.",
+            ),
             &["datasource", "caller", "code"],
         )?;
         let duration = HistogramVec::new(
@@ -68,8 +71,18 @@ mod tests {
         m.requests.with_label_values(&["pay", "local", "200"]).inc();
         m.duration.with_label_values(&["pay"]).observe(0.02);
         let text = String::from_utf8(m.encode()).unwrap();
-        assert!(text.contains("sealgate_requests_total{caller=\"local\",code=\"200\",datasource=\"pay\"} 1"), "{text}");
-        assert!(text.contains("sealgate_request_duration_seconds_bucket{datasource=\"pay\",le=\"0.025\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                "sealgate_requests_total{caller=\"local\",code=\"200\",datasource=\"pay\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "sealgate_request_duration_seconds_bucket{datasource=\"pay\",le=\"0.025\"} 1"
+            ),
+            "{text}"
+        );
         assert!(text.contains("sealgate_active_requests 0"), "{text}");
     }
 }

@@ -111,7 +111,8 @@ impl ProxyHttp for SealgateProxy {
         let routed = match route::split(uri.path()) {
             Ok(r) => match ctx.config.datasources.get(r.datasource) {
                 Some(ds) => {
-                    ctx.upstream_target = route::upstream_target(&ds.upstream.base_path, r.rest, uri.query());
+                    ctx.upstream_target =
+                        route::upstream_target(&ds.upstream.base_path, r.rest, uri.query());
                     ctx.datasource = Some(ds.clone());
                     Ok(())
                 }
@@ -139,7 +140,11 @@ impl ProxyHttp for SealgateProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let Some(ds) = ctx.datasource.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no data source chosen");
         };
@@ -152,7 +157,10 @@ impl ProxyHttp for SealgateProxy {
         {
             Ok(addrs) => addrs,
             Err(e) => {
-                let refusal = Refusal::new(ErrorCode::UpstreamUnreachable, format!("resolving the upstream host: {e}"));
+                let refusal = Refusal::new(
+                    ErrorCode::UpstreamUnreachable,
+                    format!("resolving the upstream host: {e}"),
+                );
                 ctx.refusal = Some(refusal);
                 return Err(Error::new_up(ErrorType::ConnectError));
             }
@@ -218,7 +226,11 @@ impl ProxyHttp for SealgateProxy {
         upstream_request.set_uri(uri);
         upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
         // The caller's own credentials never reach a data source.
-        for name in [header::AUTHORIZATION, header::PROXY_AUTHORIZATION, header::COOKIE] {
+        for name in [
+            header::AUTHORIZATION,
+            header::PROXY_AUTHORIZATION,
+            header::COOKIE,
+        ] {
             upstream_request.remove_header(&name);
         }
         Ok(())
@@ -238,7 +250,12 @@ impl ProxyHttp for SealgateProxy {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let refusal = ctx.refusal.clone().or_else(|| classify(e));
         let mut error_code = 0;
         if let Some(refusal) = &refusal {
@@ -259,9 +276,10 @@ impl ProxyHttp for SealgateProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session
-            .response_written()
-            .map_or_else(|| ctx.refusal.as_ref().map_or(0, |r| r.code.status()), |r| r.status.as_u16());
+        let status = session.response_written().map_or_else(
+            || ctx.refusal.as_ref().map_or(0, |r| r.code.status()),
+            |r| r.status.as_u16(),
+        );
         let datasource = ctx.datasource.as_ref().map(|d| d.name.as_str());
         let elapsed = ctx.started.elapsed();
         let metrics = &self.shared.metrics;
@@ -289,7 +307,11 @@ impl ProxyHttp for SealgateProxy {
             upstream: ctx.upstream_addr.map(|a| a.to_string()),
             egress_ip: None,
             region: None,
-            decision: if refused_here.is_some() { Decision::Deny } else { Decision::Allow },
+            decision: if refused_here.is_some() {
+                Decision::Deny
+            } else {
+                Decision::Allow
+            },
             reason: refused_here.map(|r| r.message.as_str()),
             status,
             request_bytes: session.body_bytes_read() as u64,

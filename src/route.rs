@@ -57,7 +57,8 @@ fn check_rest(rest: &str) -> Result<(), RouteError> {
 /// The request target sent upstream: base path, the caller's rest, the
 /// caller's query string unchanged.
 pub fn upstream_target(base_path: &str, rest: &str, query: Option<&str>) -> String {
-    let mut target = String::with_capacity(base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
+    let mut target =
+        String::with_capacity(base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
     target.push_str(base_path);
     target.push_str(rest);
     if target.is_empty() {
@@ -76,9 +77,27 @@ mod tests {
 
     #[test]
     fn splits_datasource_and_rest() {
-        assert_eq!(split("/pay/v1/x"), Ok(Route { datasource: "pay", rest: "/v1/x" }));
-        assert_eq!(split("/pay"), Ok(Route { datasource: "pay", rest: "" }));
-        assert_eq!(split("/pay/"), Ok(Route { datasource: "pay", rest: "/" }));
+        assert_eq!(
+            split("/pay/v1/x"),
+            Ok(Route {
+                datasource: "pay",
+                rest: "/v1/x"
+            })
+        );
+        assert_eq!(
+            split("/pay"),
+            Ok(Route {
+                datasource: "pay",
+                rest: ""
+            })
+        );
+        assert_eq!(
+            split("/pay/"),
+            Ok(Route {
+                datasource: "pay",
+                rest: "/"
+            })
+        );
         assert_eq!(split("/"), Err(RouteError::NoDatasource));
         assert_eq!(split("//x"), Err(RouteError::NoDatasource));
         assert_eq!(split("*"), Err(RouteError::NoDatasource));
@@ -87,8 +106,19 @@ mod tests {
     #[test]
     fn refuses_every_spelling_of_climbing_out() {
         for path in [
-            "/pay/..", "/pay/../x", "/pay/a/../../x", "/pay/%2e%2e/x", "/pay/%2E%2e", "/pay/.%2e/x",
-            "/pay/./x", "/pay/%2e", "/pay/a%2fb", "/pay/a%2F..%2Fb", "/pay/a%5cb", "/pay/a\\b", "/pay/a%00",
+            "/pay/..",
+            "/pay/../x",
+            "/pay/a/../../x",
+            "/pay/%2e%2e/x",
+            "/pay/%2E%2e",
+            "/pay/.%2e/x",
+            "/pay/./x",
+            "/pay/%2e",
+            "/pay/a%2fb",
+            "/pay/a%2F..%2Fb",
+            "/pay/a%5cb",
+            "/pay/a\\b",
+            "/pay/a%00",
         ] {
             assert!(matches!(split(path), Err(RouteError::Escape(_))), "{path}");
         }
@@ -96,14 +126,23 @@ mod tests {
 
     #[test]
     fn allows_dots_inside_names_and_encoded_other_bytes() {
-        for path in ["/pay/a..b", "/pay/.well-known/x", "/pay/a%20b", "/pay/v1//x", "/pay/%2e%2ex"] {
+        for path in [
+            "/pay/a..b",
+            "/pay/.well-known/x",
+            "/pay/a%20b",
+            "/pay/v1//x",
+            "/pay/%2e%2ex",
+        ] {
             assert!(split(path).is_ok(), "{path}");
         }
     }
 
     #[test]
     fn builds_the_upstream_target() {
-        assert_eq!(upstream_target("/v1", "/x/y", Some("a=1&b")), "/v1/x/y?a=1&b");
+        assert_eq!(
+            upstream_target("/v1", "/x/y", Some("a=1&b")),
+            "/v1/x/y?a=1&b"
+        );
         assert_eq!(upstream_target("", "", None), "/");
         assert_eq!(upstream_target("/v1", "", None), "/v1");
         assert_eq!(upstream_target("", "", Some("q")), "/?q");

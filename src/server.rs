@@ -95,8 +95,14 @@ fn server_conf(config: &Config) -> ServerConf {
         threads: config.proxy.threads,
         grace_period_seconds: Some(config.proxy.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
-        pid_file: runtime_dir.join(format!("sealgate-{id}.pid")).display().to_string(),
-        upgrade_sock: runtime_dir.join(format!("sealgate-{id}.sock")).display().to_string(),
+        pid_file: runtime_dir
+            .join(format!("sealgate-{id}.pid"))
+            .display()
+            .to_string(),
+        upgrade_sock: runtime_dir
+            .join(format!("sealgate-{id}.sock"))
+            .display()
+            .to_string(),
         daemon: false,
         ..ServerConf::default()
     }

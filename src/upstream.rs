@@ -41,7 +41,11 @@ impl Upstream {
         let tls = match url.scheme() {
             "https" => true,
             "http" => false,
-            other => return Err(format!("scheme `{other}` is not supported; use http:// or https://")),
+            other => {
+                return Err(format!(
+                    "scheme `{other}` is not supported; use http:// or https://"
+                ))
+            }
         };
         if !url.username().is_empty() || url.password().is_some() {
             return Err("credentials in the URL are not allowed; use `credential`".into());
@@ -96,9 +100,12 @@ pub enum ResolveError {
 
 /// Resolves upstream names off the worker threads (tokio's blocking pool)
 /// with a deadline, and reuses answers briefly.
+/// A resolved answer and when it was obtained.
+type Answer = (Instant, Arc<[SocketAddr]>);
+
 #[derive(Default)]
 pub struct Resolver {
-    answers: RwLock<HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>>,
+    answers: RwLock<HashMap<(String, u16), Answer>>,
 }
 
 impl Resolver {
@@ -150,7 +157,10 @@ mod tests {
         assert!(u.tls);
         assert_eq!(u.host, UpstreamHost::Name("api.example.com".into()));
         assert_eq!((u.port, u.base_path.as_str()), (443, "/v1"));
-        assert_eq!((u.authority.as_str(), u.sni.as_str()), ("api.example.com", "api.example.com"));
+        assert_eq!(
+            (u.authority.as_str(), u.sni.as_str()),
+            ("api.example.com", "api.example.com")
+        );
     }
 
     #[test]
@@ -160,13 +170,20 @@ mod tests {
         assert_eq!(u.authority, "[::1]:8443");
         assert_eq!(u.base_path, "");
         let u = parse("http://127.0.0.1:18080/x").unwrap();
-        assert_eq!((u.sni.as_str(), u.authority.as_str()), ("127.0.0.1", "127.0.0.1:18080"));
+        assert_eq!(
+            (u.sni.as_str(), u.authority.as_str()),
+            ("127.0.0.1", "127.0.0.1:18080")
+        );
     }
 
     #[test]
     fn refuses_userinfo_query_and_other_schemes() {
-        assert!(parse("https://u:p@example.com").unwrap_err().contains("credentials"));
-        assert!(parse("https://example.com/?a=1").unwrap_err().contains("query"));
+        assert!(parse("https://u:p@example.com")
+            .unwrap_err()
+            .contains("credentials"));
+        assert!(parse("https://example.com/?a=1")
+            .unwrap_err()
+            .contains("query"));
         assert!(parse("ftp://example.com").unwrap_err().contains("scheme"));
     }
 }

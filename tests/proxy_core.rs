@@ -18,7 +18,11 @@ async fn echo_upstream() -> Upstream {
     upstream(
         handler(|req: Request<hyper::body::Incoming>| async move {
             let (parts, body) = req.into_parts();
-            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let headers: serde_json::Map<String, serde_json::Value> = parts
                 .headers
                 .iter()
@@ -58,13 +62,20 @@ async fn get_is_routed_below_the_base_path_with_query_and_host() {
     let records = sg.audit(1);
     assert_eq!(records.len(), 1);
     let r = &records[0];
-    assert_eq!((r["datasource"].as_str(), r["status"].as_u64()), (Some("pay"), Some(200)));
-    assert_eq!(r["path"], "/pay/charges/ch_1", "the audit path never carries the query");
+    assert_eq!(
+        (r["datasource"].as_str(), r["status"].as_u64()),
+        (Some("pay"), Some(200))
+    );
+    assert_eq!(
+        r["path"], "/pay/charges/ch_1",
+        "the audit path never carries the query"
+    );
     assert_eq!(r["upstream"], up.addr.to_string());
     assert_eq!(r["decision"], "allow");
     let metrics = sg.metrics();
     assert!(
-        metrics.contains(r#"sealgate_requests_total{caller="local",code="200",datasource="pay"} 1"#),
+        metrics
+            .contains(r#"sealgate_requests_total{caller="local",code="200",datasource="pay"} 1"#),
         "{metrics}"
     );
     assert!(metrics.contains(r#"sealgate_request_duration_seconds_count{datasource="pay"} 1"#));
@@ -84,7 +95,10 @@ async fn post_body_is_streamed_through() {
         format!("{:x}", h.finalize())
     };
     let stream = futures_stream(chunks);
-    let req = Request::post("/pay/upload").header("host", "x").body(stream).unwrap();
+    let req = Request::post("/pay/upload")
+        .header("host", "x")
+        .body(stream)
+        .unwrap();
     let seen = json(send(sg.proxy, req).await).await;
     assert_eq!(seen["method"], "POST");
     assert_eq!(seen["body_len"], 64 * 16 * 1024);
@@ -105,14 +119,20 @@ fn futures_stream(chunks: Vec<Bytes>) -> BoxBody {
             }
         }
     });
-    BodyExt::boxed(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    BodyExt::boxed(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_64_mib_download_arrives_intact() {
     const SIZE: usize = 64 * 1024 * 1024;
     fn block(i: usize) -> Bytes {
-        Bytes::from((0..65536).map(|j| ((i * 31 + j * 7) % 251) as u8).collect::<Vec<u8>>())
+        Bytes::from(
+            (0..65536)
+                .map(|j| ((i * 31 + j * 7) % 251) as u8)
+                .collect::<Vec<u8>>(),
+        )
     }
     let expected = {
         let mut h = Sha256::new();
@@ -129,8 +149,13 @@ async fn a_64_mib_download_arrives_intact() {
                     }
                 }
             });
-            let body = BodyExt::boxed(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-            Response::builder().header("content-length", SIZE).body(body).unwrap()
+            let body = BodyExt::boxed(StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ));
+            Response::builder()
+                .header("content-length", SIZE)
+                .body(body)
+                .unwrap()
         }),
         None,
     )
@@ -164,7 +189,9 @@ async fn unknown_datasource_and_bare_root_are_404() {
     assert_eq!(records[0]["error"], "unknown_datasource");
     assert!(records[0]["datasource"].is_null());
     assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
-    assert!(sg.metrics().contains(r#"sealgate_requests_total{caller="local",code="404",datasource="-"} 2"#));
+    assert!(sg
+        .metrics()
+        .contains(r#"sealgate_requests_total{caller="local",code="404",datasource="-"} 2"#));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -172,9 +199,18 @@ async fn path_escapes_are_400_and_never_reach_the_upstream() {
     let up = echo_upstream().await;
     let sg = Sealgate::start(&datasource("pay", &format!("http://{}/v1", up.addr)));
 
-    for path in ["/pay/../admin", "/pay/%2e%2e/admin", "/pay/x/%2E%2E/%2e%2e/admin", "/pay/a%2fb", "/pay/a%5Cb"] {
+    for path in [
+        "/pay/../admin",
+        "/pay/%2e%2e/admin",
+        "/pay/x/%2E%2E/%2e%2e/admin",
+        "/pay/a%2fb",
+        "/pay/a%5Cb",
+    ] {
         let v = assert_error(get(sg.proxy, path).await, 400, "bad_request").await;
-        assert!(v["message"].as_str().unwrap().contains("base path"), "{path}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("base path"),
+            "{path}: {v}"
+        );
     }
     assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
@@ -185,8 +221,14 @@ async fn connection_refused_is_502_upstream_unreachable() {
     let sg = Sealgate::start(&datasource("down", &format!("http://127.0.0.1:{closed}")));
     assert_error(get(sg.proxy, "/down/x").await, 502, "upstream_unreachable").await;
     let r = &sg.audit(1)[0];
-    assert_eq!((r["status"].as_u64(), r["error"].as_str()), (Some(502), Some("upstream_unreachable")));
-    assert_eq!(r["decision"], "allow", "sealgate let it through; the upstream failed");
+    assert_eq!(
+        (r["status"].as_u64(), r["error"].as_str()),
+        (Some(502), Some("upstream_unreachable"))
+    );
+    assert_eq!(
+        r["decision"], "allow",
+        "sealgate let it through; the upstream failed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -196,10 +238,16 @@ async fn an_upstream_slower_than_timeout_ms_is_504() {
         tokio::time::sleep(Duration::from_secs(10)).await;
     })
     .await;
-    let sg = Sealgate::start(&format!("[datasources.slow]\nurl = \"http://{slow}\"\ntimeout_ms = 300\n"));
+    let sg = Sealgate::start(&format!(
+        "[datasources.slow]\nurl = \"http://{slow}\"\ntimeout_ms = 300\n"
+    ));
     let started = std::time::Instant::now();
     assert_error(get(sg.proxy, "/slow/x").await, 504, "upstream_timeout").await;
-    assert!(started.elapsed() < Duration::from_secs(5), "timed out after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "timed out after {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -233,9 +281,16 @@ async fn an_upstream_dying_mid_body_never_looks_complete() {
 
     for path in ["/sized/x", "/chunked/x"] {
         let resp = get(sg.proxy, path).await;
-        assert_eq!(resp.status(), 200, "{path}: the head was already on its way");
+        assert_eq!(
+            resp.status(),
+            200,
+            "{path}: the head was already on its way"
+        );
         let whole = resp.into_body().collect().await;
-        assert!(whole.is_err(), "{path}: a truncated body was delivered as complete");
+        assert!(
+            whole.is_err(),
+            "{path}: a truncated body was delivered as complete"
+        );
     }
 }
 
@@ -255,7 +310,10 @@ async fn redirects_are_passed_back_not_followed() {
     let sg = Sealgate::start(&datasource("r", &format!("http://{}", up.addr)));
     let resp = get(sg.proxy, "/r/x").await;
     assert_eq!(resp.status(), 302);
-    assert_eq!(resp.headers()["location"], "https://elsewhere.example/steal");
+    assert_eq!(
+        resp.headers()["location"],
+        "https://elsewhere.example/steal"
+    );
     assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
@@ -283,14 +341,27 @@ async fn hop_by_hop_headers_cookies_and_caller_credentials_are_stripped() {
 
     let resp = get(sg.proxy, "/raw/x").await;
     assert_eq!(resp.status(), 200);
-    for gone in ["x-private", "keep-alive", "proxy-authenticate", "upgrade", "set-cookie"] {
-        assert!(!resp.headers().contains_key(gone), "{gone} crossed sealgate");
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "proxy-authenticate",
+        "upgrade",
+        "set-cookie",
+    ] {
+        assert!(
+            !resp.headers().contains_key(gone),
+            "{gone} crossed sealgate"
+        );
     }
     assert_eq!(resp.headers()["x-kept"], "yes");
     assert_eq!(body_bytes(resp).await, "ok");
 
     let resp = get(sg.proxy, "/cookies/x").await;
-    assert_eq!(resp.headers()["set-cookie"], "session=abc", "pass_set_cookie keeps it");
+    assert_eq!(
+        resp.headers()["set-cookie"],
+        "session=abc",
+        "pass_set_cookie keeps it"
+    );
 
     // Request side: hop-by-hop and the caller's own credentials.
     let req = Request::get("/echo/x")
@@ -307,9 +378,23 @@ async fn hop_by_hop_headers_cookies_and_caller_credentials_are_stripped() {
         .unwrap();
     let seen = json(send(sg.proxy, req).await).await;
     let headers = seen["headers"].as_object().unwrap();
-    for gone in ["x-trace-hop", "keep-alive", "te", "proxy-authorization", "authorization", "cookie"] {
-        assert!(!headers.contains_key(gone), "{gone} reached the upstream: {seen}");
+    for gone in [
+        "x-trace-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "authorization",
+        "cookie",
+    ] {
+        assert!(
+            !headers.contains_key(gone),
+            "{gone} reached the upstream: {seen}"
+        );
     }
     assert_eq!(headers["x-kept"], "yes");
-    assert_eq!(headers["host"], up.addr.to_string(), "Host is the upstream's, not the caller's");
+    assert_eq!(
+        headers["host"],
+        up.addr.to_string(),
+        "Host is the upstream's, not the caller's"
+    );
 }

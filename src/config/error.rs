@@ -16,7 +16,13 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
-            Some(line) => write!(f, "{}:{line}: {}: {}", self.file.display(), self.key, self.message),
+            Some(line) => write!(
+                f,
+                "{}:{line}: {}: {}",
+                self.file.display(),
+                self.key,
+                self.message
+            ),
             None => write!(f, "{}: {}: {}", self.file.display(), self.key, self.message),
         }
     }
@@ -78,7 +84,7 @@ impl<'a> ErrorSink<'a> {
     /// A TOML syntax or schema error, located by its span; the key is
     /// recovered from the surrounding text because the parser reports only
     /// a message and a span.
-    pub fn from_toml(&mut self, err: &toml::de::Error) {
+    pub fn toml_error(&mut self, err: &toml::de::Error) {
         let message = err.message().trim().to_string();
         match err.span() {
             Some(span) => {
@@ -93,14 +99,22 @@ impl<'a> ErrorSink<'a> {
         if self.errors.is_empty() {
             Ok(())
         } else {
-            Err(ConfigErrors(self.errors))
+            Err(self.into_errors())
         }
+    }
+
+    pub fn into_errors(self) -> ConfigErrors {
+        ConfigErrors(self.errors)
     }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The dotted key a span belongs to: the enclosing `[table]` header plus the
@@ -132,7 +146,12 @@ fn key_at(text: &str, span: Range<usize>) -> String {
         }
     };
     let table = if header_line {
-        Some(line.trim().trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        Some(
+            line.trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        )
     } else {
         table
     };

@@ -17,8 +17,8 @@ use pingora::utils::tls::WrappedX509;
 use toml::Spanned;
 use url::Url;
 
-pub use error::{ConfigError, ConfigErrors};
 use error::ErrorSink;
+pub use error::{ConfigError, ConfigErrors};
 use schema::{RawConfig, RawDataSource};
 
 use crate::upstream::Upstream;
@@ -97,8 +97,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
-            sink.from_toml(&e);
-            return Err(sink.finish().err().unwrap_or(ConfigErrors(Vec::new())));
+            sink.toml_error(&e);
+            return Err(sink.into_errors());
         }
     };
     let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -109,7 +109,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
 
     let listen = match &raw.proxy.listen {
         Some(addrs) if addrs.is_empty() => {
-            v.sink.without_line("proxy.listen", "at least one listen address is required");
+            v.sink
+                .without_line("proxy.listen", "at least one listen address is required");
             Vec::new()
         }
         Some(addrs) => addrs
@@ -120,7 +121,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     };
     let threads = match &raw.proxy.threads {
         Some(t) if !(1..=1024).contains(t.get_ref()) => {
-            v.sink.at(t.span(), "proxy.threads", "must be between 1 and 1024");
+            v.sink
+                .at(t.span(), "proxy.threads", "must be between 1 and 1024");
             1
         }
         Some(t) => *t.get_ref(),
@@ -128,7 +130,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     };
     let grace_s = match &raw.proxy.grace_period_s {
         Some(g) if *g.get_ref() > 3600 => {
-            v.sink.at(g.span(), "proxy.grace_period_s", "must be at most 3600");
+            v.sink
+                .at(g.span(), "proxy.grace_period_s", "must be at most 3600");
             0
         }
         Some(g) => *g.get_ref(),
@@ -140,14 +143,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     };
     if let Some(admin) = admin_listen {
         if listen.contains(&admin) {
-            v.sink.without_line("admin.listen", format!("{admin} is also a proxy listen address"));
+            v.sink.without_line(
+                "admin.listen",
+                format!("{admin} is also a proxy listen address"),
+            );
         }
     }
     let audit_output = match &raw.audit.output {
         None => AuditOutput::Stdout,
         Some(o) if o.get_ref() == "stdout" => AuditOutput::Stdout,
         Some(o) if o.get_ref().trim().is_empty() => {
-            v.sink.at(o.span(), "audit.output", "must be \"stdout\" or a file path");
+            v.sink.at(
+                o.span(),
+                "audit.output",
+                "must be \"stdout\" or a file path",
+            );
             AuditOutput::Stdout
         }
         Some(o) => AuditOutput::File(v.relative(o.get_ref())),
@@ -237,7 +247,11 @@ impl Validator<'_> {
     fn timeout(&mut self, value: &Option<Spanned<u64>>, key: String, default_ms: u64) -> Duration {
         match value {
             Some(t) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMEOUT_MS => {
-                self.sink.at(t.span(), key, format!("must be between 1 and {MAX_TIMEOUT_MS} ms"));
+                self.sink.at(
+                    t.span(),
+                    key,
+                    format!("must be between 1 and {MAX_TIMEOUT_MS} ms"),
+                );
                 Duration::from_millis(default_ms)
             }
             Some(t) => Duration::from_millis(*t.get_ref()),
@@ -271,9 +285,17 @@ impl Validator<'_> {
                 None
             }
         };
-        let connect_timeout = self.timeout(&raw.connect_timeout_ms, key("connect_timeout_ms"), DEFAULT_CONNECT_TIMEOUT_MS);
+        let connect_timeout = self.timeout(
+            &raw.connect_timeout_ms,
+            key("connect_timeout_ms"),
+            DEFAULT_CONNECT_TIMEOUT_MS,
+        );
         let timeout = self.timeout(&raw.timeout_ms, key("timeout_ms"), DEFAULT_TIMEOUT_MS);
-        let idle_timeout = self.timeout(&raw.idle_timeout_ms, key("idle_timeout_ms"), DEFAULT_IDLE_TIMEOUT_MS);
+        let idle_timeout = self.timeout(
+            &raw.idle_timeout_ms,
+            key("idle_timeout_ms"),
+            DEFAULT_IDLE_TIMEOUT_MS,
+        );
         let ca = match &raw.ca_file {
             None => None,
             Some(f) => match load_ca_file(&self.relative(f.get_ref())) {
@@ -286,13 +308,19 @@ impl Validator<'_> {
         };
         if raw.ca_file.is_some() && upstream.as_ref().is_some_and(|u| !u.tls) {
             if let Some(f) = &raw.ca_file {
-                self.sink.at(f.span(), key("ca_file"), "set, but the url is not https://");
+                self.sink
+                    .at(f.span(), key("ca_file"), "set, but the url is not https://");
             }
         }
         let pool_key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (name.get_ref(), raw.url.get_ref(), raw.ca_file.as_ref().map(|f| f.get_ref())).hash(&mut h);
+            (
+                name.get_ref(),
+                raw.url.get_ref(),
+                raw.ca_file.as_ref().map(|f| f.get_ref()),
+            )
+                .hash(&mut h);
             h.finish()
         };
         Some(DataSource {
@@ -341,7 +369,11 @@ mod tests {
 
     #[test]
     fn minimal_config_gets_defaults() {
-        let c = parse(Path::new("x.toml"), "[datasources.a]\nurl = \"https://example.com\"\n").unwrap();
+        let c = parse(
+            Path::new("x.toml"),
+            "[datasources.a]\nurl = \"https://example.com\"\n",
+        )
+        .unwrap();
         assert_eq!(c.proxy.listen, vec![parse_default(DEFAULT_LISTEN)]);
         assert_eq!(c.admin.listen, parse_default(DEFAULT_ADMIN_LISTEN));
         assert_eq!(c.audit.output, AuditOutput::Stdout);
@@ -354,7 +386,10 @@ mod tests {
     fn unknown_key_names_file_line_and_key() {
         let e = errors("[proxy]\nlisten = [\"127.0.0.1:1\"]\nlisen = 3\n");
         assert_eq!(e.len(), 1);
-        assert!(e[0].starts_with("/etc/sealgate/test.toml:3: proxy.lisen: unknown field `lisen`"), "{e:?}");
+        assert!(
+            e[0].starts_with("/etc/sealgate/test.toml:3: proxy.lisen: unknown field `lisen`"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -369,8 +404,14 @@ mod tests {
             "timeout_ms = 0\n",
         ));
         assert_eq!(e.len(), 3, "{e:?}");
-        assert!(e[0].contains(":2: proxy.listen: 0.0.0.0:6180 is not a loopback address"), "{e:?}");
-        assert!(e[1].contains(":6: datasources.bad.url: `not a url` is not a valid URL"), "{e:?}");
+        assert!(
+            e[0].contains(":2: proxy.listen: 0.0.0.0:6180 is not a loopback address"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains(":6: datasources.bad.url: `not a url` is not a valid URL"),
+            "{e:?}"
+        );
         assert!(e[2].contains(":7: datasources.bad.timeout_ms"), "{e:?}");
     }
 
@@ -381,7 +422,10 @@ mod tests {
             assert!(!valid_datasource_name(bad), "{bad}");
         }
         let e = errors("[datasources.\"a.b\"]\nurl = \"https://example.com\"\n");
-        assert!(e[0].contains(":1: datasources.a.b: a data source name"), "{e:?}");
+        assert!(
+            e[0].contains(":1: datasources.a.b: a data source name"),
+            "{e:?}"
+        );
     }
 
     #[test]

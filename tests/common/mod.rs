@@ -51,7 +51,10 @@ impl Sealgate {
         );
         let config_path = dir.path().join("sealgate.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let child = spawn_sealgate(&["run", "-c", config_path.to_str().unwrap_or_default()], dir.path());
+        let child = spawn_sealgate(
+            &["run", "-c", config_path.to_str().unwrap_or_default()],
+            dir.path(),
+        );
         let mut sg = Sealgate {
             child: Some(child),
             proxy,
@@ -65,8 +68,15 @@ impl Sealgate {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("sealgate exited during startup ({status}); stderr:\n{}", self.stderr());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "sealgate exited during startup ({status}); stderr:\n{}",
+                    self.stderr()
+                );
             }
             if http_get_blocking(self.admin, "/readyz").is_some_and(|(code, _)| code == 200) {
                 return;
@@ -85,7 +95,8 @@ impl Sealgate {
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal sealgate");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig)
+            .expect("signal sealgate");
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
@@ -105,7 +116,8 @@ impl Sealgate {
     pub fn audit(&self, min: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+            let text =
+                std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
             let records: Vec<serde_json::Value> = text
                 .lines()
                 .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
@@ -118,7 +130,9 @@ impl Sealgate {
     }
 
     pub fn metrics(&self) -> String {
-        http_get_blocking(self.admin, "/metrics").map(|(_, b)| b).unwrap_or_default()
+        http_get_blocking(self.admin, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 }
 
@@ -184,11 +198,18 @@ pub fn http_get_blocking(addr: SocketAddr, path: &str) -> Option<(u16, String)> 
     use std::io::Write;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).ok()?;
     let status = raw.split(' ').nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -197,7 +218,9 @@ pub fn http_get_blocking(addr: SocketAddr, path: &str) -> Option<(u16, String)> 
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 pub fn full(body: impl Into<Bytes>) -> BoxBody {
-    Full::new(body.into()).map_err(|never| match never {}).boxed()
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn empty() -> BoxBody {
@@ -215,11 +238,22 @@ pub async fn send(addr: SocketAddr, req: Request<BoxBody>) -> Response<Incoming>
 }
 
 pub async fn get(addr: SocketAddr, path: &str) -> Response<Incoming> {
-    send(addr, Request::get(path).header("host", "sealgate").body(empty()).expect("request")).await
+    send(
+        addr,
+        Request::get(path)
+            .header("host", "sealgate")
+            .body(empty())
+            .expect("request"),
+    )
+    .await
 }
 
 pub async fn body_bytes(resp: Response<Incoming>) -> Bytes {
-    resp.into_body().collect().await.expect("whole body").to_bytes()
+    resp.into_body()
+        .collect()
+        .await
+        .expect("whole body")
+        .to_bytes()
 }
 
 pub async fn json(resp: Response<Incoming>) -> serde_json::Value {
@@ -230,7 +264,10 @@ pub async fn json(resp: Response<Incoming>) -> serde_json::Value {
 pub async fn assert_error(resp: Response<Incoming>, status: u16, code: &str) -> serde_json::Value {
     assert_eq!(resp.status(), StatusCode::from_u16(status).unwrap());
     let ct = resp.headers().get("content-type").cloned();
-    assert_eq!(ct.as_ref().and_then(|v| v.to_str().ok()), Some("application/json"));
+    assert_eq!(
+        ct.as_ref().and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
     let v = json(resp).await;
     assert_eq!(v["error"], code, "{v}");
     assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
@@ -240,7 +277,10 @@ pub async fn assert_error(resp: Response<Incoming>, status: u16, code: &str) -> 
 // ------------------------------------------------------------- upstreams --
 
 pub type Handler = Arc<
-    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<BoxBody>> + Send>>
+    dyn Fn(
+            Request<Incoming>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<BoxBody>> + Send>>
         + Send
         + Sync,
 >;
@@ -260,7 +300,9 @@ pub struct Upstream {
 }
 
 pub async fn upstream(h: Handler, tls: Option<Arc<rustls::ServerConfig>>) -> Upstream {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind upstream");
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind upstream");
     let addr = listener.local_addr().expect("upstream addr");
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = accepted.clone();
@@ -277,10 +319,14 @@ pub async fn upstream(h: Handler, tls: Option<Arc<rustls::ServerConfig>>) -> Ups
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 match tls {
                     Some(cfg) => {
-                        let Ok(tls_stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await else {
+                        let Ok(tls_stream) =
+                            tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
+                        else {
                             return;
                         };
-                        let _ = builder.serve_connection(TokioIo::new(tls_stream), svc).await;
+                        let _ = builder
+                            .serve_connection(TokioIo::new(tls_stream), svc)
+                            .await;
                     }
                     None => {
                         let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
@@ -298,7 +344,9 @@ where
     F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind raw upstream");
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind raw upstream");
     let addr = listener.local_addr().expect("raw upstream addr");
     let f = Arc::new(f);
     tokio::spawn(async move {
@@ -334,7 +382,9 @@ impl TestCa {
     pub fn new(name: &str) -> TestCa {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         let key = rcgen::KeyPair::generate().expect("ca key");
         let cert = params.self_signed(&key).expect("ca cert");
         TestCa { cert, key }
@@ -350,9 +400,12 @@ impl TestCa {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let params = rcgen::CertificateParams::new(names).expect("leaf params");
         let key = rcgen::KeyPair::generate().expect("leaf key");
-        let leaf = params.signed_by(&key, &self.cert, &self.key).expect("leaf cert");
+        let leaf = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("leaf cert");
         let chain = vec![leaf.der().clone()];
-        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+        let key_der =
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

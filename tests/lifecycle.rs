@@ -1,0 +1,153 @@
+//! Starting, checking and stopping: what operators see from the CLI.
+
+mod common;
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper::Response;
+
+fn write_config(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("sealgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn run_exits_1_at_once_when_a_listener_port_is_taken() {
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for (proxy, admin) in [(port, free_port()), (free_port(), port)] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(
+            dir.path(),
+            &format!("[proxy]\nlisten = [\"127.0.0.1:{proxy}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+        );
+        let started = Instant::now();
+        let mut child = spawn_sealgate(&["run", "-c", &cfg], dir.path());
+        let status = wait_child(&mut child, Duration::from_secs(10));
+        let _ = child.kill();
+        let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "stderr: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_unknown_keys_and_bad_urls_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "[proxy]\nlisten = [\"127.0.0.1:6180\"]\n\n[datasources.a]\nurl = \"https://example.com\"\ntimeout = 5\n",
+    );
+    let (code, _, stderr) = run_cli(&["check", "-c", &cfg], b"");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!(
+            "{cfg}:6: datasources.a.timeout: unknown field `timeout`"
+        )),
+        "{stderr}"
+    );
+
+    let cfg = write_config(
+        dir.path(),
+        "[datasources.a]\nurl = \"https://example.com\"\n[datasources.b]\nurl = \"https//missing-colon\"\n\
+         [datasources.c]\nurl = \"gopher://example.com\"\n",
+    );
+    let (code, _, stderr) = run_cli(&["check", "-c", &cfg], b"");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!(
+            "{cfg}:4: datasources.b.url: `https//missing-colon` is not a valid URL"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{cfg}:6: datasources.c.url: scheme `gopher`")),
+        "every error is reported: {stderr}"
+    );
+
+    let cfg = write_config(
+        dir.path(),
+        "[datasources.a]\nurl = \"https://example.com\"\n",
+    );
+    let (code, stdout, _) = run_cli(&["check", "-c", &cfg], b"");
+    assert_eq!(code, 0);
+    assert!(stdout.contains("ok (1 data source)"), "{stdout}");
+}
+
+#[test]
+fn usage_errors_exit_2_and_a_missing_config_exits_1() {
+    assert_eq!(run_cli(&["frobnicate"], b"").0, 2);
+    let (code, _, stderr) = run_cli(&["check", "-c", "/nonexistent/sealgate.toml"], b"");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("/nonexistent/sealgate.toml: (file): cannot read"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_an_in_flight_request_then_exits_0() {
+    let up = upstream(
+        handler(|_req| async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Response::new(full("finished"))
+        }),
+        None,
+    )
+    .await;
+    let mut sg = Sealgate::start(&format!(
+        "[datasources.slow]\nurl = \"http://{}\"\n",
+        up.addr
+    ));
+    let proxy = sg.proxy;
+    let in_flight = tokio::spawn(async move { body_bytes(get(proxy, "/slow/x").await).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let signalled = Instant::now();
+    sg.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While draining: the admin listener still answers, and says so.
+    assert_eq!(
+        http_get_blocking(sg.admin, "/readyz").map(|(c, _)| c),
+        Some(503)
+    );
+    assert_eq!(
+        http_get_blocking(sg.admin, "/healthz").map(|(c, _)| c),
+        Some(200)
+    );
+    // No new requests are taken.
+    assert!(
+        tokio::net::TcpStream::connect(proxy).await.is_err(),
+        "still accepting while draining"
+    );
+
+    assert_eq!(in_flight.await.unwrap(), "finished");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = sg.wait_exit(Duration::from_secs(10));
+        (status, sg)
+    })
+    .await
+    .unwrap();
+    let (status, sg) = status;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "stderr: {}",
+        sg.stderr()
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(4),
+        "exited {:?} after SIGTERM: it should not sleep out the 5 s grace period",
+        signalled.elapsed()
+    );
+    let records = sg.audit(1);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["status"], 200);
+}
