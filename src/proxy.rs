@@ -60,6 +60,7 @@ pub struct RequestCtx {
     upstream_target: String,
     upstream_addr: Option<SocketAddr>,
     connect_attempts: usize,
+    resolved_addrs: usize,
     refusal: Option<Refusal>,
 }
 
@@ -102,6 +103,7 @@ impl ProxyHttp for SealgateProxy {
             upstream_target: String::new(),
             upstream_addr: None,
             connect_attempts: 0,
+            resolved_addrs: 0,
             refusal: None,
         }
     }
@@ -167,6 +169,7 @@ impl ProxyHttp for SealgateProxy {
         };
         let addr = addrs[ctx.connect_attempts % addrs.len()];
         ctx.connect_attempts += 1;
+        ctx.resolved_addrs = addrs.len();
         ctx.upstream_addr = Some(addr);
 
         let mut peer = HttpPeer::new(addr, target.tls, target.sni.clone());
@@ -202,10 +205,9 @@ impl ProxyHttp for SealgateProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Another resolved address may answer; try each once.
-        let untried = ctx.datasource.is_some()
-            && ctx.upstream_addr.is_some()
-            && ctx.connect_attempts < MAX_CONNECT_ATTEMPTS;
+        // Another resolved address may answer; try each once. A timeout is
+        // not retried: the caller has already waited the whole budget.
+        let untried = ctx.connect_attempts < ctx.resolved_addrs.min(MAX_CONNECT_ATTEMPTS);
         e.set_retry(untried && e.etype() != &ErrorType::ConnectTimedout);
         e
     }

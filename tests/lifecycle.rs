@@ -151,3 +151,53 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["status"], 200);
 }
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sealgate.toml");
+    let (code, stdout, stderr) = run_cli(&["check", "-c", path], b"");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok (1 data source)"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_proxies_to_its_echo_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_sealgate(&["demo"], dir.path());
+    let stderr_path = dir.path().join("stderr");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let proxy: std::net::SocketAddr = loop {
+        let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        let addr = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("sealgate       http://"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok());
+        if let Some(addr) = addr {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break addr;
+            }
+        }
+        assert!(Instant::now() < deadline, "demo did not start: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let seen = json(get(proxy, "/echo/hello?x=1").await).await;
+    assert_eq!(
+        (seen["path"].as_str(), seen["query"].as_str()),
+        (Some("/hello"), Some("x=1"))
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(10));
+    let _ = child.kill();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    let stdout = std::fs::read_to_string(dir.path().join("stdout")).unwrap();
+    assert!(
+        stdout.contains(r#""path":"/echo/hello""#),
+        "audit record on stdout: {stdout}"
+    );
+}
