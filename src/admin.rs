@@ -67,7 +67,7 @@ impl BackgroundService for AdminService {
             self.proxy_listeners.clone(),
         ));
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
@@ -79,7 +79,7 @@ impl BackgroundService for AdminService {
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, &req)) }
+                    async move { Ok::<_, Infallible>(handle(&shared, &req, peer)) }
                 });
                 let mut builder = http1::Builder::new();
                 builder
@@ -122,11 +122,20 @@ fn text(
     resp
 }
 
-fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
+fn handle<B>(shared: &Shared, req: &Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if path.starts_with("/v1/") && !peer.ip().to_canonical().is_loopback() {
+        return text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "/v1/ answers loopback clients only\n",
+        );
+    }
+    match path {
+        "/v1/datasources" => text(StatusCode::OK, "application/json", datasources_json(shared)),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if shared.lifecycle.is_draining() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
@@ -140,4 +149,39 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
+}
+
+/// What the seeds show for a secret: that it exists, never what it is.
+pub const SECRET_PLACEHOLDER: &str = "Encrypted on the server side";
+
+fn datasources_json(shared: &Shared) -> Vec<u8> {
+    let config = shared.config.load();
+    let mut list: Vec<_> = config.datasources.values().collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    let entries: Vec<serde_json::Value> = list
+        .iter()
+        .map(|ds| {
+            let credential = ds.credential.as_ref().map(|c| {
+                let mut fields = serde_json::Map::new();
+                fields.insert("kind".into(), c.kind.as_str().into());
+                if let Some(username) = &c.username {
+                    fields.insert("username".into(), username.as_str().into());
+                }
+                if let Some(name) = &c.name {
+                    fields.insert("name".into(), name.as_str().into());
+                }
+                fields.insert(c.kind.secret_field().into(), SECRET_PLACEHOLDER.into());
+                serde_json::Value::Object(fields)
+            });
+            serde_json::json!({
+                "name": ds.name,
+                "url": ds.url,
+                "region": null,
+                "credential": credential,
+            })
+        })
+        .collect();
+    let mut body = serde_json::to_vec_pretty(&entries).unwrap_or_default();
+    body.push(b'\n');
+    body
 }

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{config, demo, logging, server};
+use std::io::IsTerminal;
+
+use crate::{config, demo, keytool, logging, secrets, server};
 
 const DEFAULT_CONFIG: &str = "/etc/sealgate/sealgate.toml";
 
@@ -35,10 +37,37 @@ enum Command {
     },
     /// Run a self-contained demo on loopback: an echo upstream with sealgate in front.
     Demo,
+    /// Write a new 256-bit master key to FILE (named <key-id>.key, mode 0600).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a new random instance salt for [keys] salt.
+    Salt,
+    /// Read a secret from stdin and print its sealed value for one data source and field.
+    Seal {
+        #[arg(short, long, env = "SEALGATE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        datasource: String,
+        /// The key inside `credential`: token, password or value.
+        #[arg(long)]
+        field: String,
+    },
+    /// Re-encrypt every sealed value in the config under the primary key.
+    Reseal {
+        #[arg(short, long, env = "SEALGATE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    // Keys and plaintexts live in this process's memory: no core dump and
+    // no same-user ptrace may read them.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("sealgate: warning: cannot make the process non-dumpable: {e}");
+    }
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
@@ -46,6 +75,31 @@ pub fn main() -> ExitCode {
             logging::init();
             report(demo::run())
         }
+        Command::Keygen { out } => report(keytool::keygen(&out).map(|msg| eprintln!("{msg}"))),
+        Command::Salt => report(secrets::new_salt().map(|salt| println!("{salt}"))),
+        Command::Seal {
+            config,
+            datasource,
+            field,
+        } => {
+            if std::io::stdin().is_terminal() {
+                eprintln!("sealgate: type the secret, then Enter and Ctrl-D");
+            }
+            report(
+                keytool::seal(&config, &datasource, &field, std::io::stdin().lock())
+                    .map(|sealed| println!("{sealed}")),
+            )
+        }
+        Command::Reseal { config } => report(keytool::reseal(&config).map(|r| {
+            eprintln!(
+                "{}: resealed {} value{} under key \"{}\"; {} already under it",
+                config.display(),
+                r.resealed,
+                if r.resealed == 1 { "" } else { "s" },
+                r.primary,
+                r.already_primary
+            )
+        })),
     }
 }
 
@@ -86,7 +140,10 @@ fn report<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sealgate: {e}");
+            // One line per error, each naming what is wrong and where.
+            for line in e.to_string().lines() {
+                eprintln!("sealgate: {line}");
+            }
             ExitCode::from(1)
         }
     }

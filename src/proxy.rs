@@ -2,6 +2,7 @@
 //! the decision (routing, upstream, errors, audit, metrics) and keeps no
 //! policy of its own.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +14,7 @@ use pingora::protocols::{TcpKeepalive, ALPN};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::{H1UpgradePolicy, HttpPeer, HttpUpstreamRequestPolicy};
 use pingora::{Error, ErrorType, Result};
+use zeroize::Zeroizing;
 
 use crate::audit::{now_rfc3339, AuditRecord, Decision};
 use crate::config::{Config, DataSource};
@@ -57,7 +59,8 @@ pub struct RequestCtx {
     request_id: u64,
     config: Arc<Config>,
     datasource: Option<Arc<DataSource>>,
-    upstream_target: String,
+    /// Holds the credential when it travels in the query string.
+    upstream_target: Zeroizing<String>,
     upstream_addr: Option<SocketAddr>,
     connect_attempts: usize,
     resolved_addrs: usize,
@@ -100,7 +103,7 @@ impl ProxyHttp for SealgateProxy {
             request_id: self.shared.next_request_id(),
             config: self.shared.config.load_full(),
             datasource: None,
-            upstream_target: String::new(),
+            upstream_target: Zeroizing::new(String::new()),
             upstream_addr: None,
             connect_attempts: 0,
             resolved_addrs: 0,
@@ -113,8 +116,15 @@ impl ProxyHttp for SealgateProxy {
         let routed = match route::split(uri.path()) {
             Ok(r) => match ctx.config.datasources.get(r.datasource) {
                 Some(ds) => {
-                    ctx.upstream_target =
-                        route::upstream_target(&ds.upstream.base_path, r.rest, uri.query());
+                    let query = match &ds.credential {
+                        Some(credential) => credential.query_with_credential(uri.query()),
+                        None => uri.query().map(Cow::Borrowed),
+                    };
+                    ctx.upstream_target = Zeroizing::new(route::upstream_target(
+                        &ds.upstream.base_path,
+                        r.rest,
+                        query.as_deref(),
+                    ));
                     ctx.datasource = Some(ds.clone());
                     Ok(())
                 }
@@ -245,8 +255,13 @@ impl ProxyHttp for SealgateProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         strip_hop_by_hop_response(upstream_response);
-        if !ctx.datasource.as_ref().is_some_and(|ds| ds.pass_set_cookie) {
-            upstream_response.remove_header(&header::SET_COOKIE);
+        if let Some(ds) = &ctx.datasource {
+            if !ds.pass_set_cookie {
+                upstream_response.remove_header(&header::SET_COOKIE);
+            }
+            if let Some(credential) = &ds.credential {
+                credential.redact(upstream_response)?;
+            }
         }
         upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id_text())?;
         Ok(())

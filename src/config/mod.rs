@@ -19,8 +19,10 @@ use url::Url;
 
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
-use schema::{RawConfig, RawDataSource};
+use schema::{RawConfig, RawCredential, RawDataSource, RawKeys};
 
+use crate::credentials::{Credential, CredentialKind};
+use crate::secrets::{Keyring, Secret, SECRET_FIELDS};
 use crate::upstream::Upstream;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:6180";
@@ -76,6 +78,7 @@ pub struct DataSource {
     /// pool key ignores the per-peer CA, so without it two data sources at
     /// one address could share a connection verified against the other's CA.
     pub pool_key: u64,
+    pub credential: Option<Credential>,
 }
 
 /// Reads and validates a config file.
@@ -163,9 +166,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         Some(o) => AuditOutput::File(v.relative(o.get_ref())),
     };
 
+    let keyring = raw.keys.as_ref().and_then(|k| v.keyring(k));
+    // Every place an envelope could have been sealed for, so that one
+    // copied from elsewhere in this config is named as such.
+    let places: Vec<(&str, &str)> = raw
+        .datasources
+        .keys()
+        .flat_map(|name| {
+            SECRET_FIELDS
+                .iter()
+                .map(move |f| (name.get_ref().as_str(), *f))
+        })
+        .collect();
     let mut datasources = HashMap::new();
     for (name, raw_ds) in &raw.datasources {
-        if let Some(ds) = v.datasource(name, raw_ds) {
+        if let Some(ds) = v.datasource(name, raw_ds, keyring.as_ref(), &places) {
             datasources.insert(ds.name.clone(), Arc::new(ds));
         }
     }
@@ -195,7 +210,7 @@ fn parse_default(addr: &str) -> SocketAddr {
 
 /// A data source name is one path segment of the route, so it is kept to
 /// characters that need no encoding and cannot be a dot segment.
-fn valid_datasource_name(name: &str) -> bool {
+pub fn valid_datasource_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -259,7 +274,159 @@ impl Validator<'_> {
         }
     }
 
-    fn datasource(&mut self, name: &Spanned<String>, raw: &RawDataSource) -> Option<DataSource> {
+    fn keys_dir(&mut self, keys: &RawKeys) -> Option<PathBuf> {
+        match &keys.dir {
+            Some(dir) => Some(self.relative(dir.get_ref())),
+            None => match std::env::var_os("CREDENTIALS_DIRECTORY") {
+                Some(dir) => Some(PathBuf::from(dir)),
+                None => {
+                    self.sink.at(
+                        keys.primary.span(),
+                        "keys.dir",
+                        "missing: set it, or run under systemd with LoadCredential= (which sets $CREDENTIALS_DIRECTORY)",
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    fn keyring(&mut self, keys: &RawKeys) -> Option<Keyring> {
+        use crate::secrets::KeyringError as E;
+        let dir = self.keys_dir(keys)?;
+        match Keyring::load(&dir, keys.primary.get_ref(), keys.salt.get_ref()) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                let (span, key) = match &e {
+                    E::SaltEncoding | E::SaltTooShort(_) => (keys.salt.span(), "keys.salt"),
+                    E::NoPrimary(..) => (keys.primary.span(), "keys.primary"),
+                    _ => (
+                        keys.dir.as_ref().map_or(keys.primary.span(), |d| d.span()),
+                        "keys.dir",
+                    ),
+                };
+                self.sink.at(span, key, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn credential(
+        &mut self,
+        ds: &str,
+        raw: &Spanned<RawCredential>,
+        keyring: Option<&Keyring>,
+        places: &[(&str, &str)],
+    ) -> Option<Credential> {
+        let c = raw.get_ref();
+        let key = |field: &str| format!("datasources.{ds}.credential.{field}");
+        let Some(kind) = CredentialKind::parse(c.kind.get_ref()) else {
+            self.sink.at(
+                c.kind.span(),
+                key("kind"),
+                format!(
+                    "`{}` is not one of bearer, basic, header, query",
+                    c.kind.get_ref()
+                ),
+            );
+            return None;
+        };
+        let fields = [
+            ("token", &c.token),
+            ("username", &c.username),
+            ("password", &c.password),
+            ("name", &c.name),
+            ("value", &c.value),
+        ];
+        let wanted: &[&str] = match kind {
+            CredentialKind::Bearer => &["token"],
+            CredentialKind::Basic => &["username", "password"],
+            CredentialKind::Header | CredentialKind::Query => &["name", "value"],
+        };
+        let mut complete = true;
+        for (field, value) in fields {
+            match (wanted.contains(&field), value) {
+                (false, Some(v)) => {
+                    self.sink.at(
+                        v.span(),
+                        key(field),
+                        format!("does not belong to a {} credential", kind.as_str()),
+                    );
+                    complete = false;
+                }
+                (true, None) => {
+                    self.sink.at(
+                        raw.span(),
+                        key(field),
+                        format!("missing: a {} credential needs it", kind.as_str()),
+                    );
+                    complete = false;
+                }
+                _ => {}
+            }
+        }
+        let secret_field = kind.secret_field();
+        let sealed = fields
+            .iter()
+            .find(|(f, _)| *f == secret_field)
+            .and_then(|(_, v)| v.as_ref())?;
+        let secret = self.open(ds, secret_field, sealed, keyring, places);
+        let (secret, true) = (secret?, complete) else {
+            return None;
+        };
+        fn public(v: &Option<Spanned<String>>) -> &str {
+            v.as_ref().map(|s| s.get_ref().as_str()).unwrap_or_default()
+        }
+        let built = match kind {
+            CredentialKind::Bearer => Credential::bearer(&secret),
+            CredentialKind::Basic => Credential::basic(public(&c.username), &secret),
+            CredentialKind::Header => Credential::header(public(&c.name), &secret),
+            CredentialKind::Query => Credential::query(public(&c.name), &secret),
+        };
+        built
+            .map_err(|msg| {
+                self.sink
+                    .at(raw.span(), format!("datasources.{ds}.credential"), msg)
+            })
+            .ok()
+    }
+
+    fn open(
+        &mut self,
+        ds: &str,
+        field: &str,
+        sealed: &Spanned<String>,
+        keyring: Option<&Keyring>,
+        places: &[(&str, &str)],
+    ) -> Option<Secret> {
+        let key = format!("datasources.{ds}.credential.{field}");
+        let Some(keyring) =
+            keyring.filter(|_| sealed.get_ref().starts_with(crate::secrets::SEALED_PREFIX))
+        else {
+            let message = if sealed.get_ref().starts_with(crate::secrets::SEALED_PREFIX) {
+                "a sealed value needs a [keys] section to open it".to_string()
+            } else {
+                crate::secrets::OpenError::Plaintext.to_string()
+            };
+            self.sink.at(sealed.span(), key, message);
+            return None;
+        };
+        keyring
+            .open(ds, field, sealed.get_ref(), places)
+            .map_err(|e| {
+                self.sink
+                    .at(sealed.span(), key, format!("sealed value {e}"))
+            })
+            .ok()
+    }
+
+    fn datasource(
+        &mut self,
+        name: &Spanned<String>,
+        raw: &RawDataSource,
+        keyring: Option<&Keyring>,
+        places: &[(&str, &str)],
+    ) -> Option<DataSource> {
         let key = |field: &str| format!("datasources.{}.{field}", name.get_ref());
         if !valid_datasource_name(name.get_ref()) {
             self.sink.at(
@@ -323,7 +490,15 @@ impl Validator<'_> {
                 .hash(&mut h);
             h.finish()
         };
+        let credential = raw
+            .credential
+            .as_ref()
+            .and_then(|c| self.credential(name.get_ref(), c, keyring, places));
+        if raw.credential.is_some() && credential.is_none() {
+            return None;
+        }
         Some(DataSource {
+            credential,
             pool_key,
             name: name.get_ref().clone(),
             url: raw.url.get_ref().clone(),
@@ -437,4 +612,42 @@ mod tests {
         assert!(e.to_string().contains(":3: datasources.a.ca_file:"), "{e}");
         assert!(e.to_string().contains("no certificate found"), "{e}");
     }
+}
+
+/// Just the keyring of a config file, for `seal` and `reseal`: the rest of
+/// the file may still hold values that do not open (that is why they run).
+pub fn load_keyring(path: &Path) -> Result<Keyring, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let mut sink = ErrorSink::new(path, &text);
+    let raw: RawConfig = match toml::from_str(&text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            sink.toml_error(&e);
+            return Err(sink.into_errors());
+        }
+    };
+    let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut v = Validator {
+        sink,
+        base_dir: &base_dir,
+    };
+    let keyring = match &raw.keys {
+        Some(keys) => v.keyring(keys),
+        None => {
+            v.sink.without_line(
+                "keys",
+                "missing: sealing needs a [keys] section (dir, primary, salt)",
+            );
+            None
+        }
+    };
+    v.sink.finish()?;
+    keyring.ok_or_else(|| ConfigErrors(Vec::new()))
 }

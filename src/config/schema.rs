@@ -18,8 +18,31 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub audit: RawAudit,
+    pub keys: Option<RawKeys>,
     #[serde(default)]
     pub datasources: BTreeMap<Spanned<String>, RawDataSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeys {
+    pub dir: Option<Spanned<String>>,
+    pub primary: Spanned<String>,
+    pub salt: Spanned<String>,
+}
+
+/// One flat table for every kind, so each field keeps its span (serde's
+/// tagged enums buffer their content and lose it); which fields belong to
+/// which kind is checked during validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    pub kind: Spanned<String>,
+    pub token: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
+    pub name: Option<Spanned<String>>,
+    pub value: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -52,4 +75,5 @@ pub struct RawDataSource {
     pub ca_file: Option<Spanned<String>>,
     #[serde(default)]
     pub pass_set_cookie: bool,
+    pub credential: Option<Spanned<RawCredential>>,
 }

@@ -1,0 +1,381 @@
+//! Credentials injected at the edge. Each is opened once at load; per
+//! request, injecting it is a reference-count bump (the header value shares
+//! zeroizing memory) and redacting responses is a substring scan.
+
+use std::borrow::Cow;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use pingora::http::{RequestHeader, ResponseHeader};
+use zeroize::Zeroizing;
+
+use crate::secrets::Secret;
+
+/// What a response header echoing the credential shows instead.
+pub const REDACTED: &str = "[redacted]";
+
+/// RFC 3986 unreserved characters stay as they are; everything else in a
+/// query name or value is percent-encoded.
+const QUERY_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Headers a credential may not set: they frame or route the request, or
+/// belong to one hop.
+const FORBIDDEN_HEADERS: [&str; 11] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    Bearer,
+    Basic,
+    Header,
+    Query,
+}
+
+impl CredentialKind {
+    pub fn parse(kind: &str) -> Option<CredentialKind> {
+        match kind {
+            "bearer" => Some(CredentialKind::Bearer),
+            "basic" => Some(CredentialKind::Basic),
+            "header" => Some(CredentialKind::Header),
+            "query" => Some(CredentialKind::Query),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Bearer => "bearer",
+            CredentialKind::Basic => "basic",
+            CredentialKind::Header => "header",
+            CredentialKind::Query => "query",
+        }
+    }
+
+    /// The one secret field of this kind (SPEC section 2).
+    pub fn secret_field(self) -> &'static str {
+        match self {
+            CredentialKind::Bearer => "token",
+            CredentialKind::Basic => "password",
+            CredentialKind::Header | CredentialKind::Query => "value",
+        }
+    }
+}
+
+enum Injection {
+    Header {
+        name: HeaderName,
+        value: HeaderValue,
+    },
+    /// `name=value`, percent-encoded, appended to the query.
+    Query { name: String, pair: Bytes },
+}
+
+/// An opened credential, ready to inject.
+pub struct Credential {
+    pub kind: CredentialKind,
+    /// Non-secret parts, for admin output: the basic username, the header
+    /// or query parameter name.
+    pub username: Option<String>,
+    pub name: Option<String>,
+    injection: Injection,
+    /// Every form in which the secret could come back in a response header.
+    needles: Vec<Bytes>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("kind", &self.kind)
+            .field("username", &self.username)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes that live in zeroizing memory: dropping the last clone wipes them.
+fn zeroizing_bytes(bytes: Vec<u8>) -> Bytes {
+    Bytes::from_owner(Zeroizing::new(bytes))
+}
+
+fn sensitive_header_value(bytes: Vec<u8>) -> Result<HeaderValue, String> {
+    let mut value = HeaderValue::from_maybe_shared(zeroizing_bytes(bytes))
+        .map_err(|_| "the secret cannot be sent in a header".to_string())?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+impl Credential {
+    pub fn bearer(token: &Secret) -> Result<Credential, String> {
+        let value = sensitive_header_value(format!("Bearer {}", token.expose()).into_bytes())?;
+        Ok(Credential {
+            kind: CredentialKind::Bearer,
+            username: None,
+            name: None,
+            injection: Injection::Header {
+                name: header::AUTHORIZATION,
+                value,
+            },
+            needles: vec![zeroizing_bytes(token.expose().as_bytes().to_vec())],
+        })
+    }
+
+    pub fn basic(username: &str, password: &Secret) -> Result<Credential, String> {
+        if username.contains(':') || username.chars().any(char::is_control) {
+            return Err("the username may not contain ':' or control characters".into());
+        }
+        let pair = Zeroizing::new(format!("{username}:{}", password.expose()));
+        let encoded = Zeroizing::new(STANDARD.encode(pair.as_bytes()));
+        let value = sensitive_header_value(format!("Basic {}", encoded.as_str()).into_bytes())?;
+        Ok(Credential {
+            kind: CredentialKind::Basic,
+            username: Some(username.to_string()),
+            name: None,
+            injection: Injection::Header {
+                name: header::AUTHORIZATION,
+                value,
+            },
+            needles: vec![
+                zeroizing_bytes(password.expose().as_bytes().to_vec()),
+                zeroizing_bytes(encoded.as_bytes().to_vec()),
+            ],
+        })
+    }
+
+    pub fn header(name: &str, value: &Secret) -> Result<Credential, String> {
+        let header_name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("`{name}` is not a valid header name"))?;
+        if FORBIDDEN_HEADERS.contains(&header_name.as_str()) {
+            return Err(format!("a credential may not set `{name}`"));
+        }
+        Ok(Credential {
+            kind: CredentialKind::Header,
+            username: None,
+            name: Some(header_name.as_str().to_string()),
+            injection: Injection::Header {
+                name: header_name,
+                value: sensitive_header_value(value.expose().as_bytes().to_vec())?,
+            },
+            needles: vec![zeroizing_bytes(value.expose().as_bytes().to_vec())],
+        })
+    }
+
+    pub fn query(name: &str, value: &Secret) -> Result<Credential, String> {
+        if name.is_empty() || name.chars().any(char::is_control) {
+            return Err("the query parameter name must be non-empty text".into());
+        }
+        let encoded_value =
+            Zeroizing::new(utf8_percent_encode(value.expose(), QUERY_COMPONENT).to_string());
+        let pair = format!(
+            "{}={}",
+            utf8_percent_encode(name, QUERY_COMPONENT),
+            encoded_value.as_str()
+        );
+        let mut needles = vec![zeroizing_bytes(value.expose().as_bytes().to_vec())];
+        if encoded_value.as_str() != value.expose() {
+            needles.push(zeroizing_bytes(encoded_value.as_bytes().to_vec()));
+        }
+        Ok(Credential {
+            kind: CredentialKind::Query,
+            username: None,
+            name: Some(name.to_string()),
+            injection: Injection::Query {
+                name: name.to_string(),
+                pair: zeroizing_bytes(pair.into_bytes()),
+            },
+            needles,
+        })
+    }
+
+    /// Removes whatever the caller sent in the credential's place, then sets
+    /// the credential: a caller can neither override nor add to it.
+    pub fn inject_header(&self, req: &mut RequestHeader) -> pingora::Result<()> {
+        if let Injection::Header { name, value } = &self.injection {
+            req.remove_header(name);
+            req.insert_header(name.clone(), value.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The query string to send upstream: the caller's, without any
+    /// parameter of the credential's name, plus the credential.
+    pub fn query_with_credential<'q>(&self, caller_query: Option<&'q str>) -> Option<Cow<'q, str>> {
+        let Injection::Query { name, pair } = &self.injection else {
+            return caller_query.map(Cow::Borrowed);
+        };
+        let mut query = String::with_capacity(caller_query.map_or(0, str::len) + pair.len() + 1);
+        for part in caller_query
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let raw_name = part.split('=').next().unwrap_or("");
+            let decoded = percent_decode_str(&raw_name.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned();
+            if decoded != *name {
+                query.push_str(part);
+                query.push('&');
+            }
+        }
+        query.push_str(std::str::from_utf8(pair).unwrap_or(""));
+        Some(Cow::Owned(query))
+    }
+
+    fn reveals_secret(&self, value: &HeaderValue) -> bool {
+        self.needles
+            .iter()
+            .any(|n| memchr::memmem::find(value.as_bytes(), n).is_some())
+    }
+
+    /// Replaces every response header value that contains the secret,
+    /// keeping the other values of a repeated header.
+    pub fn redact(&self, resp: &mut ResponseHeader) -> pingora::Result<()> {
+        let names: Vec<HeaderName> = resp
+            .headers
+            .iter()
+            .filter(|(_, v)| self.reveals_secret(v))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let values: Vec<HeaderValue> = resp
+                .headers
+                .get_all(&name)
+                .iter()
+                .map(|v| {
+                    if self.reveals_secret(v) {
+                        HeaderValue::from_static(REDACTED)
+                    } else {
+                        v.clone()
+                    }
+                })
+                .collect();
+            resp.remove_header(&name);
+            for value in values {
+                resp.append_header(name.clone(), value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(s: &str) -> Secret {
+        Secret::new(Zeroizing::new(s.to_string())).unwrap()
+    }
+
+    #[test]
+    fn header_kinds_replace_what_the_caller_sent() {
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.append_header("authorization", "Bearer caller").unwrap();
+        req.append_header("authorization", "Basic caller2").unwrap();
+        Credential::bearer(&secret("tok"))
+            .unwrap()
+            .inject_header(&mut req)
+            .unwrap();
+        let values: Vec<_> = req.headers.get_all("authorization").iter().collect();
+        assert_eq!(values.len(), 1);
+        assert_eq!(values[0], "Bearer tok");
+        assert!(values[0].is_sensitive());
+
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        Credential::basic("svc", &secret("pw"))
+            .unwrap()
+            .inject_header(&mut req)
+            .unwrap();
+        assert_eq!(
+            req.headers["authorization"],
+            format!("Basic {}", STANDARD.encode("svc:pw"))
+        );
+
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.append_header("x-api-key", "mine").unwrap();
+        Credential::header("X-API-Key", &secret("k"))
+            .unwrap()
+            .inject_header(&mut req)
+            .unwrap();
+        assert_eq!(req.headers.get_all("x-api-key").iter().count(), 1);
+        assert_eq!(req.headers["x-api-key"], "k");
+    }
+
+    #[test]
+    fn query_kind_replaces_same_named_parameters() {
+        let c = Credential::query("api_key", &secret("s3 cr&t")).unwrap();
+        assert_eq!(
+            c.query_with_credential(None).unwrap(),
+            "api_key=s3%20cr%26t"
+        );
+        assert_eq!(
+            c.query_with_credential(Some("a=1&api_key=mine&api%5Fkey=x&api+key=y&b"))
+                .unwrap(),
+            "a=1&api+key=y&b&api_key=s3%20cr%26t"
+        );
+        let bearer = Credential::bearer(&secret("t")).unwrap();
+        assert_eq!(bearer.query_with_credential(Some("a=1")).unwrap(), "a=1");
+    }
+
+    #[test]
+    fn forbidden_and_invalid_header_names_are_refused() {
+        for name in ["Host", "content-length", "Transfer-Encoding", "bad name"] {
+            assert!(Credential::header(name, &secret("v")).is_err(), "{name}");
+        }
+        assert!(Credential::basic("a:b", &secret("v")).is_err());
+    }
+
+    #[test]
+    fn echoed_secrets_are_redacted_in_every_form() {
+        let c = Credential::basic("svc", &secret("pw-123")).unwrap();
+        let mut resp = ResponseHeader::build(302, None).unwrap();
+        resp.append_header("location", "https://x/cb?p=pw-123")
+            .unwrap();
+        resp.append_header(
+            "www-authenticate",
+            format!("Basic {}", STANDARD.encode("svc:pw-123")),
+        )
+        .unwrap();
+        resp.append_header("content-type", "text/plain").unwrap();
+        resp.append_header("link", "<https://x/pw-123>").unwrap();
+        resp.append_header("link", "<https://x/ok>").unwrap();
+        c.redact(&mut resp).unwrap();
+        assert_eq!(resp.headers["location"], REDACTED);
+        let links: Vec<_> = resp.headers.get_all("link").iter().collect();
+        assert_eq!(links, [REDACTED, "<https://x/ok>"]);
+        assert_eq!(resp.headers["www-authenticate"], REDACTED);
+        assert_eq!(resp.headers["content-type"], "text/plain");
+
+        let q = Credential::query("k", &secret("a b")).unwrap();
+        let mut resp = ResponseHeader::build(302, None).unwrap();
+        resp.append_header("link", "<https://x/?k=a%20b>").unwrap();
+        q.redact(&mut resp).unwrap();
+        assert_eq!(resp.headers["link"], REDACTED);
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let dbg = format!(
+            "{:?}",
+            Credential::header("x-key", &secret("very-secret")).unwrap()
+        );
+        assert!(!dbg.contains("very-secret"), "{dbg}");
+    }
+}
