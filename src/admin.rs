@@ -185,3 +185,73 @@ fn datasources_json(shared: &Shared) -> Vec<u8> {
     body.push(b'\n');
     body
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::config::{self, AuditOutput};
+    use crate::metrics::Metrics;
+
+    fn shared() -> Arc<Shared> {
+        let config = config::parse(
+            std::path::Path::new("t.toml"),
+            "[datasources.a]\nurl = \"https://example.com\"\n",
+        )
+        .unwrap();
+        Shared::new(
+            config,
+            Metrics::new().unwrap(),
+            AuditLog::open(&AuditOutput::Stdout).unwrap(),
+        )
+    }
+
+    fn status(shared: &Shared, path: &str, peer: &str) -> StatusCode {
+        let req = Request::get(path).body(()).unwrap();
+        handle(shared, &req, peer.parse().unwrap()).status()
+    }
+
+    #[test]
+    fn v1_answers_loopback_peers_only() {
+        let s = shared();
+        assert_eq!(
+            status(&s, "/v1/datasources", "127.0.0.1:5000"),
+            StatusCode::OK
+        );
+        assert_eq!(status(&s, "/v1/datasources", "[::1]:5000"), StatusCode::OK);
+        assert_eq!(
+            status(&s, "/v1/datasources", "[::ffff:127.0.0.1]:5000"),
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&s, "/v1/datasources", "10.0.0.7:5000"),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(&s, "/v1/datasources", "[::ffff:10.0.0.7]:5000"),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(&s, "/metrics", "10.0.0.7:5000"),
+            StatusCode::OK,
+            "metrics may be scraped remotely"
+        );
+    }
+
+    #[test]
+    fn readiness_follows_the_lifecycle() {
+        let s = shared();
+        assert_eq!(
+            status(&s, "/readyz", "127.0.0.1:1"),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        s.lifecycle.set_ready();
+        assert_eq!(status(&s, "/readyz", "127.0.0.1:1"), StatusCode::OK);
+        s.lifecycle.begin_drain();
+        assert_eq!(
+            status(&s, "/readyz", "127.0.0.1:1"),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(status(&s, "/healthz", "127.0.0.1:1"), StatusCode::OK);
+    }
+}

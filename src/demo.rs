@@ -18,7 +18,12 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+use std::os::unix::fs::PermissionsExt;
+
+use zeroize::Zeroizing;
+
 use crate::config;
+use crate::secrets::{self, Keyring, Secret};
 use crate::server::{serve, StartError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,29 +34,53 @@ pub enum DemoError {
     Config(#[from] config::ConfigErrors),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error("demo: {0}")]
+    Seal(#[from] secrets::SealError),
+    #[error("demo: {0}")]
+    Keys(#[from] secrets::KeyringError),
 }
 
 pub fn run() -> Result<(), DemoError> {
     let echo = start_echo_upstream()?;
     let proxy = free_port(6180)?;
     let admin = free_port(9180)?;
+    // A throwaway key, written only for as long as it takes to load it.
+    let key_dir = tempfile::tempdir()?;
+    let key_path = key_dir.path().join("demo.key");
+    std::fs::write(&key_path, secrets::new_master_key()?.as_bytes())?;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+    let salt = secrets::new_salt()?;
+    let keyring = Keyring::load(key_dir.path(), "demo", &salt)?;
+    let token = Secret::new(Zeroizing::new(format!(
+        "demo-{}",
+        &secrets::new_salt()?[..12]
+    )))
+    .map_err(|e| DemoError::Io(std::io::Error::other(e)))?;
+    let sealed = keyring.seal("echo", "token", &token)?;
     let text = format!(
         "[proxy]\nlisten = [\"127.0.0.1:{proxy}\"]\nthreads = 1\ngrace_period_s = 1\n\
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
          [audit]\noutput = \"stdout\"\n\
-         [datasources.echo]\nurl = \"http://{echo}/\"\ntimeout_ms = 5000\n"
+         [keys]\ndir = \"{}\"\nprimary = \"demo\"\nsalt = \"{salt}\"\n\
+         [datasources.echo]\nurl = \"http://{echo}/\"\ntimeout_ms = 5000\n\
+         credential = {{ kind = \"bearer\", token = \"{sealed}\" }}\n",
+        key_dir.path().display()
     );
     let config = config::parse(Path::new("(demo)"), &text)?;
+    drop(key_dir);
     eprintln!(
         "\nsealgate demo: everything runs on loopback; nothing leaves this machine.\n\n\
          \x20 echo upstream  http://{echo}  (answers with what it received)\n\
-         \x20 sealgate       http://127.0.0.1:{proxy}  (data source \"echo\")\n\
+         \x20 sealgate       http://127.0.0.1:{proxy}  (data source \"echo\", bearer credential sealed under a throwaway key)\n\
          \x20 admin          http://127.0.0.1:{admin}\n\n\
          Try, in another terminal:\n\
          \x20 curl -s 'http://127.0.0.1:{proxy}/echo/hello?x=1'\n\
-         \x20     the upstream reports path /hello, your query kept, Host set to the upstream\n\
+         \x20     the upstream reports the injected \"authorization: Bearer demo-...\", path /hello,\n\
+         \x20     your query kept, Host set to the upstream (the app never held that token)\n\
          \x20 curl -s -H 'Authorization: Bearer mine' http://127.0.0.1:{proxy}/echo/x\n\
-         \x20     your Authorization never reaches the upstream\n\
+         \x20     yours is replaced, never forwarded\n\
+         \x20 curl -s http://127.0.0.1:{admin}/v1/datasources\n\
+         \x20     the token shows as \"Encrypted on the server side\"\n\
          \x20 curl -s http://127.0.0.1:{proxy}/nope/x            404 unknown_datasource\n\
          \x20 curl -s 'http://127.0.0.1:{proxy}/echo/%2e%2e/etc'  400 bad_request\n\
          \x20 curl -s http://127.0.0.1:{admin}/metrics | grep ^sealgate_\n\n\

@@ -180,6 +180,13 @@ impl ProxyHttp for SealgateProxy {
         let addr = addrs[ctx.connect_attempts % addrs.len()];
         ctx.connect_attempts += 1;
         ctx.resolved_addrs = addrs.len();
+        tracing::debug!(
+            request_id = %ctx.request_id_text(),
+            datasource = %ds.name,
+            upstream = %addr,
+            attempt = ctx.connect_attempts,
+            "choosing upstream address"
+        );
         ctx.upstream_addr = Some(addr);
 
         let mut peer = HttpPeer::new(addr, target.tls, target.sni.clone());
@@ -244,6 +251,9 @@ impl ProxyHttp for SealgateProxy {
             header::COOKIE,
         ] {
             upstream_request.remove_header(&name);
+        }
+        if let Some(credential) = &ds.credential {
+            credential.inject_header(upstream_request)?;
         }
         Ok(())
     }

@@ -186,6 +186,31 @@ async fn the_demo_proxies_to_its_echo_upstream() {
         (seen["path"].as_str(), seen["query"].as_str()),
         (Some("/hello"), Some("x=1"))
     );
+    let injected = seen["headers"]["authorization"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        injected.starts_with("Bearer demo-"),
+        "the sealed demo credential is injected: {seen}"
+    );
+
+    let text = std::fs::read_to_string(&stderr_path).unwrap();
+    let admin: std::net::SocketAddr = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("admin          http://"))
+        .and_then(|a| a.trim().parse().ok())
+        .expect("admin address printed");
+    let (code, listing) = http_get_blocking(admin, "/v1/datasources").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        listing.contains("\"token\": \"Encrypted on the server side\""),
+        "{listing}"
+    );
+    assert!(
+        !listing.contains(injected.trim_start_matches("Bearer ")),
+        "{listing}"
+    );
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

@@ -13,35 +13,6 @@ use hyper::{Request, Response};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-/// An upstream that answers with what it received, as JSON.
-async fn echo_upstream() -> Upstream {
-    upstream(
-        handler(|req: Request<hyper::body::Incoming>| async move {
-            let (parts, body) = req.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let headers: serde_json::Map<String, serde_json::Value> = parts
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").into()))
-                .collect();
-            let report = serde_json::json!({
-                "method": parts.method.as_str(),
-                "target": parts.uri.to_string(),
-                "headers": headers,
-                "body_len": body.len(),
-                "body_sha256": format!("{:x}", Sha256::digest(&body)),
-            });
-            Response::new(full(report.to_string()))
-        }),
-        None,
-    )
-    .await
-}
-
 fn datasource(name: &str, url: &str) -> String {
     format!("[datasources.{name}]\nurl = \"{url}\"\ntimeout_ms = 3000\nconnect_timeout_ms = 1000\n")
 }

@@ -83,32 +83,12 @@ pub struct DataSource {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(path, &text),
-        Err(e) => Err(ConfigErrors(vec![ConfigError {
-            file: path.to_path_buf(),
-            line: None,
-            key: "(file)".into(),
-            message: format!("cannot read: {e}"),
-        }])),
-    }
+    parse(path, &read(path)?)
 }
 
 /// Validates config text; `path` names it in errors and anchors relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let mut sink = ErrorSink::new(path, text);
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            sink.toml_error(&e);
-            return Err(sink.into_errors());
-        }
-    };
-    let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut v = Validator {
-        sink,
-        base_dir: &base_dir,
-    };
+    let (raw, mut v) = start(path, text)?;
 
     let listen = match &raw.proxy.listen {
         Some(addrs) if addrs.is_empty() => {
@@ -201,6 +181,54 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         },
         datasources,
     })
+}
+
+/// Just the keyring of a config file, for `seal` and `reseal`: the rest of
+/// the file may still hold values that do not open (that is why they run).
+pub fn load_keyring(path: &Path) -> Result<Keyring, ConfigErrors> {
+    let text = read(path)?;
+    let (raw, mut v) = start(path, &text)?;
+    let keyring = match &raw.keys {
+        Some(keys) => v.keyring(keys),
+        None => {
+            v.sink.without_line(
+                "keys",
+                "missing: sealing needs a [keys] section (dir, primary, salt)",
+            );
+            None
+        }
+    };
+    v.sink.finish()?;
+    keyring.ok_or_else(|| ConfigErrors(Vec::new()))
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }])
+    })
+}
+
+/// Parses the TOML schema and sets up validation against `text`.
+fn start<'a>(path: &'a Path, text: &'a str) -> Result<(RawConfig, Validator<'a>), ConfigErrors> {
+    let mut sink = ErrorSink::new(path, text);
+    match toml::from_str(text) {
+        Ok(raw) => Ok((
+            raw,
+            Validator {
+                sink,
+                base_dir: path.parent().unwrap_or(Path::new(".")),
+            },
+        )),
+        Err(e) => {
+            sink.toml_error(&e);
+            Err(sink.into_errors())
+        }
+    }
 }
 
 fn parse_default(addr: &str) -> SocketAddr {
@@ -612,42 +640,4 @@ mod tests {
         assert!(e.to_string().contains(":3: datasources.a.ca_file:"), "{e}");
         assert!(e.to_string().contains("no certificate found"), "{e}");
     }
-}
-
-/// Just the keyring of a config file, for `seal` and `reseal`: the rest of
-/// the file may still hold values that do not open (that is why they run).
-pub fn load_keyring(path: &Path) -> Result<Keyring, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: path.to_path_buf(),
-            line: None,
-            key: "(file)".into(),
-            message: format!("cannot read: {e}"),
-        }])
-    })?;
-    let mut sink = ErrorSink::new(path, &text);
-    let raw: RawConfig = match toml::from_str(&text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            sink.toml_error(&e);
-            return Err(sink.into_errors());
-        }
-    };
-    let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut v = Validator {
-        sink,
-        base_dir: &base_dir,
-    };
-    let keyring = match &raw.keys {
-        Some(keys) => v.keyring(keys),
-        None => {
-            v.sink.without_line(
-                "keys",
-                "missing: sealing needs a [keys] section (dir, primary, salt)",
-            );
-            None
-        }
-    };
-    v.sink.finish()?;
-    keyring.ok_or_else(|| ConfigErrors(Vec::new()))
 }

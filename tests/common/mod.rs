@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sealgate");
@@ -42,6 +43,11 @@ impl Sealgate {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra_toml: &str) -> Sealgate {
+        Self::start_logging(dir, extra_toml, "info")
+    }
+
+    /// Like `start_in`, with `RUST_LOG` set to `rust_log`.
+    pub fn start_logging(dir: tempfile::TempDir, extra_toml: &str, rust_log: &str) -> Sealgate {
         let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let config = format!(
@@ -51,9 +57,10 @@ impl Sealgate {
         );
         let config_path = dir.path().join("sealgate.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let child = spawn_sealgate(
+        let child = spawn_with_log(
             &["run", "-c", config_path.to_str().unwrap_or_default()],
             dir.path(),
+            rust_log,
         );
         let mut sg = Sealgate {
             child: Some(child),
@@ -147,11 +154,15 @@ impl Drop for Sealgate {
 
 /// Spawns the binary with stdout/stderr captured to files in `dir`.
 pub fn spawn_sealgate(args: &[&str], dir: &Path) -> Child {
+    spawn_with_log(args, dir, "info")
+}
+
+pub fn spawn_with_log(args: &[&str], dir: &Path, rust_log: &str) -> Child {
     let out = std::fs::File::create(dir.join("stdout")).expect("stdout file");
     let err = std::fs::File::create(dir.join("stderr")).expect("stderr file");
     Command::new(BIN)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .env_remove("SEALGATE_CONFIG")
         .stdin(Stdio::null())
         .stdout(out)
@@ -338,6 +349,62 @@ pub async fn upstream(h: Handler, tls: Option<Arc<rustls::ServerConfig>>) -> Ups
     Upstream { addr, accepted }
 }
 
+/// An upstream that answers with what it received, as JSON.
+pub async fn echo_upstream() -> Upstream {
+    upstream(
+        handler(|req: Request<hyper::body::Incoming>| async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let headers: serde_json::Map<String, serde_json::Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").into()))
+                .collect();
+            let report = serde_json::json!({
+                "method": parts.method.as_str(),
+                "target": parts.uri.to_string(),
+                "headers": headers,
+                "body_len": body.len(),
+                "body_sha256": format!("{:x}", Sha256::digest(&body)),
+            });
+            Response::new(full(report.to_string()))
+        }),
+        None,
+    )
+    .await
+}
+
+/// An upstream that keeps what it received (headers and target) for the
+/// test to inspect, and answers a fixed body: unlike the echo upstream it
+/// never sends a credential back.
+pub async fn recording_upstream() -> (Upstream, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let up = upstream(
+        handler(move |req: Request<Incoming>| {
+            let log = log.clone();
+            async move {
+                let headers: serde_json::Map<String, serde_json::Value> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").into()))
+                    .collect();
+                let entry =
+                    serde_json::json!({ "target": req.uri().to_string(), "headers": headers });
+                log.lock().expect("recording lock").push(entry);
+                Response::new(full("ok"))
+            }
+        }),
+        None,
+    )
+    .await;
+    (up, seen)
+}
+
 /// An upstream that speaks raw bytes, for misbehaviour hyper would not allow.
 pub async fn raw_upstream<F, Fut>(f: F) -> SocketAddr
 where
@@ -416,4 +483,57 @@ impl TestCa {
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(cfg)
     }
+}
+
+// ------------------------------------------------------------------ keys --
+
+/// A key directory with one key, `k1`, and a salt, inside `dir`.
+pub struct Keys {
+    pub dir: PathBuf,
+    pub salt: String,
+}
+
+impl Keys {
+    pub fn new(parent: &Path) -> Keys {
+        let dir = parent.join("keys");
+        std::fs::create_dir_all(&dir).expect("key dir");
+        let keys = Keys {
+            dir,
+            salt: run_cli(&["salt"], b"").1.trim().to_string(),
+        };
+        keys.add("k1");
+        keys
+    }
+
+    pub fn add(&self, id: &str) {
+        let path = self.dir.join(format!("{id}.key"));
+        let (code, _, err) = run_cli(&["keygen", "--out", path.to_str().unwrap_or_default()], b"");
+        assert_eq!(code, 0, "keygen: {err}");
+    }
+
+    pub fn toml(&self, primary: &str) -> String {
+        format!(
+            "[keys]\ndir = \"keys\"\nprimary = \"{primary}\"\nsalt = \"{}\"\n",
+            self.salt
+        )
+    }
+}
+
+/// Seals through the CLI, plaintext on stdin, as an operator would.
+pub fn seal(config: &Path, datasource: &str, field: &str, plaintext: &str) -> String {
+    let cfg = config.to_str().unwrap_or_default();
+    let (code, out, err) = run_cli(
+        &[
+            "seal",
+            "-c",
+            cfg,
+            "--datasource",
+            datasource,
+            "--field",
+            field,
+        ],
+        format!("{plaintext}\n").as_bytes(),
+    );
+    assert_eq!(code, 0, "seal: {err}");
+    out.trim().to_string()
 }
