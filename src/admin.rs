@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use crate::config::CredentialState;
 use crate::state::Shared;
 
 /// How long one admin request may take to arrive; keeps a stuck scraper
@@ -161,16 +162,27 @@ fn datasources_json(shared: &Shared) -> Vec<u8> {
     let entries: Vec<serde_json::Value> = list
         .iter()
         .map(|ds| {
-            let credential = ds.credential.as_ref().map(|c| {
+            let credential = ds.credential.as_ref().map(|state| {
                 let mut fields = serde_json::Map::new();
-                fields.insert("kind".into(), c.kind.as_str().into());
-                if let Some(username) = &c.username {
-                    fields.insert("username".into(), username.as_str().into());
+                fields.insert("kind".into(), state.kind().as_str().into());
+                match state {
+                    CredentialState::Ready(c) => {
+                        if let Some(username) = &c.username {
+                            fields.insert("username".into(), username.as_str().into());
+                        }
+                        if let Some(name) = &c.name {
+                            fields.insert("name".into(), name.as_str().into());
+                        }
+                        fields.insert("state".into(), "ready".into());
+                    }
+                    CredentialState::Unavailable { .. } => {
+                        fields.insert("state".into(), "unavailable".into());
+                    }
                 }
-                if let Some(name) = &c.name {
-                    fields.insert("name".into(), name.as_str().into());
-                }
-                fields.insert(c.kind.secret_field().into(), SECRET_PLACEHOLDER.into());
+                fields.insert(
+                    state.kind().secret_field().into(),
+                    SECRET_PLACEHOLDER.into(),
+                );
                 serde_json::Value::Object(fields)
             });
             serde_json::json!({

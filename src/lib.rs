@@ -11,6 +11,7 @@ pub mod keytool;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod secrets;
 pub mod server;

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub active_requests: IntGauge,
+    pub credential_open_failures: IntCounterVec,
+    pub config_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -38,14 +40,32 @@ impl Metrics {
             &["datasource"],
         )?;
         let active_requests = IntGauge::new("sealgate_active_requests", "Requests in progress.")?;
+        let credential_open_failures = IntCounterVec::new(
+            Opts::new(
+                "sealgate_credential_open_failures_total",
+                "Sealed credentials that did not open: at reload, and for every request refused because of it.",
+            ),
+            &["datasource"],
+        )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "sealgate_config_reloads_total",
+                "Configuration reloads (SIGHUP), by result: ok or error.",
+            ),
+            &["result"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(active_requests.clone()))?;
+        registry.register(Box::new(credential_open_failures.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
         Ok(Metrics {
             registry,
             requests,
             duration,
             active_requests,
+            credential_open_failures,
+            config_reloads,
         })
     }
 

@@ -17,7 +17,7 @@ use pingora::{Error, ErrorType, Result};
 use zeroize::Zeroizing;
 
 use crate::audit::{now_rfc3339, AuditRecord, Decision};
-use crate::config::{Config, DataSource};
+use crate::config::{Config, CredentialState, DataSource};
 use crate::errors::{classify, ErrorCode, Refusal};
 use crate::metrics::NO_DATASOURCE;
 use crate::route;
@@ -115,8 +115,17 @@ impl ProxyHttp for SealgateProxy {
         let uri = &session.req_header().uri;
         let routed = match route::split(uri.path()) {
             Ok(r) => match ctx.config.datasources.get(r.datasource) {
+                Some(ds) if matches!(ds.credential, Some(CredentialState::Unavailable { .. })) => {
+                    ctx.datasource = Some(ds.clone());
+                    self.shared
+                        .metrics
+                        .credential_open_failures
+                        .with_label_values(&[ds.name.as_str()])
+                        .inc();
+                    Err(credential_unavailable(&ds.name))
+                }
                 Some(ds) => {
-                    let query = match &ds.credential {
+                    let query = match ds.ready_credential() {
                         Some(credential) => credential.query_with_credential(uri.query()),
                         None => uri.query().map(Cow::Borrowed),
                     };
@@ -190,7 +199,9 @@ impl ProxyHttp for SealgateProxy {
         ctx.upstream_addr = Some(addr);
 
         let mut peer = HttpPeer::new(addr, target.tls, target.sni.clone());
-        peer.group_key = ds.pool_key;
+        // A reload may change what a data source trusts; its pooled
+        // connections must not outlive the config they were opened under.
+        peer.group_key = ds.pool_key ^ ctx.config.generation.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let options = &mut peer.options;
         options.connection_timeout = Some(ds.connect_timeout);
         options.total_connection_timeout = Some(ds.connect_timeout);
@@ -252,8 +263,15 @@ impl ProxyHttp for SealgateProxy {
         ] {
             upstream_request.remove_header(&name);
         }
-        if let Some(credential) = &ds.credential {
-            credential.inject_header(upstream_request)?;
+        match &ds.credential {
+            Some(CredentialState::Ready(credential)) => {
+                credential.inject_header(upstream_request)?
+            }
+            Some(CredentialState::Unavailable { .. }) => {
+                ctx.refusal = Some(credential_unavailable(&ds.name));
+                return Error::e_explain(ErrorType::InternalError, "credential unavailable");
+            }
+            None => {}
         }
         Ok(())
     }
@@ -269,7 +287,7 @@ impl ProxyHttp for SealgateProxy {
             if !ds.pass_set_cookie {
                 upstream_response.remove_header(&header::SET_COOKIE);
             }
-            if let Some(credential) = &ds.credential {
+            if let Some(credential) = ds.ready_credential() {
                 credential.redact(upstream_response)?;
             }
         }
@@ -360,6 +378,13 @@ impl ProxyHttp for SealgateProxy {
             ctx.request_id_text()
         )
     }
+}
+
+fn credential_unavailable(datasource: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::CredentialUnavailable,
+        format!("the credential of data source \"{datasource}\" cannot be opened with the keys loaded; the request was not sent"),
+    )
 }
 
 /// How many resolved addresses one request may try before giving up.

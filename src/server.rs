@@ -150,9 +150,7 @@ impl ShutdownSignalWatch for Signals {
                     tracing::info!("SIGINT: stopping now");
                     return ShutdownSignal::FastShutdown;
                 }
-                _ = next(&mut hup) => {
-                    tracing::warn!("SIGHUP: configuration reload is not supported yet; nothing changed");
-                }
+                _ = next(&mut hup) => crate::reload::reload(&self.shared),
             }
         }
         tracing::info!(grace_period_s = self.grace_period.as_secs(), "draining");

@@ -63,13 +63,23 @@ impl<'a> ErrorSink<'a> {
     }
 
     pub fn at(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
-        let line = line_of(self.text, span.start);
-        self.errors.push(ConfigError {
+        let error = self.error_at(span, key, message);
+        self.errors.push(error);
+    }
+
+    /// An error located like `at`, kept out of this sink's list.
+    pub fn error_at(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
             file: self.file.to_path_buf(),
-            line: Some(line),
+            line: Some(line_of(self.text, span.start)),
             key: key.into(),
             message: message.into(),
-        });
+        }
     }
 
     pub fn without_line(&mut self, key: impl Into<String>, message: impl Into<String>) {
@@ -139,10 +149,17 @@ fn key_at(text: &str, span: Range<usize>) -> String {
         let in_line = start - line_start;
         match line.find('=') {
             Some(eq) if eq < in_line => Some(line[..eq].trim().to_string()),
-            _ => text
-                .get(span.clone())
-                .map(|s| s.trim().trim_matches('"').to_string())
-                .filter(|s| !s.is_empty() && !s.contains('\n')),
+            // The span starts at a key: take the whole key, which the span
+            // may cover only in part.
+            _ => Some(
+                line[in_line..]
+                    .split(['=', ' ', '\t'])
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches('"')
+                    .to_string(),
+            )
+            .filter(|s| !s.is_empty()),
         }
     };
     let table = if header_line {
@@ -180,5 +197,10 @@ mod tests {
         let text = "[datasources.a]\nurl = \"http://x\"\nlisten = 3\n";
         let at = text.find("listen").unwrap();
         assert_eq!(key_at(text, at..at + 6), "datasources.a.listen");
+        assert_eq!(
+            key_at(text, at..at + 1),
+            "datasources.a.listen",
+            "a span covering part of the key"
+        );
     }
 }

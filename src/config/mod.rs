@@ -37,6 +37,9 @@ const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
 pub struct Config {
     pub file: PathBuf,
+    /// Counts reloads; part of every upstream pool key, so no pooled
+    /// connection outlives the config it was opened under.
+    pub generation: u64,
     pub proxy: ProxySettings,
     pub admin: AdminSettings,
     pub audit: AuditSettings,
@@ -78,7 +81,36 @@ pub struct DataSource {
     /// pool key ignores the per-peer CA, so without it two data sources at
     /// one address could share a connection verified against the other's CA.
     pub pool_key: u64,
-    pub credential: Option<Credential>,
+    pub credential: Option<CredentialState>,
+}
+
+pub enum CredentialState {
+    Ready(Credential),
+    /// Its sealed value did not open with the keys on disk at the last
+    /// reload: requests are refused (503) rather than sent without it.
+    Unavailable {
+        kind: CredentialKind,
+        reason: String,
+    },
+}
+
+impl DataSource {
+    /// The credential to inject, if this data source has one that opened.
+    pub fn ready_credential(&self) -> Option<&Credential> {
+        match &self.credential {
+            Some(CredentialState::Ready(c)) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+impl CredentialState {
+    pub fn kind(&self) -> CredentialKind {
+        match self {
+            CredentialState::Ready(c) => c.kind,
+            CredentialState::Unavailable { kind, .. } => *kind,
+        }
+    }
 }
 
 /// Reads and validates a config file.
@@ -88,7 +120,26 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Validates config text; `path` names it in errors and anchors relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    parse_with(path, text, false).map(|(config, _)| config)
+}
+
+/// For SIGHUP: as `load`, except that a credential whose sealed value does
+/// not open makes only its data source unavailable (returned as errors to
+/// report) instead of refusing the whole config.
+pub fn load_for_reload(path: &Path) -> Result<(Config, Vec<Unopened>), ConfigErrors> {
+    parse_with(path, &read(path)?, true)
+}
+
+/// A data source whose credential did not open, and why.
+pub type Unopened = (String, ConfigError);
+
+fn parse_with(
+    path: &Path,
+    text: &str,
+    reload: bool,
+) -> Result<(Config, Vec<Unopened>), ConfigErrors> {
     let (raw, mut v) = start(path, text)?;
+    v.reload = reload;
 
     let listen = match &raw.proxy.listen {
         Some(addrs) if addrs.is_empty() => {
@@ -166,7 +217,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
 
     v.sink.finish()?;
-    Ok(Config {
+    let config = Config {
+        generation: 0,
         file: path.to_path_buf(),
         proxy: ProxySettings {
             listen,
@@ -180,7 +232,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             output: audit_output,
         },
         datasources,
-    })
+    };
+    Ok((config, v.unopened))
 }
 
 /// Just the keyring of a config file, for `seal` and `reseal`: the rest of
@@ -222,6 +275,8 @@ fn start<'a>(path: &'a Path, text: &'a str) -> Result<(RawConfig, Validator<'a>)
             Validator {
                 sink,
                 base_dir: path.parent().unwrap_or(Path::new(".")),
+                reload: false,
+                unopened: Vec::new(),
             },
         )),
         Err(e) => {
@@ -248,6 +303,10 @@ pub fn valid_datasource_name(name: &str) -> bool {
 struct Validator<'a> {
     sink: ErrorSink<'a>,
     base_dir: &'a Path,
+    /// Reloading: sealed values that do not open are collected in
+    /// `unopened` instead of failing validation.
+    reload: bool,
+    unopened: Vec<Unopened>,
 }
 
 impl Validator<'_> {
@@ -345,7 +404,7 @@ impl Validator<'_> {
         raw: &Spanned<RawCredential>,
         keyring: Option<&Keyring>,
         places: &[(&str, &str)],
-    ) -> Option<Credential> {
+    ) -> Option<CredentialState> {
         let c = raw.get_ref();
         let key = |field: &str| format!("datasources.{ds}.credential.{field}");
         let Some(kind) = CredentialKind::parse(c.kind.get_ref()) else {
@@ -398,9 +457,13 @@ impl Validator<'_> {
             .iter()
             .find(|(f, _)| *f == secret_field)
             .and_then(|(_, v)| v.as_ref())?;
-        let secret = self.open(ds, secret_field, sealed, keyring, places);
-        let (secret, true) = (secret?, complete) else {
+        let opened = self.open(ds, secret_field, sealed, keyring, places)?;
+        if !complete {
             return None;
+        }
+        let secret = match opened {
+            Ok(secret) => secret,
+            Err(reason) => return Some(CredentialState::Unavailable { kind, reason }),
         };
         fn public(v: &Option<Spanned<String>>) -> &str {
             v.as_ref().map(|s| s.get_ref().as_str()).unwrap_or_default()
@@ -417,6 +480,7 @@ impl Validator<'_> {
                     .at(raw.span(), format!("datasources.{ds}.credential"), msg)
             })
             .ok()
+            .map(CredentialState::Ready)
     }
 
     fn open(
@@ -426,7 +490,7 @@ impl Validator<'_> {
         sealed: &Spanned<String>,
         keyring: Option<&Keyring>,
         places: &[(&str, &str)],
-    ) -> Option<Secret> {
+    ) -> Option<Result<Secret, String>> {
         let key = format!("datasources.{ds}.credential.{field}");
         let Some(keyring) =
             keyring.filter(|_| sealed.get_ref().starts_with(crate::secrets::SEALED_PREFIX))
@@ -439,13 +503,21 @@ impl Validator<'_> {
             self.sink.at(sealed.span(), key, message);
             return None;
         };
-        keyring
-            .open(ds, field, sealed.get_ref(), places)
-            .map_err(|e| {
-                self.sink
-                    .at(sealed.span(), key, format!("sealed value {e}"))
-            })
-            .ok()
+        match keyring.open(ds, field, sealed.get_ref(), places) {
+            Ok(secret) => Some(Ok(secret)),
+            Err(e) => {
+                let error = self
+                    .sink
+                    .error_at(sealed.span(), key, format!("sealed value {e}"));
+                let reason = format!("{} {}", error.key, error.message);
+                if self.reload {
+                    self.unopened.push((ds.to_string(), error));
+                } else {
+                    self.sink.at(sealed.span(), error.key, error.message);
+                }
+                Some(Err(reason))
+            }
+        }
     }
 
     fn datasource(

@@ -1,0 +1,62 @@
+//! SIGHUP: re-read the config and swap it in whole. Requests in flight keep
+//! the config they started with; a config that does not validate changes
+//! nothing. A credential that no longer opens with the keys on disk (a key
+//! removed or replaced) makes its data source refuse requests with 503
+//! instead of keeping a credential the operator may have revoked.
+
+use std::sync::Arc;
+
+use crate::config::{self, Config};
+use crate::state::Shared;
+
+pub fn reload(shared: &Shared) {
+    let current = shared.config.load_full();
+    let metrics = &shared.metrics;
+    match config::load_for_reload(&current.file) {
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!("reload refused, running configuration unchanged: {e}");
+            }
+            metrics.config_reloads.with_label_values(&["error"]).inc();
+        }
+        Ok((mut next, unopened)) => {
+            for (datasource, e) in &unopened {
+                tracing::error!(
+                    "data source \"{datasource}\" refuses requests until its credential opens: {e}"
+                );
+                metrics
+                    .credential_open_failures
+                    .with_label_values(&[datasource.as_str()])
+                    .inc();
+            }
+            for setting in restart_only_changes(&current, &next) {
+                tracing::warn!("{setting} changed; the new value takes effect at the next restart");
+            }
+            next.generation = current.generation + 1;
+            shared.config.store(Arc::new(next));
+            metrics.config_reloads.with_label_values(&["ok"]).inc();
+            tracing::info!(file = %current.file.display(), "configuration reloaded");
+        }
+    }
+}
+
+/// Settings bound at start (listeners, threads, the audit sink).
+fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if current.proxy.listen != next.proxy.listen {
+        changed.push("proxy.listen");
+    }
+    if current.proxy.threads != next.proxy.threads {
+        changed.push("proxy.threads");
+    }
+    if current.proxy.grace_period != next.proxy.grace_period {
+        changed.push("proxy.grace_period_s");
+    }
+    if current.admin.listen != next.admin.listen {
+        changed.push("admin.listen");
+    }
+    if current.audit.output != next.audit.output {
+        changed.push("audit.output");
+    }
+    changed
+}
