@@ -226,3 +226,68 @@ async fn the_demo_proxies_to_its_echo_upstream() {
         "audit record on stdout: {stdout}"
     );
 }
+
+/// A non-dumpable process's /proc entries belong to root, so even its own
+/// uid cannot read its environment; a dumpable process of that uid can.
+#[test]
+fn sealgate_makes_itself_non_dumpable() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED sealgate_makes_itself_non_dumpable: needs root to run processes as another uid");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[proxy]\nlisten = [\"127.0.0.1:{}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_port(),
+            free_port()
+        ),
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let readable_by_nobody = |pid: u32| {
+        std::process::Command::new("cat")
+            .arg(format!("/proc/{pid}/environ"))
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+
+    let mut control = std::process::Command::new("sleep")
+        .arg("5")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .spawn()
+        .unwrap();
+    assert!(
+        readable_by_nobody(control.id()),
+        "control: an ordinary process of the same uid is readable"
+    );
+    let _ = control.kill();
+    let _ = control.wait();
+
+    let mut sg = std::process::Command::new(BIN)
+        .args(["run", "-c", &cfg])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let alive = sg.try_wait().unwrap().is_none();
+    let readable = readable_by_nobody(sg.id());
+    let _ = sg.kill();
+    let _ = sg.wait();
+    assert!(alive, "sealgate started as uid {NOBODY}");
+    assert!(
+        !readable,
+        "sealgate's /proc entries are readable by its own uid: it is dumpable"
+    );
+}

@@ -1,0 +1,115 @@
+//! Per-request costs of sealgate's own work, apart from proxying:
+//! `cargo bench --bench request_path`.
+//!
+//! Injection is measured as "clone a request head, then inject" against
+//! "clone a request head" alone; the difference is what a credential adds.
+
+use std::hint::black_box;
+use std::os::unix::fs::PermissionsExt;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use pingora::http::{RequestHeader, ResponseHeader};
+use sealgate::credentials::Credential;
+use sealgate::route;
+use sealgate::secrets::{self, Keyring, Secret};
+use zeroize::Zeroizing;
+
+fn secret(s: &str) -> Secret {
+    Secret::new(Zeroizing::new(s.to_string())).expect("valid secret")
+}
+
+fn typical_request() -> RequestHeader {
+    let mut req =
+        RequestHeader::build("GET", b"/payments/v1/charges/ch_123?limit=10", None).expect("head");
+    for (k, v) in [
+        ("host", "127.0.0.1:6180"),
+        ("user-agent", "billing-app/2.3"),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip"),
+        ("x-request-id", "4f1c2a9e"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("content-type", "application/json"),
+        ("authorization", "Bearer caller-supplied"),
+    ] {
+        req.append_header(k, v).expect("header");
+    }
+    req
+}
+
+fn typical_response() -> ResponseHeader {
+    let mut resp = ResponseHeader::build(200, None).expect("head");
+    for (k, v) in [
+        ("content-type", "application/json"),
+        ("content-length", "1024"),
+        ("date", "Sun, 22 Nov 2026 20:00:00 GMT"),
+        ("cache-control", "no-store"),
+        ("x-request-id", "4f1c2a9e"),
+        ("strict-transport-security", "max-age=63072000"),
+        ("vary", "accept-encoding"),
+        (
+            "link",
+            "<https://api.example.com/v1/charges?page=2>; rel=\"next\"",
+        ),
+    ] {
+        resp.append_header(k, v).expect("header");
+    }
+    resp
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("k1.key");
+    std::fs::write(&key, secrets::new_master_key().expect("key").as_bytes()).expect("write key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let keyring =
+        Keyring::load(dir.path(), "k1", &secrets::new_salt().expect("salt")).expect("keyring");
+    let token = secret("sk_live_51HxTestTokenValue0123456789abcdef");
+    let envelope = keyring.seal("payments", "token", &token).expect("seal");
+
+    c.bench_function("route: split and build the upstream target", |b| {
+        b.iter(|| {
+            let r = route::split(black_box("/payments/v1/charges/ch_123")).expect("route");
+            route::upstream_target("/api", r.rest, Some("limit=10"))
+        })
+    });
+    c.bench_function("secrets: open an envelope", |b| {
+        b.iter(|| keyring.open(black_box("payments"), "token", black_box(&envelope), &[]))
+    });
+
+    let bearer = Credential::bearer(&token).expect("bearer");
+    let head = typical_request();
+    c.bench_function("credentials: clone a request head (baseline)", |b| {
+        b.iter(|| black_box(head.clone()))
+    });
+    c.bench_function(
+        "credentials: clone a request head and inject a bearer token",
+        |b| {
+            b.iter(|| {
+                let mut req = head.clone();
+                bearer.inject_header(&mut req).expect("inject");
+                black_box(req)
+            })
+        },
+    );
+    let query = Credential::query("api_key", &token).expect("query");
+    c.bench_function("credentials: add a query credential", |b| {
+        b.iter(|| query.query_with_credential(black_box(Some("limit=10&api_key=mine"))))
+    });
+    let resp = typical_response();
+    c.bench_function("credentials: clone a response head (baseline)", |b| {
+        b.iter(|| black_box(resp.clone()))
+    });
+    c.bench_function("credentials: clone a response head and redact it", |b| {
+        b.iter(|| {
+            let mut r = resp.clone();
+            bearer.redact(&mut r).expect("redact");
+            black_box(r)
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
