@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -328,6 +329,39 @@ fn key_files_open_to_others_and_short_salts_stop_sealgate_starting() {
 }
 
 #[test]
+fn keys_come_from_credentials_directory_when_dir_is_unset() {
+    let f = Fixture::new();
+    let sealed = f.seal("pay", "token", BEARER);
+    let toml = format!(
+        "[keys]\nprimary = \"k1\"\nsalt = \"{}\"\n[datasources.pay]\nurl = \"https://example.com\"\n\
+         credential = {{ kind = \"bearer\", token = \"{sealed}\" }}\n",
+        f.keys.salt
+    );
+    std::fs::write(f.config(), toml).unwrap();
+    let check = |credentials_dir: Option<&Path>| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["check", "-c", f.config().to_str().unwrap()])
+            .env_remove("CREDENTIALS_DIRECTORY");
+        if let Some(dir) = credentials_dir {
+            cmd.env("CREDENTIALS_DIRECTORY", dir);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(None);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("keys.dir: missing: set it, or run under systemd with LoadCredential="),
+        "{err}"
+    );
+    let (code, err) = check(Some(&f.keys.dir));
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
 fn keygen_writes_0600_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("k1.key");
@@ -463,7 +497,21 @@ async fn no_secret_or_key_appears_in_anything_sealgate_emits() {
         .unwrap()
         .trim()
         .to_string();
+    let down = f.seal("down", "token", BEARER);
+    let toml = format!(
+        "{toml}[datasources.down]\nurl = \"http://127.0.0.1:{}\"\ncredential = {{ kind = \"bearer\", token = \"{down}\" }}\n",
+        free_port()
+    );
+    let keys_dir = f.keys.dir.clone();
     let sg = Sealgate::start_logging(f.dir, &toml, "trace");
+    async fn fetch(sg: &Sealgate, path: &str) -> String {
+        let resp = get(sg.proxy, path).await;
+        let head = format!("{:?} {:?}", resp.status(), resp.headers());
+        format!(
+            "{head}\n{}",
+            String::from_utf8_lossy(&body_bytes(resp).await)
+        )
+    }
     for path in [
         "/bearer/x?q=1",
         "/basic/x",
@@ -471,24 +519,43 @@ async fn no_secret_or_key_appears_in_anything_sealgate_emits() {
         "/query/x?api_key=mine",
         "/nope/x",
         "/bearer/%2e%2e/x",
+        "/down/x",
     ] {
-        let resp = get(sg.proxy, path).await;
-        let head = format!("{:?} {:?}", resp.status(), resp.headers());
-        record(
-            path,
-            format!(
-                "{head}\n{}",
-                String::from_utf8_lossy(&body_bytes(resp).await)
-            ),
-        );
+        record(path, fetch(&sg, path).await);
     }
+    // 503: the key replaced under the same id, then SIGHUP.
+    std::fs::remove_file(keys_dir.join("k1.key")).unwrap();
+    std::fs::write(keys_dir.join("k1.key"), STANDARD.encode([7u8; 32])).unwrap();
+    std::fs::set_permissions(
+        keys_dir.join("k1.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    sg.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sg
+        .metrics()
+        .contains(r#"sealgate_config_reloads_total{result="ok"} 1"#)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload did not happen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let unavailable = fetch(&sg, "/bearer/x").await;
+    assert!(
+        unavailable.contains("credential_unavailable"),
+        "{unavailable}"
+    );
+    record("/bearer/x after reload", unavailable);
     record("metrics", sg.metrics());
     record(
         "admin",
         http_get_blocking(sg.admin, "/v1/datasources").unwrap().1,
     );
-    let audit_count = sg.audit(6).len();
-    assert_eq!(audit_count, 6);
+    let audit_count = sg.audit(8).len();
+    assert_eq!(audit_count, 8);
     record(
         "audit",
         std::fs::read_to_string(sg.dir.path().join("audit.log")).unwrap(),
