@@ -114,6 +114,12 @@ fn load(path: &Path) -> Result<config::Config, ExitCode> {
 
 fn check(path: &Path) -> ExitCode {
     match load(path) {
+        Ok(c) if !c.egress_problems.is_empty() => {
+            for e in &c.egress_problems {
+                eprintln!("sealgate: {e}");
+            }
+            ExitCode::from(1)
+        }
         Ok(c) => {
             println!(
                 "{}: ok ({} data source{})",

@@ -44,8 +44,13 @@ pub fn run() -> Result<(), DemoError> {
     let echo = start_echo_upstream()?;
     let proxy = free_port(6180)?;
     let admin = free_port(9180)?;
-    // A throwaway key, written only for as long as it takes to load it.
+    // A throwaway key and the demo's egress policy, on disk only for as
+    // long as it takes to load them.
     let key_dir = tempfile::tempdir()?;
+    std::fs::write(
+        key_dir.path().join("demo-policy.toml"),
+        format!("[egress]\nallow = [\"{echo}\"]\nallow_private = [\"{echo}\"]\n"),
+    )?;
     let key_path = key_dir.path().join("demo.key");
     std::fs::write(&key_path, secrets::new_master_key()?.as_bytes())?;
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
@@ -61,10 +66,11 @@ pub fn run() -> Result<(), DemoError> {
         "[proxy]\nlisten = [\"127.0.0.1:{proxy}\"]\nthreads = 1\ngrace_period_s = 1\n\
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
          [audit]\noutput = \"stdout\"\n\
-         [keys]\ndir = \"{}\"\nprimary = \"demo\"\nsalt = \"{salt}\"\n\
+         [keys]\ndir = \"{dir}\"\nprimary = \"demo\"\nsalt = \"{salt}\"\n\
+         [policy]\ndir = \"{dir}\"\n\
          [datasources.echo]\nurl = \"http://{echo}/\"\ntimeout_ms = 5000\n\
          credential = {{ kind = \"bearer\", token = \"{sealed}\" }}\n",
-        key_dir.path().display()
+        dir = key_dir.path().display()
     );
     let config = config::parse(Path::new("(demo)"), &text)?;
     drop(key_dir);

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub active_requests: IntGauge,
     pub credential_open_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub egress_denied: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -54,6 +56,22 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let egress_denied = IntCounterVec::new(
+            Opts::new(
+                "sealgate_egress_denied_total",
+                "Requests refused by the egress policy, by data source and reason (no_allow_entry, mixed_answers, or the blocked range).",
+            ),
+            &["datasource", "reason"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "sealgate_upstream_errors_total",
+                "Failed attempts to reach or use an upstream, by data source and kind (resolve, bind, connect, tls, timeout, protocol).",
+            ),
+            &["datasource", "kind"],
+        )?;
+        registry.register(Box::new(egress_denied.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(active_requests.clone()))?;
@@ -66,6 +84,8 @@ impl Metrics {
             active_requests,
             credential_open_failures,
             config_reloads,
+            egress_denied,
+            upstream_errors,
         })
     }
 

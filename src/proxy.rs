@@ -3,12 +3,15 @@
 //! policy of its own.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use http::header::{self, HeaderName};
+use pingora::connectors::l4::BindTo;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::{TcpKeepalive, ALPN};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -18,6 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::{now_rfc3339, AuditRecord, Decision};
 use crate::config::{Config, CredentialState, DataSource};
+use crate::egress::Denial;
 use crate::errors::{classify, ErrorCode, Refusal};
 use crate::metrics::NO_DATASOURCE;
 use crate::route;
@@ -63,7 +67,11 @@ pub struct RequestCtx {
     upstream_target: Zeroizing<String>,
     upstream_addr: Option<SocketAddr>,
     connect_attempts: usize,
-    resolved_addrs: usize,
+    /// How many attempts the resolved addresses and egress addresses allow.
+    connect_limit: usize,
+    /// Where this request's rotation through its region's addresses starts.
+    egress_start: Option<usize>,
+    egress_ip: Option<IpAddr>,
     refusal: Option<Refusal>,
 }
 
@@ -106,7 +114,9 @@ impl ProxyHttp for SealgateProxy {
             upstream_target: Zeroizing::new(String::new()),
             upstream_addr: None,
             connect_attempts: 0,
-            resolved_addrs: 0,
+            connect_limit: 0,
+            egress_start: None,
+            egress_ip: None,
             refusal: None,
         }
     }
@@ -123,6 +133,14 @@ impl ProxyHttp for SealgateProxy {
                         .with_label_values(&[ds.name.as_str()])
                         .inc();
                     Err(credential_unavailable(&ds.name))
+                }
+                Some(ds) if ds.egress.is_err() => {
+                    ctx.datasource = Some(ds.clone());
+                    let denial = ds.egress.as_ref().err();
+                    Err(denial.map_or_else(
+                        || Refusal::new(ErrorCode::Internal, "egress verdict missing"),
+                        |d| self.deny_egress(&ds.name, d),
+                    ))
                 }
                 Some(ds) => {
                     let query = match ds.ready_credential() {
@@ -178,30 +196,75 @@ impl ProxyHttp for SealgateProxy {
         {
             Ok(addrs) => addrs,
             Err(e) => {
-                let refusal = Refusal::new(
+                self.count_upstream_error(&ds.name, "resolve");
+                ctx.refusal = Some(Refusal::new(
                     ErrorCode::UpstreamUnreachable,
                     format!("resolving the upstream host: {e}"),
-                );
-                ctx.refusal = Some(refusal);
+                ));
                 return Err(Error::new_up(ErrorType::ConnectError));
             }
         };
-        let addr = addrs[ctx.connect_attempts % addrs.len()];
+        // Every address is judged, and the connection goes to one of these
+        // very addresses: nothing resolves the name a second time.
+        if let Err(denial) = ctx.config.egress.addresses(&target.host, &addrs) {
+            ctx.refusal = Some(self.deny_egress(&ds.name, &denial));
+            return Err(Error::new_in(ErrorType::HTTPStatus(403)));
+        }
+        let attempt = ctx.connect_attempts;
         ctx.connect_attempts += 1;
-        ctx.resolved_addrs = addrs.len();
+        let addr = addrs[attempt % addrs.len()];
+        ctx.upstream_addr = Some(addr);
+        let (egress_ip, egress_choices) = match &ds.region {
+            None => (None, 1),
+            Some(region) => {
+                let candidates: Vec<IpAddr> = region
+                    .egress_ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| ip.is_ipv4() == addr.is_ipv4())
+                    .collect();
+                if candidates.is_empty() {
+                    ctx.refusal = Some(Refusal::new(
+                        ErrorCode::UpstreamUnreachable,
+                        format!("region \"{}\" has no egress address of the upstream's address family ({addr})", region.name),
+                    ));
+                    return Err(Error::new_up(ErrorType::BindError));
+                }
+                let start = *ctx
+                    .egress_start
+                    .get_or_insert_with(|| region.next.fetch_add(1, Ordering::Relaxed));
+                (
+                    Some(candidates[(start + attempt) % candidates.len()]),
+                    candidates.len(),
+                )
+            }
+        };
+        ctx.egress_ip = egress_ip;
+        ctx.connect_limit = addrs.len().max(egress_choices).min(MAX_CONNECT_ATTEMPTS);
         tracing::debug!(
             request_id = %ctx.request_id_text(),
             datasource = %ds.name,
             upstream = %addr,
+            egress_ip = ?egress_ip,
             attempt = ctx.connect_attempts,
-            "choosing upstream address"
+            "choosing upstream and egress address"
         );
-        ctx.upstream_addr = Some(addr);
 
         let mut peer = HttpPeer::new(addr, target.tls, target.sni.clone());
-        // A reload may change what a data source trusts; its pooled
-        // connections must not outlive the config they were opened under.
-        peer.group_key = ds.pool_key ^ ctx.config.generation.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // pingora's pool key ignores the per-peer CA and the bound source
+        // address: a pooled connection is reused only by the same data
+        // source, from the same egress address, under the same config (a
+        // reload may change what a data source trusts or may reach).
+        peer.group_key = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (ds.pool_key, ctx.config.generation, egress_ip).hash(&mut h);
+            h.finish()
+        };
+        if let Some(ip) = egress_ip {
+            let mut bind = BindTo::default();
+            bind.addr = Some(SocketAddr::new(ip, 0));
+            peer.options.bind_to = Some(bind);
+        }
         let options = &mut peer.options;
         options.connection_timeout = Some(ds.connect_timeout);
         options.total_connection_timeout = Some(ds.connect_timeout);
@@ -233,10 +296,29 @@ impl ProxyHttp for SealgateProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Another resolved address may answer; try each once. A timeout is
-        // not retried: the caller has already waited the whole budget.
-        let untried = ctx.connect_attempts < ctx.resolved_addrs.min(MAX_CONNECT_ATTEMPTS);
-        e.set_retry(untried && e.etype() != &ErrorType::ConnectTimedout);
+        // pingora reports a failed bind as an internal error.
+        let kind = match e.etype() {
+            ErrorType::InternalError | ErrorType::BindError if ctx.egress_ip.is_some() => "bind",
+            ErrorType::ConnectTimedout => "timeout",
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+                "tls"
+            }
+            _ => "connect",
+        };
+        if let Some(ds) = &ctx.datasource {
+            self.count_upstream_error(&ds.name, kind);
+        }
+        // Another resolved or egress address may work; try each once. A
+        // timeout is not retried: the caller has already waited it out.
+        let retry =
+            ctx.connect_attempts < ctx.connect_limit && e.etype() != &ErrorType::ConnectTimedout;
+        if kind == "bind" && !retry {
+            ctx.refusal = Some(Refusal::new(
+                ErrorCode::UpstreamUnreachable,
+                "no egress address of the data source's region could be bound",
+            ));
+        }
+        e.set_retry(retry);
         e
     }
 
@@ -341,6 +423,10 @@ impl ProxyHttp for SealgateProxy {
             .observe(elapsed.as_secs_f64());
 
         let refused_here = ctx.refusal.as_ref().filter(|r| !r.code.is_upstream());
+        let allowed_by = match (refused_here, ctx.datasource.as_ref().map(|d| &d.egress)) {
+            (None, Some(Ok(rule))) => Some(format!("allowed by {rule}")),
+            _ => None,
+        };
         let req = session.req_header();
         let record = AuditRecord {
             ts: now_rfc3339(),
@@ -350,14 +436,20 @@ impl ProxyHttp for SealgateProxy {
             method: req.method.as_str(),
             path: req.uri.path(),
             upstream: ctx.upstream_addr.map(|a| a.to_string()),
-            egress_ip: None,
-            region: None,
+            egress_ip: ctx.egress_ip.map(|ip| ip.to_string()),
+            region: ctx
+                .datasource
+                .as_ref()
+                .and_then(|d| d.region.as_ref())
+                .map(|r| r.name.as_str()),
             decision: if refused_here.is_some() {
                 Decision::Deny
             } else {
                 Decision::Allow
             },
-            reason: refused_here.map(|r| r.message.as_str()),
+            reason: refused_here
+                .map(|r| r.message.as_str())
+                .or(allowed_by.as_deref()),
             status,
             request_bytes: session.body_bytes_read() as u64,
             response_bytes: session.body_bytes_sent() as u64,
@@ -377,6 +469,25 @@ impl ProxyHttp for SealgateProxy {
             ctx.datasource.as_ref().map_or("-", |d| d.name.as_str()),
             ctx.request_id_text()
         )
+    }
+}
+
+impl SealgateProxy {
+    fn deny_egress(&self, datasource: &str, denial: &Denial) -> Refusal {
+        self.shared
+            .metrics
+            .egress_denied
+            .with_label_values(&[datasource, denial.label])
+            .inc();
+        Refusal::new(ErrorCode::EgressDenied, denial.reason.clone())
+    }
+
+    fn count_upstream_error(&self, datasource: &str, kind: &str) {
+        self.shared
+            .metrics
+            .upstream_errors
+            .with_label_values(&[datasource, kind])
+            .inc();
     }
 }
 

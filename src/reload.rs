@@ -29,6 +29,9 @@ pub fn reload(shared: &Shared) {
                     .with_label_values(&[datasource.as_str()])
                     .inc();
             }
+            for problem in &next.egress_problems {
+                tracing::warn!("requests to this data source will be refused: {problem}");
+            }
             for setting in restart_only_changes(&current, &next) {
                 tracing::warn!("{setting} changed; the new value takes effect at the next restart");
             }

@@ -39,6 +39,9 @@ pub enum StartError {
 
 /// Runs sealgate until it is told to stop. Returns once drained.
 pub fn serve(config: Config) -> Result<(), StartError> {
+    for problem in &config.egress_problems {
+        tracing::warn!("requests to this data source will be refused: {problem}");
+    }
     let admin_listener = bind(config.admin.listen, "admin listener")?;
     // pingora binds its listeners later, and on failure retries for 30 s and
     // then panics inside a task, leaving a process without a listener; so

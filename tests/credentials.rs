@@ -19,6 +19,22 @@ const PASSWORD: &str = "pw-basic-51d2e8";
 const HEADER_KEY: &str = "key-header-0b44aa";
 const QUERY_KEY: &str = "key query&91c7";
 
+/// The data sources `check` sees here live at example.com.
+fn with_example_policy(dir: &Path, toml: &str) -> String {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("example.toml"),
+        "[egress]\nallow = [\"example.com:443\"]\n",
+    )
+    .unwrap();
+    if toml.contains("[policy]") {
+        toml.to_string()
+    } else {
+        format!("{toml}[policy]\ndir = \"policies\"\n")
+    }
+}
+
 struct Fixture {
     dir: tempfile::TempDir,
     keys: Keys,
@@ -61,6 +77,7 @@ impl Fixture {
     }
 
     fn check(&self, toml: &str) -> (i32, String) {
+        let toml = with_example_policy(self.dir.path(), toml);
         std::fs::write(self.config(), toml).unwrap();
         let (code, out, err) = run_cli(&["check", "-c", self.config().to_str().unwrap()], b"");
         (code, format!("{out}{err}"))
@@ -337,7 +354,7 @@ fn keys_come_from_credentials_directory_when_dir_is_unset() {
          credential = {{ kind = \"bearer\", token = \"{sealed}\" }}\n",
         f.keys.salt
     );
-    std::fs::write(f.config(), toml).unwrap();
+    std::fs::write(f.config(), with_example_policy(f.dir.path(), &toml)).unwrap();
     let check = |credentials_dir: Option<&Path>| {
         let mut cmd = std::process::Command::new(BIN);
         cmd.args(["check", "-c", f.config().to_str().unwrap()])
@@ -414,7 +431,7 @@ fn reseal_moves_every_value_to_a_new_primary_keeping_comments() {
     }
     assert_eq!(
         rewritten.replace(&sealed, "X").lines().count(),
-        original.lines().count()
+        with_example_policy(f.dir.path(), &original).lines().count()
     );
 
     // The old key can now go.

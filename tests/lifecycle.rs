@@ -76,8 +76,27 @@ fn check_reports_unknown_keys_and_bad_urls_with_file_and_line() {
         dir.path(),
         "[datasources.a]\nurl = \"https://example.com\"\n",
     );
-    let (code, stdout, _) = run_cli(&["check", "-c", &cfg], b"");
-    assert_eq!(code, 0);
+    let (code, _, stderr) = run_cli(&["check", "-c", &cfg], b"");
+    assert_eq!(code, 1, "no implicit allow");
+    assert!(
+        stderr.contains(
+            ":2: datasources.a.url: egress denied: example.com:443 matches no [egress] allow entry"
+        ),
+        "{stderr}"
+    );
+
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/p.toml"),
+        "[egress]\nallow = [\"example.com:443\"]\n",
+    )
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "[policy]\ndir = \"policies\"\n[datasources.a]\nurl = \"https://example.com\"\n",
+    );
+    let (code, stdout, stderr) = run_cli(&["check", "-c", &cfg], b"");
+    assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok (1 data source)"), "{stdout}");
 }
 

@@ -82,6 +82,11 @@ impl<'a> ErrorSink<'a> {
         }
     }
 
+    /// An error found in another file (a policy file).
+    pub fn push(&mut self, error: ConfigError) {
+        self.errors.push(error);
+    }
+
     pub fn without_line(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),

@@ -4,6 +4,7 @@
 //! usable.
 
 mod error;
+mod policy;
 mod schema;
 
 use std::collections::HashMap;
@@ -19,9 +20,10 @@ use url::Url;
 
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
-use schema::{RawConfig, RawCredential, RawDataSource, RawKeys};
+use schema::{RawConfig, RawCredential, RawDataSource, RawKeys, RawRegion};
 
 use crate::credentials::{Credential, CredentialKind};
+use crate::egress::{Denial, EgressPolicy, Rule};
 use crate::secrets::{Keyring, Secret, SECRET_FIELDS};
 use crate::upstream::Upstream;
 
@@ -43,7 +45,21 @@ pub struct Config {
     pub proxy: ProxySettings,
     pub admin: AdminSettings,
     pub audit: AuditSettings,
+    pub egress: EgressPolicy,
+    pub regions: HashMap<String, Arc<Region>>,
     pub datasources: HashMap<String, Arc<DataSource>>,
+    /// Data sources the egress policy refuses. `check` fails on them;
+    /// `run` serves the rest and answers these with 403 `egress_denied`.
+    pub egress_problems: Vec<ConfigError>,
+}
+
+/// A set of local source addresses that connections to a region's data
+/// sources leave from.
+pub struct Region {
+    pub name: String,
+    pub egress_ips: Vec<std::net::IpAddr>,
+    /// Spreads new connections across the addresses.
+    pub next: std::sync::atomic::AtomicUsize,
 }
 
 pub struct ProxySettings {
@@ -82,6 +98,9 @@ pub struct DataSource {
     /// one address could share a connection verified against the other's CA.
     pub pool_key: u64,
     pub credential: Option<CredentialState>,
+    pub region: Option<Arc<Region>>,
+    /// The policy's verdict on this destination, judged at load.
+    pub egress: Result<Arc<Rule>, Denial>,
 }
 
 pub enum CredentialState {
@@ -198,6 +217,27 @@ fn parse_with(
     };
 
     let keyring = raw.keys.as_ref().and_then(|k| v.keyring(k));
+    let egress = match &raw.policy {
+        None => EgressPolicy::default(),
+        Some(p) => match policy::load(&v.relative(p.dir.get_ref())) {
+            Ok(policy) => policy,
+            Err(errors) => {
+                errors.into_iter().for_each(|e| v.sink.push(e));
+                EgressPolicy::default()
+            }
+        },
+    };
+    let regions: HashMap<String, Arc<Region>> = raw
+        .regions
+        .iter()
+        .filter_map(|(name, r)| v.region(name, r))
+        .map(|r| (r.name.clone(), Arc::new(r)))
+        .collect();
+    let context = DataSourceContext {
+        keyring: keyring.as_ref(),
+        egress: &egress,
+        regions: &regions,
+    };
     // Every place an envelope could have been sealed for, so that one
     // copied from elsewhere in this config is named as such.
     let places: Vec<(&str, &str)> = raw
@@ -211,7 +251,7 @@ fn parse_with(
         .collect();
     let mut datasources = HashMap::new();
     for (name, raw_ds) in &raw.datasources {
-        if let Some(ds) = v.datasource(name, raw_ds, keyring.as_ref(), &places) {
+        if let Some(ds) = v.datasource(name, raw_ds, &context, &places) {
             datasources.insert(ds.name.clone(), Arc::new(ds));
         }
     }
@@ -231,7 +271,10 @@ fn parse_with(
         audit: AuditSettings {
             output: audit_output,
         },
+        egress,
+        regions,
         datasources,
+        egress_problems: v.egress_problems,
     };
     Ok((config, v.unopened))
 }
@@ -277,6 +320,7 @@ fn start<'a>(path: &'a Path, text: &'a str) -> Result<(RawConfig, Validator<'a>)
                 base_dir: path.parent().unwrap_or(Path::new(".")),
                 reload: false,
                 unopened: Vec::new(),
+                egress_problems: Vec::new(),
             },
         )),
         Err(e) => {
@@ -307,6 +351,14 @@ struct Validator<'a> {
     /// `unopened` instead of failing validation.
     reload: bool,
     unopened: Vec<Unopened>,
+    egress_problems: Vec<ConfigError>,
+}
+
+/// What validating a data source needs from the rest of the config.
+struct DataSourceContext<'a> {
+    keyring: Option<&'a Keyring>,
+    egress: &'a EgressPolicy,
+    regions: &'a HashMap<String, Arc<Region>>,
 }
 
 impl Validator<'_> {
@@ -520,13 +572,50 @@ impl Validator<'_> {
         }
     }
 
+    fn region(&mut self, name: &Spanned<String>, raw: &RawRegion) -> Option<Region> {
+        let key = format!("regions.{}.egress_ips", name.get_ref());
+        if !valid_datasource_name(name.get_ref()) {
+            self.sink.at(
+                name.span(),
+                format!("regions.{}", name.get_ref()),
+                "a region name is 1-64 letters, digits, '-' or '_'",
+            );
+            return None;
+        }
+        if raw.egress_ips.get_ref().is_empty() {
+            self.sink.at(
+                raw.egress_ips.span(),
+                key,
+                "a region needs at least one egress address",
+            );
+            return None;
+        }
+        let mut egress_ips = Vec::new();
+        for ip in raw.egress_ips.get_ref() {
+            match ip.get_ref().parse() {
+                Ok(addr) => egress_ips.push(addr),
+                Err(_) => self.sink.at(
+                    ip.span(),
+                    key.clone(),
+                    format!("`{}` is not an IP address", ip.get_ref()),
+                ),
+            }
+        }
+        Some(Region {
+            name: name.get_ref().clone(),
+            egress_ips,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
     fn datasource(
         &mut self,
         name: &Spanned<String>,
         raw: &RawDataSource,
-        keyring: Option<&Keyring>,
+        context: &DataSourceContext<'_>,
         places: &[(&str, &str)],
     ) -> Option<DataSource> {
+        let keyring = context.keyring;
         let key = |field: &str| format!("datasources.{}.{field}", name.get_ref());
         if !valid_datasource_name(name.get_ref()) {
             self.sink.at(
@@ -597,12 +686,64 @@ impl Validator<'_> {
         if raw.credential.is_some() && credential.is_none() {
             return None;
         }
+        let region = match &raw.region {
+            None => None,
+            Some(r) => match context.regions.get(r.get_ref()) {
+                Some(region) => Some(region.clone()),
+                None => {
+                    self.sink.at(
+                        r.span(),
+                        key("region"),
+                        format!("no [regions.{}] is defined", r.get_ref()),
+                    );
+                    return None;
+                }
+            },
+        };
+        let upstream = upstream?;
+        let egress = context
+            .egress
+            .destination(&upstream.host, upstream.port)
+            .and_then(|rule| match upstream.host {
+                // An IP literal can be judged by the deny list right away.
+                crate::upstream::UpstreamHost::Ip(ip) => context
+                    .egress
+                    .addresses(
+                        &upstream.host,
+                        &[std::net::SocketAddr::new(ip, upstream.port)],
+                    )
+                    .map(|()| rule),
+                crate::upstream::UpstreamHost::Name(_) => Ok(rule),
+            });
+        if let Err(denial) = &egress {
+            let problem = self.sink.error_at(
+                raw.url.span(),
+                key("url"),
+                format!("egress denied: {}", denial.reason),
+            );
+            self.egress_problems.push(problem);
+        }
+        if credential.is_some()
+            && !upstream.tls
+            && !context
+                .egress
+                .private_destination(&upstream.host, upstream.port)
+        {
+            self.sink.at(
+                raw.url.span(),
+                key("url"),
+                "a credential is only sent over https://, or to a destination an allow_private entry admits",
+            );
+            return None;
+        }
         Some(DataSource {
             credential,
+            region,
+            egress,
             pool_key,
             name: name.get_ref().clone(),
             url: raw.url.get_ref().clone(),
-            upstream: upstream?,
+            upstream,
             connect_timeout,
             timeout,
             idle_timeout,

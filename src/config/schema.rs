@@ -19,8 +19,39 @@ pub struct RawConfig {
     #[serde(default)]
     pub audit: RawAudit,
     pub keys: Option<RawKeys>,
+    pub policy: Option<RawPolicy>,
+    #[serde(default)]
+    pub regions: BTreeMap<Spanned<String>, RawRegion>,
     #[serde(default)]
     pub datasources: BTreeMap<Spanned<String>, RawDataSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub dir: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegion {
+    pub egress_ips: Spanned<Vec<Spanned<String>>>,
+}
+
+/// One file of the policy directory.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicyFile {
+    pub egress: Option<RawEgress>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub allow_private: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +100,7 @@ pub struct RawAudit {
 #[serde(deny_unknown_fields)]
 pub struct RawDataSource {
     pub url: Spanned<String>,
+    pub region: Option<Spanned<String>>,
     pub connect_timeout_ms: Option<Spanned<u64>>,
     pub timeout_ms: Option<Spanned<u64>>,
     pub idle_timeout_ms: Option<Spanned<u64>>,

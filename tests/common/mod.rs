@@ -55,6 +55,12 @@ impl Sealgate {
              [admin]\nlisten = \"{admin}\"\n\
              [audit]\noutput = \"audit.log\"\n\n{extra_toml}"
         );
+        let config = if extra_toml.contains("[policy]") {
+            config
+        } else {
+            write_loopback_policy(dir.path());
+            format!("{config}\n[policy]\ndir = \"policies\"\n")
+        };
         let config_path = dir.path().join("sealgate.toml");
         std::fs::write(&config_path, config).expect("write config");
         let child = spawn_with_log(
@@ -150,6 +156,20 @@ impl Drop for Sealgate {
             let _ = child.wait();
         }
     }
+}
+
+/// Test upstreams live on loopback, which the built-in deny list blocks:
+/// this policy lets tests reach them, as an operator would with
+/// allow_private for a local service.
+pub fn write_loopback_policy(dir: &Path) {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    std::fs::write(
+        policies.join("loopback.toml"),
+        "[egress]\nallow = [\"127.0.0.0/8\", \"localhost\", \"[::1]\"]\n\
+         allow_private = [\"127.0.0.0/8\", \"[::1]\"]\n",
+    )
+    .expect("policy file");
 }
 
 /// Spawns the binary with stdout/stderr captured to files in `dir`.

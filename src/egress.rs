@@ -1,0 +1,670 @@
+//! Egress policy: which destinations a data source may reach, and the
+//! built-in deny list that every resolved address is judged against.
+//!
+//! Every check returns a decision with a reason. The reason text goes
+//! unchanged into the 403 message and the audit record; its `label` (from a
+//! small fixed set) goes into `sealgate_egress_denied_total`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use crate::upstream::UpstreamHost;
+
+/// Where an allow entry came from, for reasons and audit records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// `file:line`
+    pub source: String,
+    /// The entry as written.
+    pub entry: String,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} `{}`", self.source, self.entry)
+    }
+}
+
+/// Ranges no data source may reach unless `allow_private` names them
+/// (SPEC section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    Loopback,
+    Private,
+    Cgnat,
+    LinkLocal,
+    UniqueLocal,
+    Multicast,
+    Unspecified,
+    Broadcast,
+    Documentation,
+    Reserved,
+}
+
+impl Blocked {
+    pub fn label(self) -> &'static str {
+        match self {
+            Blocked::Loopback => "loopback",
+            Blocked::Private => "private",
+            Blocked::Cgnat => "cgnat",
+            Blocked::LinkLocal => "link_local",
+            Blocked::UniqueLocal => "unique_local",
+            Blocked::Multicast => "multicast",
+            Blocked::Unspecified => "unspecified",
+            Blocked::Broadcast => "broadcast",
+            Blocked::Documentation => "documentation",
+            Blocked::Reserved => "reserved",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Blocked::Loopback => "a loopback address",
+            Blocked::Private => "a private address (RFC 1918)",
+            Blocked::Cgnat => "a carrier-grade NAT address (100.64.0.0/10)",
+            Blocked::LinkLocal => "a link-local address (cloud metadata lives here)",
+            Blocked::UniqueLocal => "a unique local IPv6 address (fc00::/7)",
+            Blocked::Multicast => "a multicast address",
+            Blocked::Unspecified => "an unspecified address",
+            Blocked::Broadcast => "the broadcast address",
+            Blocked::Documentation => "a documentation address",
+            Blocked::Reserved => "a reserved address",
+        }
+    }
+}
+
+/// Judges an address by the built-in deny list; IPv6 forms that carry an
+/// IPv4 address are judged by the address they carry.
+pub fn classify(ip: IpAddr) -> Option<Blocked> {
+    match ip {
+        IpAddr::V4(v4) => classify_v4(v4),
+        IpAddr::V6(v6) => classify_v6(v6),
+    }
+}
+
+fn classify_v4(ip: Ipv4Addr) -> Option<Blocked> {
+    let [a, b, c, _] = ip.octets();
+    Some(match (a, b, c) {
+        (0, _, _) => Blocked::Unspecified,
+        (127, _, _) => Blocked::Loopback,
+        (10, _, _) | (172, 16..=31, _) | (192, 168, _) => Blocked::Private,
+        (100, 64..=127, _) => Blocked::Cgnat,
+        (169, 254, _) => Blocked::LinkLocal,
+        (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => Blocked::Documentation,
+        (224..=239, _, _) => Blocked::Multicast,
+        (255, 255, 255) if ip == Ipv4Addr::BROADCAST => Blocked::Broadcast,
+        (240..=255, _, _) => Blocked::Reserved,
+        _ => return None,
+    })
+}
+
+fn classify_v6(ip: Ipv6Addr) -> Option<Blocked> {
+    if let Some(embedded) = embedded_v4(ip) {
+        return embedded.iter().find_map(|v4| classify_v4(*v4));
+    }
+    let s = ip.segments();
+    Some(match s[0] {
+        _ if ip.is_unspecified() => Blocked::Unspecified,
+        _ if ip.is_loopback() => Blocked::Loopback,
+        0xfe80..=0xfebf => Blocked::LinkLocal,
+        // Site-local (deprecated), routed like private space where it still exists.
+        0xfec0..=0xfeff => Blocked::Private,
+        0xfc00..=0xfdff => Blocked::UniqueLocal,
+        0xff00..=0xffff => Blocked::Multicast,
+        0x2001 if s[1] == 0x0db8 => Blocked::Documentation,
+        _ => return None,
+    })
+}
+
+/// The IPv4 addresses an IPv6 address carries: IPv4-mapped, IPv4-compatible,
+/// NAT64 (well-known and local-use prefixes), 6to4, and Teredo (both the
+/// server and the de-obfuscated client address).
+fn embedded_v4(ip: Ipv6Addr) -> Option<Vec<Ipv4Addr>> {
+    let s = ip.segments();
+    let low32 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(vec![low32]),
+        [0, 0, 0, 0, 0, 0, _, _] if !ip.is_unspecified() && !ip.is_loopback() => Some(vec![low32]),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(vec![low32]),
+        [0x64, 0xff9b, 1, _, _, _, _, _] => Some(vec![low32]),
+        [0x2002, hi, lo, _, _, _, _, _] => Some(vec![Ipv4Addr::new(
+            (hi >> 8) as u8,
+            hi as u8,
+            (lo >> 8) as u8,
+            lo as u8,
+        )]),
+        [0x2001, 0, server_hi, server_lo, _, _, client_hi, client_lo] => Some(vec![
+            Ipv4Addr::new(
+                (server_hi >> 8) as u8,
+                server_hi as u8,
+                (server_lo >> 8) as u8,
+                server_lo as u8,
+            ),
+            Ipv4Addr::from(((u32::from(client_hi) << 16) | u32::from(client_lo)) ^ 0xffff_ffff),
+        ]),
+        _ => None,
+    }
+}
+
+/// Why a destination may not be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// Bounded: `no_allow_entry`, `mixed_answers`, or a `Blocked` label.
+    pub label: &'static str,
+    pub reason: String,
+}
+
+/// Which ports an entry admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ports {
+    Any,
+    One(u16),
+}
+
+impl Ports {
+    fn admits(self, port: u16) -> bool {
+        match self {
+            Ports::Any => true,
+            Ports::One(p) => p == port,
+        }
+    }
+}
+
+/// What an entry names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Host(String),
+    /// `*.suffix`: one or more labels below `suffix`, never `suffix` itself.
+    Wildcard(String),
+    Net(ipnet::IpNet),
+}
+
+type Admits = Vec<(Ports, Arc<Rule>)>;
+
+/// A set of entries, indexed so a decision costs a few hash lookups
+/// however many entries there are.
+#[derive(Default)]
+pub struct Matcher {
+    hosts: HashMap<String, Admits>,
+    wildcards: HashMap<String, Admits>,
+    /// By prefix length, longest first: the masked network → entries.
+    nets: Vec<(u8, bool, HashMap<IpAddr, Admits>)>,
+}
+
+impl Matcher {
+    pub fn add(&mut self, target: Target, ports: Ports, rule: Arc<Rule>) {
+        let entry = (ports, rule);
+        match target {
+            Target::Host(h) => self.hosts.entry(h).or_default().push(entry),
+            Target::Wildcard(s) => self.wildcards.entry(s).or_default().push(entry),
+            Target::Net(net) => {
+                let key = (net.prefix_len(), net.addr().is_ipv6());
+                if !self.nets.iter().any(|(len, v6, _)| (*len, *v6) == key) {
+                    self.nets.push((key.0, key.1, HashMap::new()));
+                    self.nets.sort_by_key(|(len, _, _)| std::cmp::Reverse(*len));
+                }
+                if let Some((_, _, by_network)) =
+                    self.nets.iter_mut().find(|(len, v6, _)| (*len, *v6) == key)
+                {
+                    by_network.entry(net.network()).or_default().push(entry);
+                }
+            }
+        }
+    }
+
+    fn first(admits: Option<&Admits>, port: u16) -> Option<&Arc<Rule>> {
+        admits?.iter().find(|(p, _)| p.admits(port)).map(|(_, r)| r)
+    }
+
+    pub fn match_name(&self, name: &str, port: u16) -> Option<&Arc<Rule>> {
+        if let Some(rule) = Self::first(self.hosts.get(name), port) {
+            return Some(rule);
+        }
+        // Each proper suffix of the name: a.b.example.org → b.example.org → example.org → org
+        let mut rest = name;
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            if let Some(rule) = Self::first(self.wildcards.get(rest), port) {
+                return Some(rule);
+            }
+        }
+        None
+    }
+
+    pub fn match_ip(&self, ip: IpAddr, port: u16) -> Option<&Arc<Rule>> {
+        let v6 = ip.is_ipv6();
+        self.nets
+            .iter()
+            .filter(|(_, is6, _)| *is6 == v6)
+            .find_map(|(len, _, by_network)| {
+                let network = ipnet::IpNet::new(ip, *len).ok()?.network();
+                Self::first(by_network.get(&network), port)
+            })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.wildcards.is_empty() && self.nets.is_empty()
+    }
+}
+
+/// The merged `[egress]` sections of every policy file.
+#[derive(Default)]
+pub struct EgressPolicy {
+    pub allow: Matcher,
+    pub allow_private: Matcher,
+}
+
+impl EgressPolicy {
+    /// May this host:port be reached at all? Judged once per data source
+    /// at load. A CIDR entry admits IP-literal hosts; names need a host or
+    /// wildcard entry.
+    pub fn destination(&self, host: &UpstreamHost, port: u16) -> Result<Arc<Rule>, Denial> {
+        let rule = match host {
+            UpstreamHost::Name(name) => self.allow.match_name(name, port),
+            UpstreamHost::Ip(ip) => self.allow.match_ip(canonical(*ip), port),
+        };
+        rule.cloned().ok_or_else(|| Denial {
+            label: "no_allow_entry",
+            reason: format!(
+                "{} matches no [egress] allow entry",
+                display_destination(host, port)
+            ),
+        })
+    }
+
+    /// Judges every address a destination resolved to. If any is blocked,
+    /// none is used: a name that mixes public and private answers is a
+    /// rebinding attempt.
+    pub fn addresses(&self, host: &UpstreamHost, addrs: &[SocketAddr]) -> Result<(), Denial> {
+        let mut blocked = None;
+        let mut clean = 0;
+        for addr in addrs {
+            let ip = canonical(addr.ip());
+            match classify(ip) {
+                Some(kind) if !self.private_admitted(host, ip, addr.port()) => {
+                    blocked.get_or_insert((ip, kind));
+                }
+                _ => clean += 1,
+            }
+        }
+        match blocked {
+            None => Ok(()),
+            Some((ip, _)) if clean > 0 => Err(Denial {
+                label: "mixed_answers",
+                reason: format!(
+                    "{} resolved to both public and blocked addresses (including {ip}); refusing all of them",
+                    display_destination(host, addrs[0].port())
+                ),
+            }),
+            Some((ip, kind)) => Err(Denial {
+                label: kind.label(),
+                reason: format!("{ip} is {} and no allow_private entry admits it", kind.describe()),
+            }),
+        }
+    }
+
+    /// Whether `allow_private` admits this destination: an address in one
+    /// of its networks, or a name it lists (which may then resolve to
+    /// private addresses).
+    fn private_admitted(&self, host: &UpstreamHost, ip: IpAddr, port: u16) -> bool {
+        self.allow_private.match_ip(ip, port).is_some()
+            || matches!(host, UpstreamHost::Name(n) if self.allow_private.match_name(n, port).is_some())
+    }
+
+    /// For config checks before anything is resolved: does `allow_private`
+    /// cover this destination as written?
+    pub fn private_destination(&self, host: &UpstreamHost, port: u16) -> bool {
+        match host {
+            UpstreamHost::Name(n) => self.allow_private.match_name(n, port).is_some(),
+            UpstreamHost::Ip(ip) => self.allow_private.match_ip(canonical(*ip), port).is_some(),
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` is matched against IPv4 entries as `a.b.c.d`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+fn display_destination(host: &UpstreamHost, port: u16) -> String {
+    match host {
+        UpstreamHost::Name(n) => format!("{n}:{port}"),
+        UpstreamHost::Ip(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        UpstreamHost::Ip(ip) => format!("{ip}:{port}"),
+    }
+}
+
+/// Parses an allow entry: `host`, `*.suffix`, an IP, or a CIDR, each with
+/// an optional `:port` (IPv6 in brackets when a port follows).
+pub fn parse_entry(entry: &str) -> Result<(Target, Ports), String> {
+    let entry = entry.trim();
+    let (host, port) = split_port(entry)?;
+    let ports = match port {
+        None => Ports::Any,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => Ports::One(p),
+            _ => return Err(format!("`{p}` is not a port (1-65535)")),
+        },
+    };
+    if host.is_empty() {
+        return Err("the entry names no host".into());
+    }
+    if host.contains('/') {
+        let net: ipnet::IpNet = host
+            .parse()
+            .map_err(|_| format!("`{host}` is not a CIDR network"))?;
+        if net.network() != net.addr() {
+            return Err(format!(
+                "`{host}` has host bits set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        return Ok((Target::Net(canonical_net(net)), ports));
+    }
+    if let Some(suffix) = host.strip_prefix("*.") {
+        return match normalize_host(suffix)? {
+            Target::Host(s) => Ok((Target::Wildcard(s), ports)),
+            _ => Err(format!(
+                "`{host}`: a wildcard stands for DNS labels, not IP addresses"
+            )),
+        };
+    }
+    if host.contains('*') {
+        return Err(format!("`{host}`: only a leading `*.` wildcard is allowed"));
+    }
+    Ok((normalize_host(host)?, ports))
+}
+
+fn canonical_net(net: ipnet::IpNet) -> ipnet::IpNet {
+    match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(ipnet::IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+fn split_port(entry: &str) -> Result<(&str, Option<&str>), String> {
+    if let Some(rest) = entry.strip_prefix('[') {
+        let (inside, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("`{entry}`: missing `]`"))?;
+        return match after {
+            "" => Ok((inside, None)),
+            _ => after
+                .strip_prefix(':')
+                .map(|p| (inside, Some(p)))
+                .ok_or_else(|| format!("`{entry}`: expected `:port` after `]`")),
+        };
+    }
+    match entry.matches(':').count() {
+        0 => Ok((entry, None)),
+        1 => Ok(entry
+            .split_once(':')
+            .map_or((entry, None), |(h, p)| (h, Some(p)))),
+        // Bare IPv6 (or IPv6 CIDR): no port possible without brackets.
+        _ => Ok((entry, None)),
+    }
+}
+
+/// Host spellings normalised as a URL parser reads them: case, trailing
+/// dot, IDN to punycode, IPv4 in decimal, octal or hex forms.
+fn normalize_host(host: &str) -> Result<Target, String> {
+    let trimmed = host.trim_end_matches('.');
+    if let Ok(ip) = trimmed.parse::<Ipv6Addr>() {
+        return Ok(Target::Net(canonical_net(ipnet::IpNet::from(IpAddr::V6(
+            ip,
+        )))));
+    }
+    match url::Host::parse(trimmed).map_err(|e| format!("`{host}` is not a valid host: {e}"))? {
+        url::Host::Domain(d) => Ok(Target::Host(d.to_ascii_lowercase())),
+        url::Host::Ipv4(ip) => Ok(Target::Net(ipnet::IpNet::from(IpAddr::V4(ip)))),
+        url::Host::Ipv6(ip) => Ok(Target::Net(canonical_net(ipnet::IpNet::from(IpAddr::V6(
+            ip,
+        ))))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn classifier_covers_every_range_and_its_edges() {
+        let table: &[(&str, Option<Blocked>)] = &[
+            ("0.0.0.0", Some(Blocked::Unspecified)),
+            ("0.255.255.255", Some(Blocked::Unspecified)),
+            ("1.0.0.0", None),
+            ("9.255.255.255", None),
+            ("10.0.0.0", Some(Blocked::Private)),
+            ("10.255.255.255", Some(Blocked::Private)),
+            ("11.0.0.0", None),
+            ("100.63.255.255", None),
+            ("100.64.0.0", Some(Blocked::Cgnat)),
+            ("100.127.255.255", Some(Blocked::Cgnat)),
+            ("100.128.0.0", None),
+            ("126.255.255.255", None),
+            ("127.0.0.1", Some(Blocked::Loopback)),
+            ("127.255.255.255", Some(Blocked::Loopback)),
+            ("128.0.0.0", None),
+            ("169.253.255.255", None),
+            ("169.254.169.254", Some(Blocked::LinkLocal)),
+            ("169.255.0.0", None),
+            ("172.15.255.255", None),
+            ("172.16.0.0", Some(Blocked::Private)),
+            ("172.31.255.255", Some(Blocked::Private)),
+            ("172.32.0.0", None),
+            ("192.0.2.1", Some(Blocked::Documentation)),
+            ("192.0.3.1", None),
+            ("192.167.255.255", None),
+            ("192.168.0.0", Some(Blocked::Private)),
+            ("192.168.255.255", Some(Blocked::Private)),
+            ("192.169.0.0", None),
+            ("198.51.100.7", Some(Blocked::Documentation)),
+            ("203.0.113.9", Some(Blocked::Documentation)),
+            ("223.255.255.255", None),
+            ("224.0.0.1", Some(Blocked::Multicast)),
+            ("239.255.255.255", Some(Blocked::Multicast)),
+            ("240.0.0.1", Some(Blocked::Reserved)),
+            ("255.255.255.254", Some(Blocked::Reserved)),
+            ("255.255.255.255", Some(Blocked::Broadcast)),
+            ("8.8.8.8", None),
+            ("::", Some(Blocked::Unspecified)),
+            ("::1", Some(Blocked::Loopback)),
+            ("::2", Some(Blocked::Unspecified)),
+            ("fe80::1", Some(Blocked::LinkLocal)),
+            ("febf:ffff::1", Some(Blocked::LinkLocal)),
+            ("fec0::1", Some(Blocked::Private)),
+            ("fbff:ffff::1", None),
+            ("fc00::1", Some(Blocked::UniqueLocal)),
+            ("fdff:ffff::1", Some(Blocked::UniqueLocal)),
+            ("fe00::1", None),
+            ("ff02::1", Some(Blocked::Multicast)),
+            ("2001:db8::1", Some(Blocked::Documentation)),
+            ("2001:db9::1", None),
+            ("2606:4700::1111", None),
+            // Embedded IPv4, judged by what they carry.
+            ("::ffff:127.0.0.1", Some(Blocked::Loopback)),
+            ("::ffff:169.254.169.254", Some(Blocked::LinkLocal)),
+            ("::ffff:8.8.8.8", None),
+            ("::127.0.0.1", Some(Blocked::Loopback)),
+            ("::10.1.2.3", Some(Blocked::Private)),
+            ("::8.8.8.8", None),
+            ("64:ff9b::10.0.0.1", Some(Blocked::Private)),
+            ("64:ff9b::8.8.8.8", None),
+            ("64:ff9b:1::192.168.1.1", Some(Blocked::Private)),
+            ("2002:a9fe:a9fe::1", Some(Blocked::LinkLocal)),
+            ("2002:0808:0808::1", None),
+            // Teredo: server 65.54.227.120, client 127.0.0.1 obfuscated (0x80ff_fffe).
+            (
+                "2001:0:4136:e378:8000:63bf:80ff:fffe",
+                Some(Blocked::Loopback),
+            ),
+            ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", None),
+            (
+                "2001:0:0a00:0001:8000:63bf:f7f7:f7f7",
+                Some(Blocked::Private),
+            ),
+        ];
+        for (addr, want) in table {
+            assert_eq!(classify(ip(addr)), *want, "{addr}");
+        }
+    }
+
+    fn policy(allow: &[&str], private: &[&str]) -> EgressPolicy {
+        let mut p = EgressPolicy::default();
+        for (i, e) in allow.iter().enumerate() {
+            let (t, ports) = parse_entry(e).unwrap();
+            p.allow.add(
+                t,
+                ports,
+                Arc::new(Rule {
+                    source: format!("t.toml:{i}"),
+                    entry: e.to_string(),
+                }),
+            );
+        }
+        for e in private {
+            let (t, ports) = parse_entry(e).unwrap();
+            p.allow_private.add(
+                t,
+                ports,
+                Arc::new(Rule {
+                    source: "t.toml".into(),
+                    entry: e.to_string(),
+                }),
+            );
+        }
+        p
+    }
+
+    fn name(s: &str) -> UpstreamHost {
+        UpstreamHost::Name(s.into())
+    }
+
+    #[test]
+    fn hosts_wildcards_cidrs_and_ports() {
+        let p = policy(
+            &[
+                "api.example.com:443",
+                "*.example.org",
+                "34.120.0.0/16:5432",
+                "[2600:1f18::/32]:443",
+                "10.1.2.3",
+            ],
+            &[],
+        );
+        assert!(p.destination(&name("api.example.com"), 443).is_ok());
+        assert!(p.destination(&name("api.example.com"), 80).is_err());
+        assert!(p.destination(&name("x.api.example.com"), 443).is_err());
+        assert!(p.destination(&name("a.example.org"), 8443).is_ok());
+        assert!(p.destination(&name("a.b.example.org"), 1).is_ok());
+        assert!(
+            p.destination(&name("example.org"), 443).is_err(),
+            "never the bare suffix"
+        );
+        assert!(p.destination(&name("badexample.org"), 443).is_err());
+        assert!(p
+            .destination(&UpstreamHost::Ip(ip("34.120.9.9")), 5432)
+            .is_ok());
+        assert!(p
+            .destination(&UpstreamHost::Ip(ip("34.121.0.1")), 5432)
+            .is_err());
+        assert!(p
+            .destination(&UpstreamHost::Ip(ip("34.120.9.9")), 5433)
+            .is_err());
+        assert!(p
+            .destination(&UpstreamHost::Ip(ip("2600:1f18:1::1")), 443)
+            .is_ok());
+        assert!(
+            p.destination(&UpstreamHost::Ip(ip("::ffff:10.1.2.3")), 80)
+                .is_ok(),
+            "mapped form"
+        );
+        let denied = p.destination(&name("evil.test"), 443).unwrap_err();
+        assert_eq!(denied.label, "no_allow_entry");
+        let rule = p.destination(&name("a.example.org"), 443).unwrap();
+        assert_eq!(rule.to_string(), "t.toml:1 `*.example.org`");
+    }
+
+    #[test]
+    fn entries_are_normalised_like_url_hosts() {
+        for (entry, want) in [
+            ("API.Example.COM.", Target::Host("api.example.com".into())),
+            (
+                "bücher.example",
+                Target::Host("xn--bcher-kva.example".into()),
+            ),
+            ("2130706433", Target::Net("127.0.0.1/32".parse().unwrap())),
+            ("0x7f.1", Target::Net("127.0.0.1/32".parse().unwrap())),
+            ("0177.0.0.1", Target::Net("127.0.0.1/32".parse().unwrap())),
+            (
+                "[::ffff:127.0.0.1]",
+                Target::Net("127.0.0.1/32".parse().unwrap()),
+            ),
+            ("*.Example.ORG", Target::Wildcard("example.org".into())),
+        ] {
+            assert_eq!(parse_entry(entry).unwrap().0, want, "{entry}");
+        }
+        for bad in [
+            "",
+            ":443",
+            "a:b:c:443x",
+            "10.0.0.1/8",
+            "*.10.0.0.1",
+            "a*.example.com",
+            "host:0",
+            "host:70000",
+            "[::1",
+        ] {
+            assert!(parse_entry(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn at(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_resolved_address_is_judged_and_mixed_answers_refused() {
+        let p = policy(&["*.example.com"], &["127.0.0.1/32:18080", "db.internal"]);
+        let host = name("api.example.com");
+        assert!(p.addresses(&host, &[at("93.184.216.34:443")]).is_ok());
+        let d = p.addresses(&host, &[at("169.254.169.254:80")]).unwrap_err();
+        assert_eq!(d.label, "link_local");
+        let d = p
+            .addresses(&host, &[at("93.184.216.34:443"), at("10.0.0.5:443")])
+            .unwrap_err();
+        assert_eq!(d.label, "mixed_answers");
+        assert!(
+            p.addresses(&host, &[at("127.0.0.1:18080")]).is_ok(),
+            "allow_private CIDR and port"
+        );
+        assert_eq!(
+            p.addresses(&host, &[at("127.0.0.1:18081")])
+                .unwrap_err()
+                .label,
+            "loopback"
+        );
+        assert!(
+            p.addresses(&name("db.internal"), &[at("10.9.9.9:5432")])
+                .is_ok(),
+            "allow_private name"
+        );
+        assert_eq!(
+            p.addresses(&host, &[at("[::ffff:127.0.0.1]:18081")])
+                .unwrap_err()
+                .label,
+            "loopback"
+        );
+    }
+}
