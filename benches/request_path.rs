@@ -5,13 +5,17 @@
 //! "clone a request head" alone; the difference is what a credential adds.
 
 use std::hint::black_box;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::{RequestHeader, ResponseHeader};
 use sealgate::credentials::Credential;
+use sealgate::egress::{parse_entry, EgressPolicy, Rule};
 use sealgate::route;
 use sealgate::secrets::{self, Keyring, Secret};
+use sealgate::upstream::UpstreamHost;
 use zeroize::Zeroizing;
 
 fn secret(s: &str) -> Secret {
@@ -59,7 +63,70 @@ fn typical_response() -> ResponseHeader {
     resp
 }
 
+/// 1,000 allow entries: 400 hosts, 300 wildcards, 300 CIDRs of mixed
+/// lengths and families, some with ports.
+fn large_policy() -> EgressPolicy {
+    let mut policy = EgressPolicy::default();
+    let mut add = |entry: String| {
+        let (target, ports) = parse_entry(&entry).expect("entry");
+        let rule = Arc::new(Rule {
+            source: "bench.toml:1".into(),
+            entry,
+        });
+        policy.allow.add(target, ports, rule);
+    };
+    for i in 0..400 {
+        add(format!("api{i}.customer{}.example.com:443", i % 50));
+    }
+    for i in 0..300 {
+        add(format!("*.tenant{i}.example.net"));
+    }
+    for i in 0..300u32 {
+        match i % 3 {
+            0 => add(format!("34.{}.0.0/16:5432", i % 256)),
+            1 => add(format!("52.{}.{}.0/24", i % 256, (i * 7) % 256)),
+            _ => add(format!("[2600:1f{:02x}::/32]:443", i % 256)),
+        }
+    }
+    policy
+}
+
 fn bench(c: &mut Criterion) {
+    let policy = large_policy();
+    let resolved = [SocketAddr::from(([93, 184, 216, 34], 443))];
+    for (what, host, port) in [
+        (
+            "an exact host",
+            UpstreamHost::Name("api399.customer49.example.com".into()),
+            443,
+        ),
+        (
+            "a wildcard",
+            UpstreamHost::Name("db.eu.tenant299.example.net".into()),
+            443,
+        ),
+        (
+            "a CIDR",
+            UpstreamHost::Ip("52.98.174.9".parse().expect("ip")),
+            443,
+        ),
+        (
+            "no entry (worst case)",
+            UpstreamHost::Name("a.b.c.d.unknown.example.org".into()),
+            443,
+        ),
+    ] {
+        c.bench_function(
+            &format!("egress: decide {what} against 1,000 entries"),
+            |b| {
+                b.iter(|| {
+                    let verdict = policy.destination(black_box(&host), port);
+                    (verdict, policy.addresses(&host, black_box(&resolved)))
+                })
+            },
+        );
+    }
+
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("k1.key");
     std::fs::write(&key, secrets::new_master_key().expect("key").as_bytes()).expect("write key");

@@ -243,10 +243,6 @@ impl Matcher {
                 Self::first(by_network.get(&network), port)
             })
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty() && self.wildcards.is_empty() && self.nets.is_empty()
-    }
 }
 
 /// The merged `[egress]` sections of every policy file.
