@@ -548,18 +548,7 @@ async fn no_secret_or_key_appears_in_anything_sealgate_emits() {
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    sg.signal(nix::sys::signal::Signal::SIGHUP);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !sg
-        .metrics()
-        .contains(r#"sealgate_config_reloads_total{result="ok"} 1"#)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reload did not happen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    reload_and_wait(&sg, "ok", 1);
     let unavailable = fetch(&sg, "/bearer/x").await;
     assert!(
         unavailable.contains("credential_unavailable"),

@@ -7,7 +7,6 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::Response;
@@ -281,18 +280,9 @@ async fn sighup_reloads_policies_and_a_broken_policy_keeps_the_old_one() {
     );
     assert_eq!(get(sg.proxy, "/pay/x").await.status(), 200);
     let policy = sg.dir.path().join("policies/egress.toml");
-    let wait_reloads = |result: &str, n: u32| {
-        let want = format!("sealgate_config_reloads_total{{result=\"{result}\"}} {n}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sg.metrics().contains(&want) {
-            assert!(Instant::now() < deadline, "no `{want}`");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
 
     std::fs::write(&policy, "[egress]\nallow = [\"127.0.0.0/8\"\n").unwrap();
-    sg.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_reloads("error", 1);
+    reload_and_wait(&sg, "error", 1);
     assert_eq!(
         get(sg.proxy, "/pay/x").await.status(),
         200,
@@ -308,7 +298,6 @@ async fn sighup_reloads_policies_and_a_broken_policy_keeps_the_old_one() {
     );
 
     std::fs::write(&policy, "[egress]\nallow = [\"api.example.com\"]\n").unwrap();
-    sg.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_reloads("ok", 1);
+    reload_and_wait(&sg, "ok", 1);
     assert_error(get(sg.proxy, "/pay/x").await, 403, "egress_denied").await;
 }

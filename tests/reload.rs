@@ -3,26 +3,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use hyper::Response;
-use nix::sys::signal::Signal;
-
-/// Sends SIGHUP and waits until the reload counter for `result` reaches `n`.
-fn reload_and_wait(sg: &Sealgate, result: &str, n: u32) {
-    sg.signal(Signal::SIGHUP);
-    let want = format!("sealgate_config_reloads_total{{result=\"{result}\"}} {n}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sg.metrics().contains(&want) {
-        assert!(
-            Instant::now() < deadline,
-            "no `{want}`; stderr:\n{}",
-            sg.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_credential_that_no_longer_opens_is_refused_with_503_never_sent_bare() {

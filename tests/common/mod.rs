@@ -244,6 +244,23 @@ pub fn http_get_blocking(addr: SocketAddr, path: &str) -> Option<(u16, String)> 
     Some((status, body))
 }
 
+// ---------------------------------------------------------------- reload --
+
+/// Sends SIGHUP and waits until the reload counter for `result` reaches `n`.
+pub fn reload_and_wait(sg: &Sealgate, result: &str, n: u32) {
+    sg.signal(nix::sys::signal::Signal::SIGHUP);
+    let want = format!("sealgate_config_reloads_total{{result=\"{result}\"}} {n}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sg.metrics().contains(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "no `{want}`; stderr:\n{}",
+            sg.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ---------------------------------------------------------------- client --
 
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
