@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod callers;
 pub mod cli;
 pub mod config;
 pub mod credentials;

@@ -20,6 +20,7 @@ use pingora::{Error, ErrorType, Result};
 use zeroize::Zeroizing;
 
 use crate::audit::{now_rfc3339, AuditRecord, Decision};
+use crate::callers::{self, Caller, Identified};
 use crate::config::{Config, CredentialState, DataSource};
 use crate::egress::Denial;
 use crate::errors::{classify, ErrorCode, Refusal};
@@ -27,9 +28,9 @@ use crate::metrics::NO_DATASOURCE;
 use crate::route;
 use crate::state::Shared;
 
-/// Until callers are identified (mTLS, tokens), every caller is a loopback
-/// process and is named as the SPEC names it.
-const LOCAL_CALLER: &str = "local";
+/// The `caller` label of requests whose caller could not be identified;
+/// caller names follow data source naming, so it never collides.
+const NO_CALLER: &str = "-";
 
 pub const REQUEST_ID_HEADER: &str = "x-sealgate-request-id";
 
@@ -62,6 +63,7 @@ pub struct RequestCtx {
     started: Instant,
     request_id: u64,
     config: Arc<Config>,
+    caller: Option<Arc<Caller>>,
     datasource: Option<Arc<DataSource>>,
     /// Holds the credential when it travels in the query string.
     upstream_target: Zeroizing<String>,
@@ -82,6 +84,16 @@ impl Drop for RequestCtx {
 }
 
 impl RequestCtx {
+    /// The identified caller's name; `local` for loopback peers when no
+    /// callers are configured; none when the caller was not identified.
+    fn caller_name(&self) -> Option<&str> {
+        match (&self.caller, &self.refusal) {
+            (Some(caller), _) => Some(caller.name.as_str()),
+            (None, Some(r)) if r.code == ErrorCode::CallerUnauthenticated => None,
+            (None, _) => Some(callers::LOCAL),
+        }
+    }
+
     fn request_id_text(&self) -> String {
         format!("{:016x}", self.request_id)
     }
@@ -110,6 +122,7 @@ impl ProxyHttp for SealgateProxy {
             started: Instant::now(),
             request_id: self.shared.next_request_id(),
             config: self.shared.config.load_full(),
+            caller: None,
             datasource: None,
             upstream_target: Zeroizing::new(String::new()),
             upstream_addr: None,
@@ -122,9 +135,45 @@ impl ProxyHttp for SealgateProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Who is asking comes first, so an unknown caller learns nothing,
+        // not even which data sources exist.
+        let peer_is_loopback = session
+            .as_downstream()
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| a.ip().to_canonical().is_loopback());
+        let token = session
+            .req_header()
+            .headers
+            .get(header::PROXY_AUTHORIZATION);
+        match ctx
+            .config
+            .callers
+            .identify(token.map(|v| v.as_bytes()), peer_is_loopback)
+        {
+            Identified::Caller(caller) => ctx.caller = Some(caller),
+            Identified::Local => {}
+            Identified::Unauthenticated(why) => {
+                let refusal = Refusal::new(ErrorCode::CallerUnauthenticated, why);
+                respond(session, ctx, &refusal).await?;
+                ctx.refusal = Some(refusal);
+                return Ok(true);
+            }
+        }
         let uri = &session.req_header().uri;
         let routed = match route::split(uri.path()) {
             Ok(r) => match ctx.config.datasources.get(r.datasource) {
+                Some(ds) if ctx.caller.as_ref().is_some_and(|c| !c.may_use(&ds.name)) => {
+                    ctx.datasource = Some(ds.clone());
+                    Err(Refusal::new(
+                        ErrorCode::CallerForbidden,
+                        format!(
+                            "caller \"{}\" may not use data source \"{}\"",
+                            ctx.caller.as_ref().map_or("", |c| c.name.as_str()),
+                            ds.name
+                        ),
+                    ))
+                }
                 Some(ds) if matches!(ds.credential, Some(CredentialState::Unavailable { .. })) => {
                     ctx.datasource = Some(ds.clone());
                     self.shared
@@ -415,7 +464,7 @@ impl ProxyHttp for SealgateProxy {
         let code = code.as_ref().map_or("0", |s| s.as_str());
         metrics
             .requests
-            .with_label_values(&[ds_label, LOCAL_CALLER, code])
+            .with_label_values(&[ds_label, ctx.caller_name().unwrap_or(NO_CALLER), code])
             .inc();
         metrics
             .duration
@@ -431,7 +480,7 @@ impl ProxyHttp for SealgateProxy {
         let record = AuditRecord {
             ts: now_rfc3339(),
             request_id: ctx.request_id_text(),
-            caller: Some(LOCAL_CALLER),
+            caller: ctx.caller_name(),
             datasource,
             method: req.method.as_str(),
             path: req.uri.path(),

@@ -95,12 +95,10 @@ async fn ssrf_targets_are_refused_before_any_connection() {
         .iter()
         .all(|r| r["decision"] == "deny" && r["error"] == "egress_denied"));
     assert!(
-        records[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("link-local"),
-        "{}",
-        records[0]
+        records
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap_or("").contains("link-local")),
+        "{records:?}"
     );
 }
 
@@ -151,9 +149,14 @@ async fn regions_bind_their_egress_addresses_and_spread_connections() {
         "one pooled connection per egress address"
     );
     let records = sg.audit(4);
-    assert_eq!(records[0]["egress_ip"], "127.0.0.2");
-    assert_eq!(records[1]["egress_ip"], "127.0.0.3");
-    assert_eq!(records[0]["region"], "us");
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        assert_eq!(
+            records.iter().filter(|r| r["egress_ip"] == ip).count(),
+            2,
+            "{ip}"
+        );
+    }
+    assert!(records.iter().all(|r| r["region"] == "us"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

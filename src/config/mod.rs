@@ -22,6 +22,7 @@ use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 use schema::{RawConfig, RawCredential, RawDataSource, RawKeys, RawRegion};
 
+use crate::callers::Callers;
 use crate::credentials::{Credential, CredentialKind};
 use crate::egress::{Denial, EgressPolicy, Rule};
 use crate::secrets::{Keyring, Secret, SECRET_FIELDS};
@@ -46,6 +47,7 @@ pub struct Config {
     pub admin: AdminSettings,
     pub audit: AuditSettings,
     pub egress: EgressPolicy,
+    pub callers: Callers,
     pub regions: HashMap<String, Arc<Region>>,
     pub datasources: HashMap<String, Arc<DataSource>>,
     /// Data sources the egress policy refuses. `check` fails on them;
@@ -217,13 +219,18 @@ fn parse_with(
     };
 
     let keyring = raw.keys.as_ref().and_then(|k| v.keyring(k));
-    let egress = match &raw.policy {
-        None => EgressPolicy::default(),
-        Some(p) => match policy::load(&v.relative(p.dir.get_ref())) {
+    let names: std::collections::HashSet<&str> = raw
+        .datasources
+        .keys()
+        .map(|n| n.get_ref().as_str())
+        .collect();
+    let policy::Policy { egress, callers } = match &raw.policy {
+        None => policy::Policy::default(),
+        Some(p) => match policy::load(&v.relative(p.dir.get_ref()), &names) {
             Ok(policy) => policy,
             Err(errors) => {
                 errors.into_iter().for_each(|e| v.sink.push(e));
-                EgressPolicy::default()
+                policy::Policy::default()
             }
         },
     };
@@ -272,6 +279,7 @@ fn parse_with(
             output: audit_output,
         },
         egress,
+        callers,
         regions,
         datasources,
         egress_problems: v.egress_problems,

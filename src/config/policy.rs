@@ -2,14 +2,24 @@
 //! policy. Each entry remembers its file and line, which become the reason
 //! a request was allowed.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::{ConfigError, ErrorSink};
 use super::schema::RawPolicyFile;
+use crate::callers::{parse_token_sha256, Caller, Callers};
 use crate::egress::{parse_entry, EgressPolicy, Rule};
 
-pub fn load(dir: &Path) -> Result<EgressPolicy, Vec<ConfigError>> {
+/// Everything the policy files say.
+#[derive(Default)]
+pub struct Policy {
+    pub egress: EgressPolicy,
+    pub callers: Callers,
+}
+
+/// Loads every policy file; grants are checked against `datasources`.
+pub fn load(dir: &Path, datasources: &HashSet<&str>) -> Result<Policy, Vec<ConfigError>> {
     let files = policy_files(dir).map_err(|message| {
         vec![ConfigError {
             file: dir.to_path_buf(),
@@ -18,7 +28,8 @@ pub fn load(dir: &Path) -> Result<EgressPolicy, Vec<ConfigError>> {
             message,
         }]
     })?;
-    let mut policy = EgressPolicy::default();
+    let mut policy = Policy::default();
+    let mut tokens: HashSet<[u8; 32]> = HashSet::new();
     let mut errors = Vec::new();
     for file in files {
         let text = match std::fs::read_to_string(&file) {
@@ -56,15 +67,22 @@ pub fn load(dir: &Path) -> Result<EgressPolicy, Vec<ConfigError>> {
                                     entry: entry.get_ref().clone(),
                                 });
                                 let matcher = if into_private {
-                                    &mut policy.allow_private
+                                    &mut policy.egress.allow_private
                                 } else {
-                                    &mut policy.allow
+                                    &mut policy.egress.allow
                                 };
                                 matcher.add(target, ports, rule);
                             }
                         }
                     }
                 }
+                load_callers(
+                    &raw,
+                    &mut sink,
+                    &mut policy.callers,
+                    &mut tokens,
+                    datasources,
+                );
             }
         }
         if let Err(e) = sink.finish() {
@@ -88,4 +106,60 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+fn load_callers(
+    raw: &RawPolicyFile,
+    sink: &mut ErrorSink<'_>,
+    callers: &mut Callers,
+    tokens: &mut HashSet<[u8; 32]>,
+    datasources: &HashSet<&str>,
+) {
+    for (name, raw_caller) in &raw.callers {
+        let key = |field: &str| format!("callers.{}.{field}", name.get_ref());
+        if callers.iter().any(|c| c.name == *name.get_ref()) {
+            sink.at(
+                name.span(),
+                format!("callers.{}", name.get_ref()),
+                "defined in more than one policy file",
+            );
+            continue;
+        }
+        let Some(raw_token) = &raw_caller.token_sha256 else {
+            sink.at(
+                name.span(),
+                key("token_sha256"),
+                "missing: a caller needs token_sha256 (the caller identity this version supports)",
+            );
+            continue;
+        };
+        let token = match parse_token_sha256(raw_token.get_ref()) {
+            Ok(digest) if tokens.insert(digest) => digest,
+            Ok(_) => {
+                sink.at(
+                    raw_token.span(),
+                    key("token_sha256"),
+                    "the same token belongs to another caller",
+                );
+                continue;
+            }
+            Err(message) => {
+                sink.at(raw_token.span(), key("token_sha256"), message);
+                continue;
+            }
+        };
+        let mut grants = HashSet::new();
+        for ds in &raw_caller.datasources {
+            if datasources.contains(ds.get_ref().as_str()) {
+                grants.insert(ds.get_ref().clone());
+            } else {
+                sink.at(
+                    ds.span(),
+                    key("datasources"),
+                    format!("no data source named \"{}\"", ds.get_ref()),
+                );
+            }
+        }
+        callers.insert(Caller::new(name.get_ref().clone(), grants, Some(token)));
+    }
 }

@@ -43,6 +43,16 @@ pub struct RawRegion {
 #[serde(deny_unknown_fields)]
 pub struct RawPolicyFile {
     pub egress: Option<RawEgress>,
+    #[serde(default)]
+    pub callers: BTreeMap<Spanned<String>, RawCaller>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCaller {
+    pub token_sha256: Option<Spanned<String>>,
+    #[serde(default)]
+    pub datasources: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

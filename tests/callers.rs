@@ -1,0 +1,171 @@
+//! Callers known by token: identification, grants, and what reaches the
+//! upstream, the audit record and the metrics.
+
+mod common;
+
+use common::*;
+use hyper::Request;
+use sha2::{Digest, Sha256};
+
+fn sha256_hex(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn with_token(path: &str, token: Option<&str>) -> Request<BoxBody> {
+    let mut req = Request::get(path).header("host", "x");
+    if let Some(t) = token {
+        req = req.header("proxy-authorization", format!("Bearer {t}"));
+    }
+    req.body(empty()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_callers_are_identified_and_held_to_their_grants() {
+    let (up, seen) = recording_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_loopback_policy(dir.path());
+    std::fs::write(
+        dir.path().join("policies/callers.toml"),
+        format!(
+            "[callers.billing]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n\
+             [callers.crm]\ntoken_sha256 = \"{}\"\ndatasources = [\"crm\"]\n",
+            sha256_hex("tok-billing-1"),
+            sha256_hex("tok-crm-2")
+        ),
+    )
+    .unwrap();
+    let sg = Sealgate::start_in(
+        dir,
+        &format!(
+            "[policy]\ndir = \"policies\"\n[datasources.pay]\nurl = \"http://{0}/p\"\n[datasources.crm]\nurl = \"http://{0}/c\"\n",
+            up.addr
+        ),
+    );
+
+    assert_eq!(
+        send(sg.proxy, with_token("/pay/x", Some("tok-billing-1")))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send(sg.proxy, with_token("/crm/x", Some("tok-crm-2")))
+            .await
+            .status(),
+        200
+    );
+    let v = assert_error(
+        send(sg.proxy, with_token("/crm/x", Some("tok-billing-1"))).await,
+        403,
+        "caller_forbidden",
+    )
+    .await;
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("caller \"billing\" may not use data source \"crm\""),
+        "{v}"
+    );
+    assert_error(
+        send(sg.proxy, with_token("/pay/x", Some("tok-wrong"))).await,
+        401,
+        "caller_unauthenticated",
+    )
+    .await;
+    assert_error(
+        send(sg.proxy, with_token("/pay/x", None)).await,
+        401,
+        "caller_unauthenticated",
+    )
+    .await;
+    // An unidentified caller cannot even learn which data sources exist.
+    assert_error(
+        send(sg.proxy, with_token("/nope/x", None)).await,
+        401,
+        "caller_unauthenticated",
+    )
+    .await;
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "only the two granted requests went out");
+    assert!(
+        seen.iter()
+            .all(|r| r["headers"].get("proxy-authorization").is_none()),
+        "caller tokens never go upstream"
+    );
+
+    let records = sg.audit(6);
+    // Records are written as requests finish, not necessarily in order.
+    let count =
+        |caller: serde_json::Value| records.iter().filter(|r| r["caller"] == caller).count();
+    assert_eq!(count("billing".into()), 2);
+    assert_eq!(count("crm".into()), 1);
+    assert_eq!(count(serde_json::Value::Null), 3);
+    let forbidden = records
+        .iter()
+        .find(|r| r["error"] == "caller_forbidden")
+        .unwrap();
+    assert_eq!(
+        (
+            forbidden["caller"].as_str(),
+            forbidden["datasource"].as_str()
+        ),
+        (Some("billing"), Some("crm"))
+    );
+    let metrics = sg.metrics();
+    for line in [
+        r#"sealgate_requests_total{caller="billing",code="200",datasource="pay"} 1"#,
+        r#"sealgate_requests_total{caller="billing",code="403",datasource="crm"} 1"#,
+        r#"sealgate_requests_total{caller="-",code="401",datasource="-"} 3"#,
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
+    let everything = format!(
+        "{metrics}{}{}",
+        sg.stderr(),
+        std::fs::read_to_string(sg.dir.path().join("audit.log")).unwrap()
+    );
+    assert!(
+        !everything.contains("tok-billing-1") && !everything.contains("tok-wrong"),
+        "caller tokens are never recorded"
+    );
+}
+
+#[test]
+fn caller_policy_errors_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    let policy = dir.path().join("policies/callers.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[callers.a]\ntoken_sha256 = \"abc\"\n[callers.b]\ndatasources = [\"pay\"]\n\
+             [callers.c]\ntoken_sha256 = \"{}\"\ndatasources = [\"nope\"]\n",
+            sha256_hex("t")
+        ),
+    )
+    .unwrap();
+    // Identities this version cannot check are refused, not ignored.
+    let tls = dir.path().join("policies/tls.toml");
+    std::fs::write(&tls, "[callers.d]\ntls_identity = \"spiffe://x\"\n").unwrap();
+    let cfg = dir.path().join("sealgate.toml");
+    std::fs::write(&cfg, "[policy]\ndir = \"policies\"\n").unwrap();
+    let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
+    assert_eq!(code, 1);
+    let p = policy.display();
+    for want in [
+        format!("{p}:2: callers.a.token_sha256: must be the SHA-256 of the token"),
+        format!("{p}:3: callers.b.token_sha256: missing"),
+        format!("{p}:7: callers.c.datasources: no data source named \"nope\""),
+        format!(
+            "{}:2: callers.d.tls_identity: unknown field `tls_identity`",
+            tls.display()
+        ),
+    ] {
+        assert!(err.contains(&want), "no `{want}` in:\n{err}");
+    }
+}
