@@ -1,5 +1,7 @@
 //! Who is asking: the callers of policy files (`[callers.NAME]`), how a
-//! request proves it is one of them, and which data sources each may use.
+//! request proves it is one of them (a client certificate's identity, a
+//! bearer token, or both naming the same caller), and which data sources
+//! each may use.
 //!
 //! Without any caller configured, only loopback peers are served, as the
 //! caller `local`, and may use every data source.
@@ -16,6 +18,7 @@ pub const LOCAL: &str = "local";
 pub struct Caller {
     pub name: String,
     pub datasources: HashSet<String>,
+    pub tls_identity: Option<String>,
     token_sha256: Option<[u8; 32]>,
 }
 
@@ -23,11 +26,13 @@ impl Caller {
     pub fn new(
         name: String,
         datasources: HashSet<String>,
+        tls_identity: Option<String>,
         token_sha256: Option<[u8; 32]>,
     ) -> Caller {
         Caller {
             name,
             datasources,
+            tls_identity,
             token_sha256,
         }
     }
@@ -41,7 +46,9 @@ impl Caller {
 pub fn parse_token_sha256(hex: &str) -> Result<[u8; 32], String> {
     let hex = hex.trim();
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("must be the SHA-256 of the token: 64 hex digits (e.g. `printf %s \"$TOKEN\" | sha256sum`)".into());
+        return Err(
+            "must be the SHA-256 of the token: 64 hex digits (e.g. `printf %s \"$TOKEN\" | sha256sum`)".into(),
+        );
     }
     let mut out = [0u8; 32];
     for (i, byte) in out.iter_mut().enumerate() {
@@ -54,6 +61,7 @@ pub fn parse_token_sha256(hex: &str) -> Result<[u8; 32], String> {
 #[derive(Default)]
 pub struct Callers {
     by_name: HashMap<String, Arc<Caller>>,
+    by_tls_identity: HashMap<String, Arc<Caller>>,
 }
 
 /// The outcome of identifying a request's caller.
@@ -66,7 +74,12 @@ pub enum Identified {
 
 impl Callers {
     pub fn insert(&mut self, caller: Caller) {
-        self.by_name.insert(caller.name.clone(), Arc::new(caller));
+        let caller = Arc::new(caller);
+        if let Some(identity) = &caller.tls_identity {
+            self.by_tls_identity
+                .insert(identity.clone(), caller.clone());
+        }
+        self.by_name.insert(caller.name.clone(), caller);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -77,11 +90,16 @@ impl Callers {
         self.by_name.values()
     }
 
-    /// Identifies a request by its `Proxy-Authorization: Bearer` token. Every
-    /// caller's digest is compared, in constant time, so the time taken says
-    /// nothing about which caller (if any) came close.
+    pub fn by_tls_identity(&self, identity: &str) -> Option<&Arc<Caller>> {
+        self.by_tls_identity.get(identity)
+    }
+
+    /// Identifies a request by its client certificate's identity and its
+    /// `Proxy-Authorization: Bearer` token; when both are present they must
+    /// name the same caller.
     pub fn identify(
         &self,
+        tls_identity: Option<&str>,
         proxy_authorization: Option<&[u8]>,
         peer_is_loopback: bool,
     ) -> Identified {
@@ -94,7 +112,41 @@ impl Callers {
                 )
             };
         }
-        let Some(token) = proxy_authorization.and_then(bearer_token) else {
+        let by_cert = match tls_identity {
+            None => None,
+            Some(id) => match self.by_tls_identity.get(id) {
+                Some(caller) => Some(caller.clone()),
+                None => {
+                    return Identified::Unauthenticated(
+                        "the client certificate's identity is no caller",
+                    )
+                }
+            },
+        };
+        let by_token = match proxy_authorization {
+            None => None,
+            Some(value) => match self.by_token(value) {
+                Identified::Caller(caller) => Some(caller),
+                other => return other,
+            },
+        };
+        match (by_cert, by_token) {
+            (Some(cert), Some(token)) if !Arc::ptr_eq(&cert, &token) => {
+                Identified::Unauthenticated(
+                    "the client certificate and the token name different callers",
+                )
+            }
+            (Some(caller), _) | (None, Some(caller)) => Identified::Caller(caller),
+            (None, None) => Identified::Unauthenticated(
+                "missing caller token (Proxy-Authorization: Bearer <token>)",
+            ),
+        }
+    }
+
+    /// Every caller's digest is compared, in constant time, so the time
+    /// taken says nothing about which caller (if any) came close.
+    fn by_token(&self, proxy_authorization: &[u8]) -> Identified {
+        let Some(token) = bearer_token(proxy_authorization) else {
             return Identified::Unauthenticated(
                 "missing caller token (Proxy-Authorization: Bearer <token>)",
             );
@@ -134,11 +186,13 @@ mod tests {
         c.insert(Caller::new(
             "billing".into(),
             HashSet::from(["pay".to_string()]),
+            Some("spiffe://prod/billing".into()),
             Some(hash("tok-billing")),
         ));
         c.insert(Caller::new(
             "crm".into(),
             HashSet::from(["crm".to_string()]),
+            None,
             Some(hash("tok-crm")),
         ));
         c
@@ -156,23 +210,43 @@ mod tests {
     fn tokens_identify_callers() {
         let c = callers();
         assert_eq!(
-            name(c.identify(Some(b"Bearer tok-billing"), true)),
+            name(c.identify(None, Some(b"Bearer tok-billing"), true)),
             "billing"
         );
-        assert_eq!(name(c.identify(Some(b"bearer  tok-crm "), false)), "crm");
-        assert!(name(c.identify(Some(b"Bearer tok-other"), true)).starts_with("401: unknown"));
-        assert!(name(c.identify(Some(b"Basic dG9rLWNybQ=="), true)).starts_with("401: missing"));
+        assert_eq!(
+            name(c.identify(None, Some(b"bearer  tok-crm "), false)),
+            "crm"
+        );
+        assert!(name(c.identify(None, Some(b"Bearer tok-other"), true)).starts_with("401: unknown"));
         assert!(
-            name(c.identify(None, true)).starts_with("401: missing"),
+            name(c.identify(None, Some(b"Basic dG9rLWNybQ=="), true)).starts_with("401: missing")
+        );
+        assert!(
+            name(c.identify(None, None, true)).starts_with("401: missing"),
             "loopback is no identity once callers exist"
         );
     }
 
     #[test]
+    fn certificates_identify_callers_and_must_agree_with_tokens() {
+        let c = callers();
+        let billing = Some("spiffe://prod/billing");
+        assert_eq!(name(c.identify(billing, None, false)), "billing");
+        assert_eq!(
+            name(c.identify(billing, Some(b"Bearer tok-billing"), false)),
+            "billing"
+        );
+        assert!(
+            name(c.identify(billing, Some(b"Bearer tok-crm"), false)).contains("different callers")
+        );
+        assert!(name(c.identify(Some("spiffe://prod/other"), None, false)).contains("is no caller"));
+    }
+
+    #[test]
     fn without_callers_only_loopback_is_served() {
         let c = Callers::default();
-        assert_eq!(name(c.identify(None, true)), LOCAL);
-        assert!(name(c.identify(Some(b"Bearer x"), false)).starts_with("401"));
+        assert_eq!(name(c.identify(None, None, true)), LOCAL);
+        assert!(name(c.identify(None, Some(b"Bearer x"), false)).starts_with("401"));
     }
 
     #[test]

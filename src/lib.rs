@@ -18,4 +18,5 @@ pub mod route;
 pub mod secrets;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;

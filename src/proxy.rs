@@ -27,6 +27,7 @@ use crate::errors::{classify, ErrorCode, Refusal};
 use crate::metrics::NO_DATASOURCE;
 use crate::route;
 use crate::state::Shared;
+use crate::tls::TlsIdentity;
 
 /// The `caller` label of requests whose caller could not be identified;
 /// caller names follow data source naming, so it never collides.
@@ -146,11 +147,17 @@ impl ProxyHttp for SealgateProxy {
             .req_header()
             .headers
             .get(header::PROXY_AUTHORIZATION);
-        match ctx
-            .config
-            .callers
-            .identify(token.map(|v| v.as_bytes()), peer_is_loopback)
-        {
+        let tls_identity = session
+            .as_downstream()
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|tls| tls.extension.get::<TlsIdentity>())
+            .map(|id| id.0.as_str());
+        match ctx.config.callers.identify(
+            tls_identity,
+            token.map(|v| v.as_bytes()),
+            peer_is_loopback,
+        ) {
             Identified::Caller(caller) => ctx.caller = Some(caller),
             Identified::Local => {}
             Identified::Unauthenticated(why) => {

@@ -35,11 +35,28 @@ pub fn reload(shared: &Shared) {
             for setting in restart_only_changes(&current, &next) {
                 tracing::warn!("{setting} changed; the new value takes effect at the next restart");
             }
+            swap_tls(shared, &next);
             next.generation = current.generation + 1;
             shared.config.store(Arc::new(next));
             metrics.config_reloads.with_label_values(&["ok"]).inc();
             tracing::info!(file = %current.file.display(), "configuration reloaded");
         }
+    }
+}
+
+/// New certificates and client CAs for connections accepted from now on;
+/// established connections keep the ones they were accepted with.
+fn swap_tls(shared: &Shared, next: &Config) {
+    let (Some(handles), Some(tls)) = (&shared.tls, &next.proxy.tls) else {
+        return;
+    };
+    handles.cert.replace(tls.cert.clone());
+    match (&handles.client, &tls.client_verifier) {
+        (Some(current), Some(verifier)) => current.replace(verifier.clone()),
+        (None, None) => {}
+        _ => tracing::warn!(
+            "proxy.tls.client_ca was added or removed; that takes effect at the next restart"
+        ),
     }
 }
 
@@ -54,6 +71,10 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     }
     if current.proxy.grace_period != next.proxy.grace_period {
         changed.push("proxy.grace_period_s");
+    }
+    let tls_listen = |c: &Config| c.proxy.tls.as_ref().map(|t| t.listen.clone());
+    if tls_listen(current) != tls_listen(next) {
+        changed.push("proxy.tls");
     }
     if current.admin.listen != next.admin.listen {
         changed.push("admin.listen");

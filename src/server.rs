@@ -18,7 +18,9 @@ use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::SealgateProxy;
-use crate::state::Shared;
+use crate::state::{Shared, TlsHandles};
+use crate::tls::IdentityCallback;
+use pingora::listeners::tls::TlsSettings;
 
 /// After a drain ends, how long the audit writer gets to write what is queued.
 const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,6 +37,8 @@ pub enum StartError {
     Audit(std::io::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("TLS listener: {0}")]
+    Tls(String),
 }
 
 /// Runs sealgate until it is told to stop. Returns once drained.
@@ -48,6 +52,15 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     // each address is proven bindable first.
     for addr in &config.proxy.listen {
         drop(bind(*addr, "proxy listener")?);
+    }
+    let tls_listen = config
+        .proxy
+        .tls
+        .as_ref()
+        .map(|t| t.listen.clone())
+        .unwrap_or_default();
+    for addr in &tls_listen {
+        drop(bind(*addr, "proxy TLS listener")?);
     }
     let metrics = Metrics::new()?;
     let audit = AuditLog::open(&config.audit.output).map_err(StartError::Audit)?;
@@ -66,10 +79,19 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     for addr in &proxy_listen {
         proxy.add_tcp(&addr.to_string());
     }
+    if let Some(handles) = &shared.tls {
+        for addr in &tls_listen {
+            proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings(handles)?);
+        }
+    }
     server.add_service(proxy);
     server.add_service(background_service(
         "sealgate admin",
-        AdminService::new(shared.clone(), admin_listener, proxy_listen.clone()),
+        AdminService::new(
+            shared.clone(),
+            admin_listener,
+            proxy_listen.iter().chain(&tls_listen).copied().collect(),
+        ),
     ));
     tracing::info!(listen = ?proxy_listen, "sealgate starting");
     server.run(RunArgs {
@@ -81,6 +103,19 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     shared.audit.flush_blocking(AUDIT_FLUSH_TIMEOUT);
     tracing::info!("sealgate stopped");
     Ok(())
+}
+
+/// pingora's rustls listener, with sealgate's swappable certificate and
+/// client verifier and the identity callback; TLS 1.2 and 1.3 only.
+fn tls_settings(handles: &TlsHandles) -> Result<TlsSettings, StartError> {
+    let mut settings = TlsSettings::with_callbacks(Box::new(IdentityCallback))
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    settings.set_cert_resolver(handles.cert.clone());
+    if let Some(client) = &handles.client {
+        settings.set_client_cert_verifier(client.clone());
+    }
+    settings.enable_h2();
+    Ok(settings)
 }
 
 fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::audit::AuditLog;
-use crate::config::Config;
+use crate::config::{Config, ProxyTls};
 use crate::metrics::Metrics;
+use crate::tls::{ClientVerifier, ServerCert};
 use crate::upstream::Resolver;
 
 pub struct Shared {
@@ -19,12 +20,33 @@ pub struct Shared {
     pub metrics: Metrics,
     pub audit: AuditLog,
     pub lifecycle: Lifecycle,
+    /// The TLS listeners' certificate and client CAs, swapped on reload.
+    pub tls: Option<TlsHandles>,
     request_ids: RequestIds,
+}
+
+pub struct TlsHandles {
+    pub cert: Arc<ServerCert>,
+    pub client: Option<Arc<ClientVerifier>>,
+}
+
+impl TlsHandles {
+    pub fn new(tls: &ProxyTls) -> TlsHandles {
+        TlsHandles {
+            cert: Arc::new(ServerCert::new(tls.cert.clone())),
+            client: tls
+                .client_verifier
+                .as_ref()
+                .map(|v| Arc::new(ClientVerifier::new(v.clone()))),
+        }
+    }
 }
 
 impl Shared {
     pub fn new(config: Config, metrics: Metrics, audit: AuditLog) -> Arc<Shared> {
+        let tls = config.proxy.tls.as_ref().map(TlsHandles::new);
         Arc::new(Shared {
+            tls,
             config: ArcSwap::from_pointee(config),
             resolver: Resolver::default(),
             metrics,

@@ -151,7 +151,7 @@ fn caller_policy_errors_name_file_and_line() {
     .unwrap();
     // Identities this version cannot check are refused, not ignored.
     let tls = dir.path().join("policies/tls.toml");
-    std::fs::write(&tls, "[callers.d]\ntls_identity = \"spiffe://x\"\n").unwrap();
+    std::fs::write(&tls, "[callers.d]\nunix_uid = 1001\n").unwrap();
     let cfg = dir.path().join("sealgate.toml");
     std::fs::write(&cfg, "[policy]\ndir = \"policies\"\n").unwrap();
     let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
@@ -159,10 +159,10 @@ fn caller_policy_errors_name_file_and_line() {
     let p = policy.display();
     for want in [
         format!("{p}:2: callers.a.token_sha256: must be the SHA-256 of the token"),
-        format!("{p}:3: callers.b.token_sha256: missing"),
+        format!("{p}:3: callers.b: a caller needs an identity: tls_identity or token_sha256"),
         format!("{p}:7: callers.c.datasources: no data source named \"nope\""),
         format!(
-            "{}:2: callers.d.tls_identity: unknown field `tls_identity`",
+            "{}:2: callers.d.unix_uid: unknown field `unix_uid`",
             tls.display()
         ),
     ] {

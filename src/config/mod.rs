@@ -68,6 +68,16 @@ pub struct ProxySettings {
     pub listen: Vec<SocketAddr>,
     pub threads: usize,
     pub grace_period: Duration,
+    pub tls: Option<ProxyTls>,
+}
+
+/// TLS termination for callers (`[proxy.tls]`).
+pub struct ProxyTls {
+    pub listen: Vec<SocketAddr>,
+    pub cert: rustls::sign::CertifiedKey,
+    /// Present with `client_ca`: the handshake then requires a client
+    /// certificate signed by it.
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 pub struct AdminSettings {
@@ -240,6 +250,11 @@ fn parse_with(
         .filter_map(|(name, r)| v.region(name, r))
         .map(|r| (r.name.clone(), Arc::new(r)))
         .collect();
+    let tls = raw
+        .proxy
+        .tls
+        .as_ref()
+        .and_then(|t| v.proxy_tls(t, &callers));
     let context = DataSourceContext {
         keyring: keyring.as_ref(),
         egress: &egress,
@@ -271,6 +286,7 @@ fn parse_with(
             listen,
             threads,
             grace_period: Duration::from_secs(grace_s),
+            tls,
         },
         admin: AdminSettings {
             listen: admin_listen.unwrap_or_else(|| parse_default(DEFAULT_ADMIN_LISTEN)),
@@ -578,6 +594,50 @@ impl Validator<'_> {
                 Some(Err(reason))
             }
         }
+    }
+
+    fn proxy_tls(&mut self, raw: &schema::RawProxyTls, callers: &Callers) -> Option<ProxyTls> {
+        let mut listen = Vec::new();
+        for a in &raw.listen {
+            let Some(addr) = self.socket_addr(a, "proxy.tls.listen") else {
+                continue;
+            };
+            if !addr.ip().is_loopback() && callers.is_empty() {
+                self.sink.at(
+                    a.span(),
+                    "proxy.tls.listen",
+                    format!("{addr} is not loopback, and no [callers] are configured: anyone who can reach it could use every credential"),
+                );
+            }
+            listen.push(addr);
+        }
+        if listen.is_empty() {
+            self.sink.without_line(
+                "proxy.tls.listen",
+                "at least one listen address is required",
+            );
+        }
+        let cert = crate::tls::load_certified_key(
+            &self.relative(raw.cert.get_ref()),
+            &self.relative(raw.key.get_ref()),
+        )
+        .map_err(|message| self.sink.at(raw.cert.span(), "proxy.tls.cert", message))
+        .ok();
+        let client_verifier = match &raw.client_ca {
+            None => None,
+            Some(ca) => match crate::tls::load_client_verifier(&self.relative(ca.get_ref())) {
+                Ok(verifier) => Some(verifier),
+                Err(message) => {
+                    self.sink.at(ca.span(), "proxy.tls.client_ca", message);
+                    return None;
+                }
+            },
+        };
+        Some(ProxyTls {
+            listen,
+            cert: cert?,
+            client_verifier,
+        })
     }
 
     fn region(&mut self, name: &Spanned<String>, raw: &RawRegion) -> Option<Region> {

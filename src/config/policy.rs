@@ -125,29 +125,46 @@ fn load_callers(
             );
             continue;
         }
-        let Some(raw_token) = &raw_caller.token_sha256 else {
+        if raw_caller.token_sha256.is_none() && raw_caller.tls_identity.is_none() {
             sink.at(
                 name.span(),
-                key("token_sha256"),
-                "missing: a caller needs token_sha256 (the caller identity this version supports)",
+                format!("callers.{}", name.get_ref()),
+                "a caller needs an identity: tls_identity or token_sha256",
             );
             continue;
+        }
+        let token = match &raw_caller.token_sha256 {
+            None => None,
+            Some(raw_token) => match parse_token_sha256(raw_token.get_ref()) {
+                Ok(digest) if tokens.insert(digest) => Some(digest),
+                Ok(_) => {
+                    sink.at(
+                        raw_token.span(),
+                        key("token_sha256"),
+                        "the same token belongs to another caller",
+                    );
+                    continue;
+                }
+                Err(message) => {
+                    sink.at(raw_token.span(), key("token_sha256"), message);
+                    continue;
+                }
+            },
         };
-        let token = match parse_token_sha256(raw_token.get_ref()) {
-            Ok(digest) if tokens.insert(digest) => digest,
-            Ok(_) => {
+        let tls_identity = raw_caller
+            .tls_identity
+            .as_ref()
+            .map(|i| i.get_ref().clone());
+        if let (Some(identity), Some(raw)) = (&tls_identity, &raw_caller.tls_identity) {
+            if callers.by_tls_identity(identity).is_some() {
                 sink.at(
-                    raw_token.span(),
-                    key("token_sha256"),
-                    "the same token belongs to another caller",
+                    raw.span(),
+                    key("tls_identity"),
+                    "the same identity belongs to another caller",
                 );
                 continue;
             }
-            Err(message) => {
-                sink.at(raw_token.span(), key("token_sha256"), message);
-                continue;
-            }
-        };
+        }
         let mut grants = HashSet::new();
         for ds in &raw_caller.datasources {
             if datasources.contains(ds.get_ref().as_str()) {
@@ -160,6 +177,11 @@ fn load_callers(
                 );
             }
         }
-        callers.insert(Caller::new(name.get_ref().clone(), grants, Some(token)));
+        callers.insert(Caller::new(
+            name.get_ref().clone(),
+            grants,
+            tls_identity,
+            token,
+        ));
     }
 }

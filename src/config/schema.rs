@@ -50,6 +50,7 @@ pub struct RawPolicyFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCaller {
+    pub tls_identity: Option<Spanned<String>>,
     pub token_sha256: Option<Spanned<String>>,
     #[serde(default)]
     pub datasources: Vec<Spanned<String>>,
@@ -92,6 +93,16 @@ pub struct RawProxy {
     pub listen: Option<Vec<Spanned<String>>>,
     pub threads: Option<Spanned<usize>>,
     pub grace_period_s: Option<Spanned<u64>>,
+    pub tls: Option<RawProxyTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxyTls {
+    pub listen: Vec<Spanned<String>>,
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub client_ca: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

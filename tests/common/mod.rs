@@ -574,3 +574,77 @@ pub fn seal(config: &Path, datasource: &str, field: &str, plaintext: &str) -> St
     assert_eq!(code, 0, "seal: {err}");
     out.trim().to_string()
 }
+
+impl TestCa {
+    /// A leaf certificate with these SANs, as (cert PEM, key PEM).
+    pub fn issue(&self, sans: Vec<rcgen::SanType>) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("leaf cert");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+pub fn dns(name: &str) -> rcgen::SanType {
+    rcgen::SanType::DnsName(name.try_into().expect("dns name"))
+}
+
+pub fn uri(name: &str) -> rcgen::SanType {
+    rcgen::SanType::URI(name.try_into().expect("uri"))
+}
+
+/// Connects with TLS to `addr`, trusting `server_cas`, optionally presenting
+/// a client certificate, offering `alpn`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    server_cas: &[&TestCa],
+    client: Option<&(String, String)>,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in server_cas {
+        roots.add(ca.cert.der().clone()).expect("root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key_pem)) => {
+            let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client chain");
+            let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+                .expect("client key")
+                .expect("a key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client auth")
+        }
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// One HTTP/1.1 request over an established (TLS) stream; the sender can be
+/// reused for more requests on the same connection.
+pub async fn h1_over<S>(stream: S) -> hyper::client::conn::http1::SendRequest<BoxBody>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http1 handshake");
+    tokio::spawn(conn);
+    sender
+}

@@ -1,0 +1,261 @@
+//! TLS termination for callers: the server certificate and, with
+//! `client_ca`, mutual TLS in which a client certificate names its caller
+//! by its one URI SAN. Both sit behind swappable handles, so SIGHUP can
+//! replace them without touching established connections.
+
+use std::any::Any;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::TlsRef;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+/// A caller identity proven by a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsIdentity(pub String);
+
+/// The one URI SAN of a certificate; none or several is an error.
+pub fn uri_san(der: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("unreadable subjectAltName: {e}"))?;
+    let uris: Vec<&str> = sans
+        .iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => Err("the client certificate has no URI SAN (its caller identity)".into()),
+        _ => {
+            Err("the client certificate has several URI SANs; exactly one names its caller".into())
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads a certificate chain and its private key, refusing anything rustls
+/// (or pingora, which panics on bad files) could not use.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = read_pem_certs(cert)?;
+    let key_pem = std::fs::read(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+    let private_key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| format!("{}: not valid PEM: {e}", key.display()))?
+        .ok_or_else(|| format!("{}: no private key found", key.display()))?;
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(private_key)
+        .map_err(|e| format!("{}: unusable private key: {e}", key.display()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "{} does not belong to {}: {e}",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    Ok(certified)
+}
+
+fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// A verifier for client certificates signed by the CAs in `client_ca`.
+pub fn load_client_verifier(client_ca: &Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_pem_certs(client_ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: not a usable CA certificate: {e}", client_ca.display()))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| format!("{}: {e}", client_ca.display()))
+}
+
+/// The server certificate in force; SIGHUP swaps it.
+pub struct ServerCert {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ServerCert {
+    pub fn new(key: CertifiedKey) -> Self {
+        ServerCert {
+            current: ArcSwap::from_pointee(key),
+        }
+    }
+
+    pub fn replace(&self, key: CertifiedKey) {
+        self.current.store(Arc::new(key));
+    }
+}
+
+impl fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServerCert")
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+struct Delegate(Arc<dyn ClientCertVerifier>);
+
+/// Verifies client certificates against the CAs in force (SIGHUP swaps
+/// them) and refuses, during the handshake, any without exactly one URI SAN.
+pub struct ClientVerifier {
+    current: ArcSwap<Delegate>,
+}
+
+impl ClientVerifier {
+    pub fn new(verifier: Arc<dyn ClientCertVerifier>) -> Self {
+        ClientVerifier {
+            current: ArcSwap::from_pointee(Delegate(verifier)),
+        }
+    }
+
+    pub fn replace(&self, verifier: Arc<dyn ClientCertVerifier>) {
+        self.current.store(Arc::new(Delegate(verifier)));
+    }
+}
+
+impl fmt::Debug for ClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientVerifier")
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    /// No hints: they would have to outlive a swap of the CAs.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_client_cert(end_entity, intermediates, now)?;
+        uri_san(end_entity).map_err(rustls::Error::General)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current.load().0.supported_verify_schemes()
+    }
+}
+
+/// Attaches the verified client certificate's identity to the connection,
+/// where the proxy finds it for every request on it.
+pub struct IdentityCallback;
+
+#[async_trait]
+impl TlsAccept for IdentityCallback {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let der = tls.peer_certificate_der()?;
+        let identity = uri_san(der).ok()?;
+        Some(Arc::new(TlsIdentity(identity)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with_sans(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn identity_is_the_one_uri_san() {
+        let uri = |s: &str| rcgen::SanType::URI(s.try_into().unwrap());
+        let dns = |s: &str| rcgen::SanType::DnsName(s.try_into().unwrap());
+        assert_eq!(
+            uri_san(&cert_with_sans(vec![
+                uri("spiffe://prod/billing"),
+                dns("billing.local")
+            ]))
+            .unwrap(),
+            "spiffe://prod/billing"
+        );
+        assert!(uri_san(&cert_with_sans(vec![dns("billing.local")]))
+            .unwrap_err()
+            .contains("no URI SAN"));
+        assert!(
+            uri_san(&cert_with_sans(vec![uri("spiffe://a"), uri("spiffe://b")]))
+                .unwrap_err()
+                .contains("several")
+        );
+    }
+}
