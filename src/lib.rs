@@ -10,6 +10,7 @@ pub mod demo;
 pub mod egress;
 pub mod errors;
 pub mod keytool;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

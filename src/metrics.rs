@@ -19,6 +19,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub egress_denied: IntCounterVec,
     pub upstream_errors: IntCounterVec,
+    pub downstream_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -70,6 +71,14 @@ impl Metrics {
             ),
             &["datasource", "kind"],
         )?;
+        let downstream_closed = IntCounterVec::new(
+            Opts::new(
+                "sealgate_downstream_closed_total",
+                "Caller connections sealgate closed to protect itself, by reason (head_timeout: no complete request head in time, idle keep-alive connections included).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(downstream_closed.clone()))?;
         registry.register(Box::new(egress_denied.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -86,6 +95,7 @@ impl Metrics {
             config_reloads,
             egress_denied,
             upstream_errors,
+            downstream_closed,
         })
     }
 

@@ -117,6 +117,8 @@ impl ProxyHttp for SealgateProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        // pingora creates the context right after reading the request head.
+        crate::limits::head_read();
         self.shared.metrics.active_requests.inc();
         RequestCtx {
             shared: self.shared.clone(),

@@ -16,11 +16,13 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::admin::AdminService;
 use crate::audit::AuditLog;
 use crate::config::Config;
+use crate::limits::HeadDeadline;
 use crate::metrics::Metrics;
 use crate::proxy::SealgateProxy;
 use crate::state::{Shared, TlsHandles};
 use crate::tls::IdentityCallback;
 use pingora::listeners::tls::TlsSettings;
+use pingora::services::listening::Service;
 
 /// After a drain ends, how long the audit writer gets to write what is queued.
 const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,15 +68,16 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     let audit = AuditLog::open(&config.audit.output).map_err(StartError::Audit)?;
     let proxy_listen = config.proxy.listen.clone();
     let grace_period = config.proxy.grace_period;
+    let header_timeout = config.proxy.header_timeout;
     let server_conf = server_conf(&config);
     let shared = Shared::new(config, metrics, audit);
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        SealgateProxy::new(shared.clone()),
-        "sealgate proxy",
+    let app = pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
+    let mut proxy = Service::new(
+        "sealgate proxy".to_string(),
+        HeadDeadline::new(app, header_timeout, shared.clone()),
     );
     for addr in &proxy_listen {
         proxy.add_tcp(&addr.to_string());

@@ -517,7 +517,7 @@ async fn no_secret_or_key_appears_in_anything_sealgate_emits() {
     let down = f.seal("down", "token", BEARER);
     let toml = format!(
         "{toml}[datasources.down]\nurl = \"http://127.0.0.1:{}\"\ncredential = {{ kind = \"bearer\", token = \"{down}\" }}\n",
-        free_port()
+        REFUSING_PORT
     );
     let keys_dir = f.keys.dir.clone();
     let sg = Sealgate::start_logging(f.dir, &toml, "trace");

@@ -310,3 +310,49 @@ fn sealgate_makes_itself_non_dumpable() {
         "sealgate's /proc entries are readable by its own uid: it is dumpable"
     );
 }
+
+/// A caller trickling its request head byte by byte is cut off at the
+/// header timeout, while other callers keep being served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slowloris_connection_is_closed_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let sg = Sealgate::start_with_proxy_keys(
+        "header_timeout_s = 1",
+        &format!("[datasources.echo]\nurl = \"http://{}\"\n", up.addr),
+    );
+    let mut slow = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
+    let started = Instant::now();
+    let trickle = async {
+        slow.write_all(b"GET /echo/x HTTP/1.1\r\nHost: x\r\n")
+            .await?;
+        for byte in b"X-Slow: 1234567890\r\n".iter().cycle() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            slow.write_all(&[*byte]).await?;
+            if started.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+        }
+        std::io::Result::Ok(())
+    };
+    let served_meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        get(sg.proxy, "/echo/fast").await.status()
+    };
+    let (trickled, status) = tokio::join!(trickle, served_meanwhile);
+    assert_eq!(status, 200, "other callers are served");
+    let mut rest = Vec::new();
+    let closed = trickled.is_err() || matches!(slow.read_to_end(&mut rest).await, Ok(0) | Err(_));
+    assert!(closed, "the slow connection was not closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        sg.metrics()
+            .contains(r#"sealgate_downstream_closed_total{reason="head_timeout"} 1"#),
+        "{}",
+        sg.metrics()
+    );
+}

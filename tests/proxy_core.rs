@@ -188,7 +188,7 @@ async fn path_escapes_are_400_and_never_reach_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_refused_is_502_upstream_unreachable() {
-    let closed = free_port();
+    let closed = REFUSING_PORT;
     let sg = Sealgate::start(&datasource("down", &format!("http://127.0.0.1:{closed}")));
     assert_error(get(sg.proxy, "/down/x").await, 502, "upstream_unreachable").await;
     let r = &sg.audit(1)[0];

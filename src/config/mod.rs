@@ -31,6 +31,7 @@ use crate::upstream::Upstream;
 const DEFAULT_LISTEN: &str = "127.0.0.1:6180";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 const DEFAULT_GRACE_PERIOD_S: u64 = 10;
+const DEFAULT_HEADER_TIMEOUT_S: u64 = 10;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -68,6 +69,9 @@ pub struct ProxySettings {
     pub listen: Vec<SocketAddr>,
     pub threads: usize,
     pub grace_period: Duration,
+    /// How long a caller has to send a complete request head; also how
+    /// long an idle keep-alive connection is kept.
+    pub header_timeout: Duration,
     pub tls: Option<ProxyTls>,
 }
 
@@ -202,6 +206,18 @@ fn parse_with(
         Some(g) => *g.get_ref(),
         None => DEFAULT_GRACE_PERIOD_S,
     };
+    let header_timeout = match &raw.proxy.header_timeout_s {
+        Some(t) if !(1..=3600).contains(t.get_ref()) => {
+            v.sink.at(
+                t.span(),
+                "proxy.header_timeout_s",
+                "must be between 1 and 3600",
+            );
+            Duration::from_secs(DEFAULT_HEADER_TIMEOUT_S)
+        }
+        Some(t) => Duration::from_secs(*t.get_ref()),
+        None => Duration::from_secs(DEFAULT_HEADER_TIMEOUT_S),
+    };
     let admin_listen = match &raw.admin.listen {
         Some(a) => v.socket_addr(a, "admin.listen"),
         None => Some(parse_default(DEFAULT_ADMIN_LISTEN)),
@@ -286,6 +302,7 @@ fn parse_with(
             listen,
             threads,
             grace_period: Duration::from_secs(grace_s),
+            header_timeout,
             tls,
         },
         admin: AdminSettings {

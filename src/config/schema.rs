@@ -93,6 +93,7 @@ pub struct RawProxy {
     pub listen: Option<Vec<Spanned<String>>>,
     pub threads: Option<Spanned<usize>>,
     pub grace_period_s: Option<Spanned<u64>>,
+    pub header_timeout_s: Option<Spanned<u64>>,
     pub tls: Option<RawProxyTls>,
 }
 

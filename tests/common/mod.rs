@@ -19,6 +19,10 @@ use tokio::net::TcpStream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sealgate");
 
+/// A loopback port nothing listens on (tcpmux): connecting is refused, and
+/// unlike a port that was free a moment ago, no parallel test can take it.
+pub const REFUSING_PORT: u16 = 1;
+
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
@@ -48,10 +52,47 @@ impl Sealgate {
 
     /// Like `start_in`, with `RUST_LOG` set to `rust_log`.
     pub fn start_logging(dir: tempfile::TempDir, extra_toml: &str, rust_log: &str) -> Sealgate {
+        Self::launch(dir, "", extra_toml, rust_log)
+    }
+
+    /// Like `start`, with more keys in the `[proxy]` table.
+    pub fn start_with_proxy_keys(proxy_keys: &str, extra_toml: &str) -> Sealgate {
+        Self::launch(
+            tempfile::tempdir().expect("tempdir"),
+            &format!("{proxy_keys}\n"),
+            extra_toml,
+            "info",
+        )
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        proxy_keys: &str,
+        extra_toml: &str,
+        rust_log: &str,
+    ) -> Sealgate {
+        // A port found free can be taken by a parallel test before sealgate
+        // binds it; sealgate then exits at once saying so, and we retry.
+        let mut dir = dir;
+        for _ in 0..3 {
+            match Self::launch_once(dir, proxy_keys, extra_toml, rust_log) {
+                Ok(sg) => return sg,
+                Err(returned) => dir = returned,
+            }
+        }
+        panic!("sealgate could not find free ports in three tries");
+    }
+
+    fn launch_once(
+        dir: tempfile::TempDir,
+        proxy_keys: &str,
+        extra_toml: &str,
+        rust_log: &str,
+    ) -> Result<Sealgate, tempfile::TempDir> {
         let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let config = format!(
-            "[proxy]\nlisten = [\"{proxy}\"]\nthreads = 2\ngrace_period_s = 5\n\
+            "[proxy]\nlisten = [\"{proxy}\"]\nthreads = 2\ngrace_period_s = 5\n{proxy_keys}\
              [admin]\nlisten = \"{admin}\"\n\
              [audit]\noutput = \"audit.log\"\n\n{extra_toml}"
         );
@@ -74,11 +115,16 @@ impl Sealgate {
             admin,
             dir,
         };
-        sg.wait_ready();
-        sg
+        if sg.wait_ready() {
+            Ok(sg)
+        } else {
+            let placeholder = tempfile::tempdir().expect("tempdir");
+            Err(std::mem::replace(&mut sg.dir, placeholder))
+        }
     }
 
-    fn wait_ready(&mut self) {
+    /// True once ready; false if sealgate could not bind a port (retry).
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(status) = self
@@ -86,13 +132,16 @@ impl Sealgate {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
+                if self.stderr().contains("cannot listen on") {
+                    return false;
+                }
                 panic!(
                     "sealgate exited during startup ({status}); stderr:\n{}",
                     self.stderr()
                 );
             }
             if http_get_blocking(self.admin, "/readyz").is_some_and(|(code, _)| code == 200) {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(30));
         }
