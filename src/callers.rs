@@ -19,6 +19,7 @@ pub struct Caller {
     pub name: String,
     pub datasources: HashSet<String>,
     pub tls_identity: Option<String>,
+    pub unix_uid: Option<u32>,
     token_sha256: Option<[u8; 32]>,
 }
 
@@ -27,12 +28,14 @@ impl Caller {
         name: String,
         datasources: HashSet<String>,
         tls_identity: Option<String>,
+        unix_uid: Option<u32>,
         token_sha256: Option<[u8; 32]>,
     ) -> Caller {
         Caller {
             name,
             datasources,
             tls_identity,
+            unix_uid,
             token_sha256,
         }
     }
@@ -62,12 +65,26 @@ pub fn parse_token_sha256(hex: &str) -> Result<[u8; 32], String> {
 pub struct Callers {
     by_name: HashMap<String, Arc<Caller>>,
     by_tls_identity: HashMap<String, Arc<Caller>>,
+    by_unix_uid: HashMap<u32, Arc<Caller>>,
+}
+
+/// What a request brings to prove who sent it.
+#[derive(Default)]
+pub struct Presented<'a> {
+    /// The URI SAN of a verified client certificate.
+    pub tls_identity: Option<&'a str>,
+    /// The peer uid of a Unix-socket connection.
+    pub unix_uid: Option<u32>,
+    /// The `Proxy-Authorization` header.
+    pub token: Option<&'a [u8]>,
+    /// A loopback or Unix-socket peer.
+    pub local_peer: bool,
 }
 
 /// The outcome of identifying a request's caller.
 pub enum Identified {
     Caller(Arc<Caller>),
-    /// No callers are configured and the peer is on loopback.
+    /// No callers are configured and the peer is local.
     Local,
     Unauthenticated(&'static str),
 }
@@ -78,6 +95,9 @@ impl Callers {
         if let Some(identity) = &caller.tls_identity {
             self.by_tls_identity
                 .insert(identity.clone(), caller.clone());
+        }
+        if let Some(uid) = caller.unix_uid {
+            self.by_unix_uid.insert(uid, caller.clone());
         }
         self.by_name.insert(caller.name.clone(), caller);
     }
@@ -94,27 +114,25 @@ impl Callers {
         self.by_tls_identity.get(identity)
     }
 
-    /// Identifies a request by its client certificate's identity and its
-    /// `Proxy-Authorization: Bearer` token; when both are present they must
-    /// name the same caller.
-    pub fn identify(
-        &self,
-        tls_identity: Option<&str>,
-        proxy_authorization: Option<&[u8]>,
-        peer_is_loopback: bool,
-    ) -> Identified {
+    pub fn by_unix_uid(&self, uid: u32) -> Option<&Arc<Caller>> {
+        self.by_unix_uid.get(&uid)
+    }
+
+    /// Identifies a request by its connection (client certificate or peer
+    /// uid) and its `Proxy-Authorization: Bearer` token; when both name a
+    /// caller they must name the same one.
+    pub fn identify(&self, presented: &Presented<'_>) -> Identified {
         if self.by_name.is_empty() {
-            return if peer_is_loopback {
+            return if presented.local_peer {
                 Identified::Local
             } else {
                 Identified::Unauthenticated(
-                    "without configured callers only loopback clients are served",
+                    "without configured callers only local clients are served",
                 )
             };
         }
-        let by_cert = match tls_identity {
-            None => None,
-            Some(id) => match self.by_tls_identity.get(id) {
+        let by_connection = match (presented.tls_identity, presented.unix_uid) {
+            (Some(id), _) => match self.by_tls_identity.get(id) {
                 Some(caller) => Some(caller.clone()),
                 None => {
                     return Identified::Unauthenticated(
@@ -122,21 +140,25 @@ impl Callers {
                     )
                 }
             },
+            // A uid that is no caller may still present a token.
+            (None, Some(uid)) => self.by_unix_uid.get(&uid).cloned(),
+            (None, None) => None,
         };
-        let by_token = match proxy_authorization {
+        let by_token = match presented.token {
             None => None,
             Some(value) => match self.by_token(value) {
                 Identified::Caller(caller) => Some(caller),
                 other => return other,
             },
         };
-        match (by_cert, by_token) {
-            (Some(cert), Some(token)) if !Arc::ptr_eq(&cert, &token) => {
-                Identified::Unauthenticated(
-                    "the client certificate and the token name different callers",
-                )
+        match (by_connection, by_token) {
+            (Some(conn), Some(token)) if !Arc::ptr_eq(&conn, &token) => {
+                Identified::Unauthenticated("the connection and the token name different callers")
             }
             (Some(caller), _) | (None, Some(caller)) => Identified::Caller(caller),
+            (None, None) if presented.unix_uid.is_some() => Identified::Unauthenticated(
+                "the peer uid is no caller, and no caller token was sent",
+            ),
             (None, None) => Identified::Unauthenticated(
                 "missing caller token (Proxy-Authorization: Bearer <token>)",
             ),
@@ -187,11 +209,13 @@ mod tests {
             "billing".into(),
             HashSet::from(["pay".to_string()]),
             Some("spiffe://prod/billing".into()),
+            Some(1001),
             Some(hash("tok-billing")),
         ));
         c.insert(Caller::new(
             "crm".into(),
             HashSet::from(["crm".to_string()]),
+            None,
             None,
             Some(hash("tok-crm")),
         ));
@@ -206,47 +230,70 @@ mod tests {
         }
     }
 
+    fn token(t: &[u8]) -> Presented<'_> {
+        Presented {
+            token: Some(t),
+            ..Presented::default()
+        }
+    }
+
     #[test]
     fn tokens_identify_callers() {
         let c = callers();
-        assert_eq!(
-            name(c.identify(None, Some(b"Bearer tok-billing"), true)),
-            "billing"
-        );
-        assert_eq!(
-            name(c.identify(None, Some(b"bearer  tok-crm "), false)),
-            "crm"
-        );
-        assert!(name(c.identify(None, Some(b"Bearer tok-other"), true)).starts_with("401: unknown"));
+        assert_eq!(name(c.identify(&token(b"Bearer tok-billing"))), "billing");
+        assert_eq!(name(c.identify(&token(b"bearer  tok-crm "))), "crm");
+        assert!(name(c.identify(&token(b"Bearer tok-other"))).starts_with("401: unknown"));
+        assert!(name(c.identify(&token(b"Basic dG9rLWNybQ=="))).starts_with("401: missing"));
+        let loopback = Presented {
+            local_peer: true,
+            ..Presented::default()
+        };
         assert!(
-            name(c.identify(None, Some(b"Basic dG9rLWNybQ=="), true)).starts_with("401: missing")
-        );
-        assert!(
-            name(c.identify(None, None, true)).starts_with("401: missing"),
+            name(c.identify(&loopback)).starts_with("401: missing"),
             "loopback is no identity once callers exist"
         );
     }
 
     #[test]
-    fn certificates_identify_callers_and_must_agree_with_tokens() {
+    fn connections_identify_callers_and_must_agree_with_tokens() {
         let c = callers();
-        let billing = Some("spiffe://prod/billing");
-        assert_eq!(name(c.identify(billing, None, false)), "billing");
+        let cert = |t: Option<&'static [u8]>| Presented {
+            tls_identity: Some("spiffe://prod/billing"),
+            token: t,
+            ..Presented::default()
+        };
+        assert_eq!(name(c.identify(&cert(None))), "billing");
         assert_eq!(
-            name(c.identify(billing, Some(b"Bearer tok-billing"), false)),
+            name(c.identify(&cert(Some(b"Bearer tok-billing")))),
             "billing"
         );
-        assert!(
-            name(c.identify(billing, Some(b"Bearer tok-crm"), false)).contains("different callers")
-        );
-        assert!(name(c.identify(Some("spiffe://prod/other"), None, false)).contains("is no caller"));
+        assert!(name(c.identify(&cert(Some(b"Bearer tok-crm")))).contains("different callers"));
+        let stranger = Presented {
+            tls_identity: Some("spiffe://prod/other"),
+            ..Presented::default()
+        };
+        assert!(name(c.identify(&stranger)).contains("is no caller"));
+        let uid = |uid: u32, t: Option<&'static [u8]>| Presented {
+            unix_uid: Some(uid),
+            token: t,
+            local_peer: true,
+            ..Presented::default()
+        };
+        assert_eq!(name(c.identify(&uid(1001, None))), "billing");
+        assert!(name(c.identify(&uid(1002, None))).contains("peer uid is no caller"));
+        assert_eq!(name(c.identify(&uid(1002, Some(b"Bearer tok-crm")))), "crm");
+        assert!(name(c.identify(&uid(1001, Some(b"Bearer tok-crm")))).contains("different callers"));
     }
 
     #[test]
-    fn without_callers_only_loopback_is_served() {
+    fn without_callers_only_local_peers_are_served() {
         let c = Callers::default();
-        assert_eq!(name(c.identify(None, None, true)), LOCAL);
-        assert!(name(c.identify(None, Some(b"Bearer x"), false)).starts_with("401"));
+        let local = Presented {
+            local_peer: true,
+            ..Presented::default()
+        };
+        assert_eq!(name(c.identify(&local)), LOCAL);
+        assert!(name(c.identify(&token(b"Bearer x"))).starts_with("401"));
     }
 
     #[test]

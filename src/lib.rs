@@ -20,4 +20,5 @@ pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod unix_listener;
 pub mod upstream;

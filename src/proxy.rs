@@ -20,7 +20,7 @@ use pingora::{Error, ErrorType, Result};
 use zeroize::Zeroizing;
 
 use crate::audit::{now_rfc3339, AuditRecord, Decision};
-use crate::callers::{self, Caller, Identified};
+use crate::callers::{self, Caller, Identified, Presented};
 use crate::config::{Config, CredentialState, DataSource};
 use crate::egress::Denial;
 use crate::errors::{classify, ErrorCode, Refusal};
@@ -155,11 +155,14 @@ impl ProxyHttp for SealgateProxy {
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|tls| tls.extension.get::<TlsIdentity>())
             .map(|id| id.0.as_str());
-        match ctx.config.callers.identify(
+        let unix_uid = crate::unix_listener::peer_uid();
+        let presented = Presented {
             tls_identity,
-            token.map(|v| v.as_bytes()),
-            peer_is_loopback,
-        ) {
+            unix_uid,
+            token: token.map(|v| v.as_bytes()),
+            local_peer: peer_is_loopback || unix_uid.is_some(),
+        };
+        match ctx.config.callers.identify(&presented) {
             Identified::Caller(caller) => ctx.caller = Some(caller),
             Identified::Local => {}
             Identified::Unauthenticated(why) => {

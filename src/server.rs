@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::proxy::SealgateProxy;
 use crate::state::{Shared, TlsHandles};
 use crate::tls::IdentityCallback;
+use crate::unix_listener::UnixListenerService;
 use pingora::listeners::tls::TlsSettings;
 use pingora::services::listening::Service;
 
@@ -41,6 +42,11 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("TLS listener: {0}")]
     Tls(String),
+    #[error("cannot listen on {}: {source}", path.display())]
+    Unix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Runs sealgate until it is told to stop. Returns once drained.
@@ -61,6 +67,16 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         .as_ref()
         .map(|t| t.listen.clone())
         .unwrap_or_default();
+    let unix_listener = match &config.proxy.listen_unix {
+        None => None,
+        Some(path) => Some((
+            path.clone(),
+            crate::unix_listener::bind(path).map_err(|source| StartError::Unix {
+                path: path.clone(),
+                source,
+            })?,
+        )),
+    };
     for addr in &tls_listen {
         drop(bind(*addr, "proxy TLS listener")?);
     }
@@ -88,6 +104,15 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         }
     }
     server.add_service(proxy);
+    if let Some((path, listener)) = unix_listener {
+        let app =
+            pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
+        let app = HeadDeadline::new(app, header_timeout, shared.clone());
+        server.add_service(background_service(
+            "sealgate unix listener",
+            UnixListenerService::new(app, path, listener),
+        ));
+    }
     server.add_service(background_service(
         "sealgate admin",
         AdminService::new(

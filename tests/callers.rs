@@ -149,9 +149,9 @@ fn caller_policy_errors_name_file_and_line() {
         ),
     )
     .unwrap();
-    // Identities this version cannot check are refused, not ignored.
+    // A misspelt identity is refused, never ignored.
     let tls = dir.path().join("policies/tls.toml");
-    std::fs::write(&tls, "[callers.d]\nunix_uid = 1001\n").unwrap();
+    std::fs::write(&tls, "[callers.d]\ntoken_sha265 = \"x\"\n").unwrap();
     let cfg = dir.path().join("sealgate.toml");
     std::fs::write(&cfg, "[policy]\ndir = \"policies\"\n").unwrap();
     let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
@@ -159,13 +159,89 @@ fn caller_policy_errors_name_file_and_line() {
     let p = policy.display();
     for want in [
         format!("{p}:2: callers.a.token_sha256: must be the SHA-256 of the token"),
-        format!("{p}:3: callers.b: a caller needs an identity: tls_identity or token_sha256"),
+        format!(
+            "{p}:3: callers.b: a caller needs an identity: tls_identity, unix_uid or token_sha256"
+        ),
         format!("{p}:7: callers.c.datasources: no data source named \"nope\""),
         format!(
-            "{}:2: callers.d.unix_uid: unknown field `unix_uid`",
+            "{}:2: callers.d.token_sha265: unknown field `token_sha265`",
             tls.display()
         ),
     ] {
         assert!(err.contains(&want), "no `{want}` in:\n{err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unix_socket_callers_are_known_by_their_peer_uid() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_loopback_policy(dir.path());
+    let my_uid = nix::unistd::Uid::effective().as_raw();
+    std::fs::write(
+        dir.path().join("policies/callers.toml"),
+        format!("[callers.app]\nunix_uid = {my_uid}\ndatasources = [\"echo\"]\n"),
+    )
+    .unwrap();
+    let socket = dir.path().join("sealgate.sock");
+    let sg = Sealgate::start_in_with_proxy_keys(
+        dir,
+        "listen_unix = \"sealgate.sock\"",
+        &format!(
+            "[policy]\ndir = \"policies\"\n[datasources.echo]\nurl = \"http://{}\"\n",
+            up.addr
+        ),
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "owner and group only");
+
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut sender = h1_over(stream).await;
+    let resp = sender
+        .send_request(
+            Request::get("/echo/x")
+                .header("host", "x")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sg.audit(1)[0]["caller"], "app");
+
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED the other-uid half of unix_socket_callers_are_known_by_their_peer_uid: needs root");
+        return;
+    }
+    // Let another uid reach the socket, so that sealgate (not the file
+    // mode) is what refuses it.
+    std::fs::set_permissions(sg.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let socket_path = socket.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+                &socket_path,
+                "http://x/echo/x",
+            ])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "401",
+        "another uid is no caller"
+    );
 }

@@ -72,6 +72,8 @@ pub struct ProxySettings {
     /// How long a caller has to send a complete request head; also how
     /// long an idle keep-alive connection is kept.
     pub header_timeout: Duration,
+    /// A Unix socket whose callers are known by their peer uid.
+    pub listen_unix: Option<PathBuf>,
     pub tls: Option<ProxyTls>,
 }
 
@@ -271,6 +273,11 @@ fn parse_with(
         .tls
         .as_ref()
         .and_then(|t| v.proxy_tls(t, &callers));
+    let listen_unix = raw
+        .proxy
+        .listen_unix
+        .as_ref()
+        .map(|p| v.relative(p.get_ref()));
     let context = DataSourceContext {
         keyring: keyring.as_ref(),
         egress: &egress,
@@ -303,6 +310,7 @@ fn parse_with(
             threads,
             grace_period: Duration::from_secs(grace_s),
             header_timeout,
+            listen_unix,
             tls,
         },
         admin: AdminSettings {

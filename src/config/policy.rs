@@ -125,11 +125,14 @@ fn load_callers(
             );
             continue;
         }
-        if raw_caller.token_sha256.is_none() && raw_caller.tls_identity.is_none() {
+        if raw_caller.token_sha256.is_none()
+            && raw_caller.tls_identity.is_none()
+            && raw_caller.unix_uid.is_none()
+        {
             sink.at(
                 name.span(),
                 format!("callers.{}", name.get_ref()),
-                "a caller needs an identity: tls_identity or token_sha256",
+                "a caller needs an identity: tls_identity, unix_uid or token_sha256",
             );
             continue;
         }
@@ -177,10 +180,22 @@ fn load_callers(
                 );
             }
         }
+        let unix_uid = raw_caller.unix_uid.as_ref().map(|u| *u.get_ref());
+        if let (Some(uid), Some(raw)) = (unix_uid, &raw_caller.unix_uid) {
+            if callers.by_unix_uid(uid).is_some() {
+                sink.at(
+                    raw.span(),
+                    key("unix_uid"),
+                    "the same uid belongs to another caller",
+                );
+                continue;
+            }
+        }
         callers.insert(Caller::new(
             name.get_ref().clone(),
             grants,
             tls_identity,
+            unix_uid,
             token,
         ));
     }

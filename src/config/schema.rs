@@ -51,6 +51,7 @@ pub struct RawPolicyFile {
 #[serde(deny_unknown_fields)]
 pub struct RawCaller {
     pub tls_identity: Option<Spanned<String>>,
+    pub unix_uid: Option<Spanned<u32>>,
     pub token_sha256: Option<Spanned<String>>,
     #[serde(default)]
     pub datasources: Vec<Spanned<String>>,
@@ -94,6 +95,7 @@ pub struct RawProxy {
     pub threads: Option<Spanned<usize>>,
     pub grace_period_s: Option<Spanned<u64>>,
     pub header_timeout_s: Option<Spanned<u64>>,
+    pub listen_unix: Option<Spanned<String>>,
     pub tls: Option<RawProxyTls>,
 }
 

@@ -55,6 +55,15 @@ impl Sealgate {
         Self::launch(dir, "", extra_toml, rust_log)
     }
 
+    /// Like `start_in`, with more keys in the `[proxy]` table.
+    pub fn start_in_with_proxy_keys(
+        dir: tempfile::TempDir,
+        proxy_keys: &str,
+        extra_toml: &str,
+    ) -> Sealgate {
+        Self::launch(dir, &format!("{proxy_keys}\n"), extra_toml, "info")
+    }
+
     /// Like `start`, with more keys in the `[proxy]` table.
     pub fn start_with_proxy_keys(proxy_keys: &str, extra_toml: &str) -> Sealgate {
         Self::launch(
