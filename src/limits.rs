@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
 use crate::state::Shared;
@@ -83,5 +84,49 @@ where
 
     async fn http_cleanup(&self) {
         self.inner.http_cleanup().await
+    }
+}
+
+/// Caps concurrent caller connections; one over the cap is closed at once
+/// and counted, so a flood of idle connections cannot exhaust descriptors.
+pub struct ConnectionCap<A> {
+    inner: Arc<A>,
+    permits: Arc<tokio::sync::Semaphore>,
+    shared: Arc<Shared>,
+}
+
+impl<A> ConnectionCap<A> {
+    pub fn new(inner: A, permits: Arc<tokio::sync::Semaphore>, shared: Arc<Shared>) -> Self {
+        ConnectionCap {
+            inner: Arc::new(inner),
+            permits,
+            shared,
+        }
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for ConnectionCap<A>
+where
+    A: ServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+            self.shared
+                .metrics
+                .downstream_closed
+                .with_label_values(&["connection_limit"])
+                .inc();
+            return None;
+        };
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
     }
 }

@@ -75,6 +75,9 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     if current.proxy.header_timeout != next.proxy.header_timeout {
         changed.push("proxy.header_timeout_s");
     }
+    if current.proxy.max_connections != next.proxy.max_connections {
+        changed.push("proxy.max_connections");
+    }
     let tls_listen = |c: &Config| c.proxy.tls.as_ref().map(|t| t.listen.clone());
     if tls_listen(current) != tls_listen(next) {
         changed.push("proxy.tls");

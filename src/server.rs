@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::admin::AdminService;
 use crate::audit::AuditLog;
 use crate::config::Config;
-use crate::limits::HeadDeadline;
+use crate::limits::{ConnectionCap, HeadDeadline};
 use crate::metrics::Metrics;
 use crate::proxy::SealgateProxy;
 use crate::state::{Shared, TlsHandles};
@@ -85,15 +85,21 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     let proxy_listen = config.proxy.listen.clone();
     let grace_period = config.proxy.grace_period;
     let header_timeout = config.proxy.header_timeout;
+    let max_connections = config.proxy.max_connections;
     let server_conf = server_conf(&config);
     let shared = Shared::new(config, metrics, audit);
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
     let app = pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut proxy = Service::new(
         "sealgate proxy".to_string(),
-        HeadDeadline::new(app, header_timeout, shared.clone()),
+        ConnectionCap::new(
+            HeadDeadline::new(app, header_timeout, shared.clone()),
+            permits.clone(),
+            shared.clone(),
+        ),
     );
     for addr in &proxy_listen {
         proxy.add_tcp(&addr.to_string());
@@ -107,7 +113,11 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     if let Some((path, listener)) = unix_listener {
         let app =
             pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
-        let app = HeadDeadline::new(app, header_timeout, shared.clone());
+        let app = ConnectionCap::new(
+            HeadDeadline::new(app, header_timeout, shared.clone()),
+            permits,
+            shared.clone(),
+        );
         server.add_service(background_service(
             "sealgate unix listener",
             UnixListenerService::new(app, path, listener),

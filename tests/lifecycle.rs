@@ -356,3 +356,34 @@ async fn a_slowloris_connection_is_closed_at_the_header_timeout() {
         sg.metrics()
     );
 }
+
+/// Connections beyond `max_connections` are closed at once and counted; a
+/// slot frees as soon as a connection ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_the_cap_are_closed_and_counted() {
+    use tokio::io::AsyncReadExt;
+    let up = echo_upstream().await;
+    let sg = Sealgate::start_with_proxy_keys(
+        "max_connections = 2\nheader_timeout_s = 30",
+        &format!("[datasources.echo]\nurl = \"http://{}\"\n", up.addr),
+    );
+    // The readiness probe's connection may still be releasing its slot.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let idle_a = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
+    let _idle_b = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut third = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the third connection was not closed: {read:?}");
+    assert!(
+        sg.metrics().contains(r#"sealgate_downstream_closed_total{reason="connection_limit"} 1"#),
+        "{}",
+        sg.metrics()
+    );
+
+    drop(idle_a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(sg.proxy, "/echo/x").await.status(), 200, "a freed slot is usable");
+}

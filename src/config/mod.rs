@@ -32,6 +32,7 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:6180";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 const DEFAULT_GRACE_PERIOD_S: u64 = 10;
 const DEFAULT_HEADER_TIMEOUT_S: u64 = 10;
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -74,6 +75,8 @@ pub struct ProxySettings {
     pub header_timeout: Duration,
     /// A Unix socket whose callers are known by their peer uid.
     pub listen_unix: Option<PathBuf>,
+    /// Concurrent caller connections, all listeners together.
+    pub max_connections: usize,
     pub tls: Option<ProxyTls>,
 }
 
@@ -220,6 +223,18 @@ fn parse_with(
         Some(t) => Duration::from_secs(*t.get_ref()),
         None => Duration::from_secs(DEFAULT_HEADER_TIMEOUT_S),
     };
+    let max_connections = match &raw.proxy.max_connections {
+        Some(m) if !(1..=1_000_000).contains(m.get_ref()) => {
+            v.sink.at(
+                m.span(),
+                "proxy.max_connections",
+                "must be between 1 and 1000000",
+            );
+            DEFAULT_MAX_CONNECTIONS
+        }
+        Some(m) => *m.get_ref(),
+        None => DEFAULT_MAX_CONNECTIONS,
+    };
     let admin_listen = match &raw.admin.listen {
         Some(a) => v.socket_addr(a, "admin.listen"),
         None => Some(parse_default(DEFAULT_ADMIN_LISTEN)),
@@ -311,6 +326,7 @@ fn parse_with(
             grace_period: Duration::from_secs(grace_s),
             header_timeout,
             listen_unix,
+            max_connections,
             tls,
         },
         admin: AdminSettings {

@@ -96,6 +96,7 @@ pub struct RawProxy {
     pub grace_period_s: Option<Spanned<u64>>,
     pub header_timeout_s: Option<Spanned<u64>>,
     pub listen_unix: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<usize>>,
     pub tls: Option<RawProxyTls>,
 }
 
