@@ -137,6 +137,19 @@ impl ProxyHttp for SealgateProxy {
         }
     }
 
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // pingora waits on a caller's body, or for it to read the response,
+        // with no deadline unless one is set.
+        let idle = Some(ctx.config.proxy.idle_timeout);
+        session.set_read_timeout(idle);
+        session.set_write_timeout(idle);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         // Who is asking comes first, so an unknown caller learns nothing,
         // not even which data sources exist.
@@ -444,6 +457,18 @@ impl ProxyHttp for SealgateProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if e.esource() == &pingora::ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            )
+        {
+            self.shared
+                .metrics
+                .downstream_closed
+                .with_label_values(&["idle_timeout"])
+                .inc();
+        }
         let refusal = ctx.refusal.clone().or_else(|| classify(e));
         let mut error_code = 0;
         if let Some(refusal) = &refusal {

@@ -75,6 +75,9 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     if current.proxy.header_timeout != next.proxy.header_timeout {
         changed.push("proxy.header_timeout_s");
     }
+    if current.proxy.idle_timeout != next.proxy.idle_timeout {
+        changed.push("proxy.idle_timeout_s");
+    }
     if current.proxy.max_connections != next.proxy.max_connections {
         changed.push("proxy.max_connections");
     }

@@ -22,7 +22,9 @@ use crate::proxy::SealgateProxy;
 use crate::state::{Shared, TlsHandles};
 use crate::tls::IdentityCallback;
 use crate::unix_listener::UnixListenerService;
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::proxy::HttpProxy;
 use pingora::services::listening::Service;
 
 /// After a drain ends, how long the audit writer gets to write what is queued.
@@ -86,12 +88,13 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     let grace_period = config.proxy.grace_period;
     let header_timeout = config.proxy.header_timeout;
     let max_connections = config.proxy.max_connections;
+    let idle_timeout = config.proxy.idle_timeout;
     let server_conf = server_conf(&config);
     let shared = Shared::new(config, metrics, audit);
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
-    let app = pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
+    let app = proxy_app(&server, &shared, idle_timeout);
     let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut proxy = Service::new(
         "sealgate proxy".to_string(),
@@ -111,8 +114,7 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     }
     server.add_service(proxy);
     if let Some((path, listener)) = unix_listener {
-        let app =
-            pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
+        let app = proxy_app(&server, &shared, idle_timeout);
         let app = ConnectionCap::new(
             HeadDeadline::new(app, header_timeout, shared.clone()),
             permits,
@@ -141,6 +143,21 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     shared.audit.flush_blocking(AUDIT_FLUSH_TIMEOUT);
     tracing::info!("sealgate stopped");
     Ok(())
+}
+
+/// The HTTP app every listener serves; h2 connections idle longer than
+/// `idle_timeout` are closed (h1 ones by the header deadline).
+fn proxy_app(
+    server: &Server,
+    shared: &Arc<Shared>,
+    idle_timeout: Duration,
+) -> HttpProxy<SealgateProxy> {
+    let mut app =
+        pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(idle_timeout);
+    app.server_options = Some(options);
+    app
 }
 
 /// pingora's rustls listener, with sealgate's swappable certificate and

@@ -376,14 +376,51 @@ async fn connections_over_the_cap_are_closed_and_counted() {
     let mut third = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
     let mut buf = [0u8; 1];
     let read = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf)).await;
-    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the third connection was not closed: {read:?}");
     assert!(
-        sg.metrics().contains(r#"sealgate_downstream_closed_total{reason="connection_limit"} 1"#),
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the third connection was not closed: {read:?}"
+    );
+    assert!(
+        sg.metrics()
+            .contains(r#"sealgate_downstream_closed_total{reason="connection_limit"} 1"#),
         "{}",
         sg.metrics()
     );
 
     drop(idle_a);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(get(sg.proxy, "/echo/x").await.status(), 200, "a freed slot is usable");
+    assert_eq!(
+        get(sg.proxy, "/echo/x").await.status(),
+        200,
+        "a freed slot is usable"
+    );
+}
+
+/// A caller that stops sending its body half way is cut off at the idle
+/// timeout instead of holding the connection (and the upstream's) forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_stalling_mid_body_is_cut_off_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let sg = Sealgate::start_with_proxy_keys(
+        "idle_timeout_s = 1",
+        &format!("[datasources.echo]\nurl = \"http://{}\"\n", up.addr),
+    );
+    let mut stalled = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
+    stalled
+        .write_all(b"POST /echo/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "still open after 5 s");
+    assert!(started.elapsed() < Duration::from_secs(4), "cut off only after {:?}", started.elapsed());
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.is_empty() || text.contains("bad_request"), "{text}");
+    assert!(
+        sg.metrics().contains(r#"sealgate_downstream_closed_total{reason="idle_timeout"} 1"#),
+        "{}",
+        sg.metrics()
+    );
 }

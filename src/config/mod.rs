@@ -33,6 +33,7 @@ const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 const DEFAULT_GRACE_PERIOD_S: u64 = 10;
 const DEFAULT_HEADER_TIMEOUT_S: u64 = 10;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+const DEFAULT_IDLE_TIMEOUT_S: u64 = 60;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -77,6 +78,9 @@ pub struct ProxySettings {
     pub listen_unix: Option<PathBuf>,
     /// Concurrent caller connections, all listeners together.
     pub max_connections: usize,
+    /// Longest wait for a caller's next bytes, or for it to take ours,
+    /// once a request is under way.
+    pub idle_timeout: Duration,
     pub tls: Option<ProxyTls>,
 }
 
@@ -223,6 +227,18 @@ fn parse_with(
         Some(t) => Duration::from_secs(*t.get_ref()),
         None => Duration::from_secs(DEFAULT_HEADER_TIMEOUT_S),
     };
+    let idle_timeout = match &raw.proxy.idle_timeout_s {
+        Some(t) if !(1..=3600).contains(t.get_ref()) => {
+            v.sink.at(
+                t.span(),
+                "proxy.idle_timeout_s",
+                "must be between 1 and 3600",
+            );
+            Duration::from_secs(DEFAULT_IDLE_TIMEOUT_S)
+        }
+        Some(t) => Duration::from_secs(*t.get_ref()),
+        None => Duration::from_secs(DEFAULT_IDLE_TIMEOUT_S),
+    };
     let max_connections = match &raw.proxy.max_connections {
         Some(m) if !(1..=1_000_000).contains(m.get_ref()) => {
             v.sink.at(
@@ -327,6 +343,7 @@ fn parse_with(
             header_timeout,
             listen_unix,
             max_connections,
+            idle_timeout,
             tls,
         },
         admin: AdminSettings {

@@ -97,6 +97,7 @@ pub struct RawProxy {
     pub header_timeout_s: Option<Spanned<u64>>,
     pub listen_unix: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<usize>>,
+    pub idle_timeout_s: Option<Spanned<u64>>,
     pub tls: Option<RawProxyTls>,
 }
 
