@@ -408,18 +408,25 @@ async fn a_caller_stalling_mid_body_is_cut_off_at_the_idle_timeout() {
     );
     let mut stalled = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
     stalled
-        .write_all(b"POST /echo/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .write_all(
+            b"POST /echo/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+        )
         .await
         .unwrap();
     let started = Instant::now();
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "still open after 5 s");
-    assert!(started.elapsed() < Duration::from_secs(4), "cut off only after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut off only after {:?}",
+        started.elapsed()
+    );
     let text = String::from_utf8_lossy(&answer);
     assert!(text.is_empty() || text.contains("bad_request"), "{text}");
     assert!(
-        sg.metrics().contains(r#"sealgate_downstream_closed_total{reason="idle_timeout"} 1"#),
+        sg.metrics()
+            .contains(r#"sealgate_downstream_closed_total{reason="idle_timeout"} 1"#),
         "{}",
         sg.metrics()
     );
