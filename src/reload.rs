@@ -60,36 +60,29 @@ fn swap_tls(shared: &Shared, next: &Config) {
     }
 }
 
-/// Settings bound at start (listeners, threads, the audit sink).
+/// Settings bound at start (listeners, threads, timeouts, the audit sink).
 fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if current.proxy.listen != next.proxy.listen {
-        changed.push("proxy.listen");
-    }
-    if current.proxy.threads != next.proxy.threads {
-        changed.push("proxy.threads");
-    }
-    if current.proxy.grace_period != next.proxy.grace_period {
-        changed.push("proxy.grace_period_s");
-    }
-    if current.proxy.header_timeout != next.proxy.header_timeout {
-        changed.push("proxy.header_timeout_s");
-    }
-    if current.proxy.idle_timeout != next.proxy.idle_timeout {
-        changed.push("proxy.idle_timeout_s");
-    }
-    if current.proxy.max_connections != next.proxy.max_connections {
-        changed.push("proxy.max_connections");
-    }
+    let (a, b) = (&current.proxy, &next.proxy);
     let tls_listen = |c: &Config| c.proxy.tls.as_ref().map(|t| t.listen.clone());
-    if tls_listen(current) != tls_listen(next) {
-        changed.push("proxy.tls");
-    }
-    if current.admin.listen != next.admin.listen {
-        changed.push("admin.listen");
-    }
-    if current.audit.output != next.audit.output {
-        changed.push("audit.output");
-    }
-    changed
+    [
+        ("proxy.listen", a.listen != b.listen),
+        ("proxy.listen_unix", a.listen_unix != b.listen_unix),
+        ("proxy.threads", a.threads != b.threads),
+        ("proxy.grace_period_s", a.grace_period != b.grace_period),
+        (
+            "proxy.header_timeout_s",
+            a.header_timeout != b.header_timeout,
+        ),
+        ("proxy.idle_timeout_s", a.idle_timeout != b.idle_timeout),
+        (
+            "proxy.max_connections",
+            a.max_connections != b.max_connections,
+        ),
+        ("proxy.tls.listen", tls_listen(current) != tls_listen(next)),
+        ("admin.listen", current.admin.listen != next.admin.listen),
+        ("audit.output", current.audit.output != next.audit.output),
+    ]
+    .into_iter()
+    .filter_map(|(setting, changed)| changed.then_some(setting))
+    .collect()
 }

@@ -60,8 +60,8 @@ async fn tls_status(
         .map_err(|e| format!("request: {e}"))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tls_termination_serves_h1_and_h2() {
+/// sealgate with a TLS listener (no client CA) in front of an echo upstream.
+async fn start_tls_in_front_of_echo() -> (Pki, std::net::SocketAddr, Sealgate) {
     let up = echo_upstream().await;
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
@@ -75,6 +75,12 @@ async fn tls_termination_serves_h1_and_h2() {
             up.addr
         ),
     );
+    (pki, tls, sg)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_termination_serves_h1_and_h2() {
+    let (pki, tls, sg) = start_tls_in_front_of_echo().await;
 
     let stream = tls_connect(tls, &[&pki.server_ca], None, &[b"http/1.1"])
         .await
@@ -222,19 +228,7 @@ fn bad_tls_files_and_an_open_listener_without_callers_are_config_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_old_ones() {
-    let up = echo_upstream().await;
-    let pki = Pki::new();
-    let dir = tempfile::tempdir().unwrap();
-    pki.write(dir.path());
-    let tls = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let sg = Sealgate::start_in(
-        dir,
-        &format!(
-            "[proxy.tls]\nlisten = [\"{tls}\"]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\n\
-             [datasources.echo]\nurl = \"http://{}\"\n",
-            up.addr
-        ),
-    );
+    let (pki, tls, sg) = start_tls_in_front_of_echo().await;
     let old_stream = tls_connect(tls, &[&pki.server_ca], None, &[b"http/1.1"])
         .await
         .unwrap();
