@@ -94,16 +94,12 @@ pub fn serve(config: Config) -> Result<(), StartError> {
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
-    let app = proxy_app(&server, &shared, idle_timeout);
-    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    let mut proxy = Service::new(
-        "sealgate proxy".to_string(),
-        ConnectionCap::new(
-            HeadDeadline::new(app, header_timeout, shared.clone()),
-            permits.clone(),
-            shared.clone(),
-        ),
-    );
+    let limits = Limits {
+        header_timeout,
+        idle_timeout,
+        permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+    };
+    let mut proxy = Service::new("sealgate proxy".to_string(), limits.app(&server, &shared));
     for addr in &proxy_listen {
         proxy.add_tcp(&addr.to_string());
     }
@@ -114,15 +110,9 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     }
     server.add_service(proxy);
     if let Some((path, listener)) = unix_listener {
-        let app = proxy_app(&server, &shared, idle_timeout);
-        let app = ConnectionCap::new(
-            HeadDeadline::new(app, header_timeout, shared.clone()),
-            permits,
-            shared.clone(),
-        );
         server.add_service(background_service(
             "sealgate unix listener",
-            UnixListenerService::new(app, path, listener),
+            UnixListenerService::new(limits.app(&server, &shared), path, listener),
         ));
     }
     server.add_service(background_service(
@@ -145,19 +135,31 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The HTTP app every listener serves; h2 connections idle longer than
-/// `idle_timeout` are closed (h1 ones by the header deadline).
-fn proxy_app(
-    server: &Server,
-    shared: &Arc<Shared>,
+/// The downstream limits every listener's HTTP app is wrapped in; the
+/// connection permits are shared by all listeners.
+struct Limits {
+    header_timeout: Duration,
     idle_timeout: Duration,
-) -> HttpProxy<SealgateProxy> {
-    let mut app =
-        pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
-    let mut options = HttpServerOptions::default();
-    options.h2_idle_timeout = Some(idle_timeout);
-    app.server_options = Some(options);
-    app
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+type ProxyApp = ConnectionCap<HeadDeadline<HttpProxy<SealgateProxy>>>;
+
+impl Limits {
+    /// The HTTP app a listener serves. h2 connections idle longer than the
+    /// idle timeout are closed (h1 ones by the header deadline).
+    fn app(&self, server: &Server, shared: &Arc<Shared>) -> ProxyApp {
+        let mut app =
+            pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
+        let mut options = HttpServerOptions::default();
+        options.h2_idle_timeout = Some(self.idle_timeout);
+        app.server_options = Some(options);
+        ConnectionCap::new(
+            HeadDeadline::new(app, self.header_timeout, shared.clone()),
+            self.permits.clone(),
+            shared.clone(),
+        )
+    }
 }
 
 /// pingora's rustls listener, with sealgate's swappable certificate and
