@@ -187,47 +187,20 @@ impl ProxyHttp for SealgateProxy {
         }
         let uri = &session.req_header().uri;
         let routed = match route::split(uri.path()) {
-            Ok(r) => match ctx.config.datasources.get(r.datasource) {
-                Some(ds) if ctx.caller.as_ref().is_some_and(|c| !c.may_use(&ds.name)) => {
-                    ctx.datasource = Some(ds.clone());
-                    Err(Refusal::new(
-                        ErrorCode::CallerForbidden,
-                        format!(
-                            "caller \"{}\" may not use data source \"{}\"",
-                            ctx.caller.as_ref().map_or("", |c| c.name.as_str()),
-                            ds.name
-                        ),
-                    ))
-                }
-                Some(ds) if matches!(ds.credential, Some(CredentialState::Unavailable { .. })) => {
-                    ctx.datasource = Some(ds.clone());
-                    self.shared
-                        .metrics
-                        .credential_open_failures
-                        .with_label_values(&[ds.name.as_str()])
-                        .inc();
-                    Err(credential_unavailable(&ds.name))
-                }
-                Some(ds) if ds.egress.is_err() => {
-                    ctx.datasource = Some(ds.clone());
-                    let denial = ds.egress.as_ref().err();
-                    Err(denial.map_or_else(
-                        || Refusal::new(ErrorCode::Internal, "egress verdict missing"),
-                        |d| self.deny_egress(&ds.name, d),
-                    ))
-                }
+            Ok(r) => match ctx.config.datasources.get(r.datasource).cloned() {
                 Some(ds) => {
-                    let query = match ds.ready_credential() {
-                        Some(credential) => credential.query_with_credential(uri.query()),
-                        None => uri.query().map(Cow::Borrowed),
-                    };
-                    ctx.upstream_target = Zeroizing::new(route::upstream_target(
-                        &ds.upstream.base_path,
-                        r.rest,
-                        query.as_deref(),
-                    ));
                     ctx.datasource = Some(ds.clone());
-                    Ok(())
+                    self.admit(ctx, &ds).map(|()| {
+                        let query = match ds.ready_credential() {
+                            Some(credential) => credential.query_with_credential(uri.query()),
+                            None => uri.query().map(Cow::Borrowed),
+                        };
+                        ctx.upstream_target = Zeroizing::new(route::upstream_target(
+                            &ds.upstream.base_path,
+                            r.rest,
+                            query.as_deref(),
+                        ));
+                    })
                 }
                 None => Err(Refusal::new(
                     ErrorCode::UnknownDatasource,
@@ -559,6 +532,32 @@ impl ProxyHttp for SealgateProxy {
 }
 
 impl SealgateProxy {
+    /// Whether this request may use this data source: the caller's grant,
+    /// then a credential that opened, then the egress policy's verdict.
+    fn admit(&self, ctx: &RequestCtx, ds: &DataSource) -> std::result::Result<(), Refusal> {
+        if let Some(caller) = ctx.caller.as_ref().filter(|c| !c.may_use(&ds.name)) {
+            return Err(Refusal::new(
+                ErrorCode::CallerForbidden,
+                format!(
+                    "caller \"{}\" may not use data source \"{}\"",
+                    caller.name, ds.name
+                ),
+            ));
+        }
+        if let Some(CredentialState::Unavailable { .. }) = ds.credential {
+            self.shared
+                .metrics
+                .credential_open_failures
+                .with_label_values(&[ds.name.as_str()])
+                .inc();
+            return Err(credential_unavailable(&ds.name));
+        }
+        if let Err(denial) = &ds.egress {
+            return Err(self.deny_egress(&ds.name, denial));
+        }
+        Ok(())
+    }
+
     fn deny_egress(&self, datasource: &str, denial: &Denial) -> Refusal {
         self.shared
             .metrics
