@@ -202,7 +202,7 @@ fn datasources_json(shared: &Shared) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::audit::AuditLog;
-    use crate::config::{self, AuditOutput};
+    use crate::config::{self, AuditOutput, OnFull};
     use crate::metrics::Metrics;
 
     fn shared() -> Arc<Shared> {
@@ -211,11 +211,14 @@ mod tests {
             "[datasources.a]\nurl = \"https://example.com\"\n",
         )
         .unwrap();
-        Shared::new(
-            config,
-            Metrics::new().unwrap(),
-            AuditLog::open(&AuditOutput::Stdout).unwrap(),
+        let metrics = Metrics::new().unwrap();
+        let audit = AuditLog::open(
+            &AuditOutput::Stdout,
+            OnFull::Block,
+            metrics.audit_dropped.clone(),
         )
+        .unwrap();
+        Shared::new(config, metrics, audit)
     }
 
     fn status(shared: &Shared, path: &str, peer: &str) -> StatusCode {

@@ -12,7 +12,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::config::AuditOutput;
+use crate::config::{AuditOutput, OnFull};
 
 const QUEUE_DEPTH: usize = 4096;
 
@@ -57,12 +57,18 @@ enum Message {
 
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
+    on_full: OnFull,
+    dropped: prometheus::IntCounter,
 }
 
 impl AuditLog {
     /// Opens the output (a file is created or appended, mode 0640) and
     /// starts the writer thread.
-    pub fn open(output: &AuditOutput) -> io::Result<AuditLog> {
+    pub fn open(
+        output: &AuditOutput,
+        on_full: OnFull,
+        dropped: prometheus::IntCounter,
+    ) -> io::Result<AuditLog> {
         let sink: Box<dyn Write + Send> = match output {
             AuditOutput::Stdout => Box::new(io::stdout()),
             AuditOutput::File(path) => {
@@ -82,13 +88,29 @@ impl AuditLog {
         std::thread::Builder::new()
             .name("sealgate-audit".into())
             .spawn(move || write_loop(rx, BufWriter::with_capacity(64 * 1024, sink)))?;
-        Ok(AuditLog { tx })
+        Ok(AuditLog {
+            tx,
+            on_full,
+            dropped,
+        })
     }
 
-    /// Queues a record, waiting while the writer is behind.
+    /// Queues a record. While the writer is behind, the request waits, or
+    /// with `on_full = "drop"` the record is dropped and counted.
     pub async fn record(&self, record: &AuditRecord<'_>) {
-        let line = encode(record);
-        if self.tx.send(Message::Line(line)).await.is_err() {
+        let line = Message::Line(encode(record));
+        let sent = match self.on_full {
+            OnFull::Block => self.tx.send(line).await.is_ok(),
+            OnFull::Drop => match self.tx.try_send(line) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.dropped.inc();
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        };
+        if !sent {
             tracing::error!("audit writer has stopped; a record was not written");
         }
     }

@@ -3,7 +3,8 @@
 //! request's path, host or error text, so cardinality stays bounded.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The `datasource` label for requests that named no configured data
@@ -20,6 +21,10 @@ pub struct Metrics {
     pub egress_denied: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub downstream_closed: IntCounterVec,
+    pub request_bytes: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    pub audit_dropped: IntCounter,
+    pub tls_cert_expiry: GaugeVec,
 }
 
 impl Metrics {
@@ -79,6 +84,46 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(downstream_closed.clone()))?;
+        let request_bytes = IntCounterVec::new(
+            Opts::new(
+                "sealgate_request_bytes_total",
+                "Request body bytes received from callers, by data source.",
+            ),
+            &["datasource"],
+        )?;
+        let response_bytes = IntCounterVec::new(
+            Opts::new(
+                "sealgate_response_bytes_total",
+                "Response body bytes sent to callers, by data source.",
+            ),
+            &["datasource"],
+        )?;
+        let audit_dropped = IntCounter::new(
+            "sealgate_audit_dropped_total",
+            "Audit records dropped because the audit output could not keep up ([audit] on_full = \"drop\").",
+        )?;
+        let tls_cert_expiry = GaugeVec::new(
+            Opts::new(
+                "sealgate_tls_cert_expiry_timestamp_seconds",
+                "When the certificate a TLS listener presents expires (Unix time), by listener address.",
+            ),
+            &["listener"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "sealgate_build_info",
+                "Always 1; the version label says which sealgate is running.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(request_bytes.clone()))?;
+        registry.register(Box::new(response_bytes.clone()))?;
+        registry.register(Box::new(audit_dropped.clone()))?;
+        registry.register(Box::new(tls_cert_expiry.clone()))?;
+        registry.register(Box::new(build_info))?;
         registry.register(Box::new(egress_denied.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -96,6 +141,10 @@ impl Metrics {
             egress_denied,
             upstream_errors,
             downstream_closed,
+            request_bytes,
+            response_bytes,
+            audit_dropped,
+            tls_cert_expiry,
         })
     }
 

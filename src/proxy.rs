@@ -480,6 +480,18 @@ impl ProxyHttp for SealgateProxy {
             .duration
             .with_label_values(&[ds_label])
             .observe(elapsed.as_secs_f64());
+        let (request_bytes, response_bytes) = (
+            session.body_bytes_read() as u64,
+            session.body_bytes_sent() as u64,
+        );
+        metrics
+            .request_bytes
+            .with_label_values(&[ds_label])
+            .inc_by(request_bytes);
+        metrics
+            .response_bytes
+            .with_label_values(&[ds_label])
+            .inc_by(response_bytes);
 
         let refused_here = ctx.refusal.as_ref().filter(|r| !r.code.is_upstream());
         let allowed_by = match (refused_here, ctx.datasource.as_ref().map(|d| &d.egress)) {
@@ -510,8 +522,8 @@ impl ProxyHttp for SealgateProxy {
                 .map(|r| r.message.as_str())
                 .or(allowed_by.as_deref()),
             status,
-            request_bytes: session.body_bytes_read() as u64,
-            response_bytes: session.body_bytes_sent() as u64,
+            request_bytes,
+            response_bytes,
             duration_ms: (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
             error: ctx.refusal.as_ref().map(|r| r.code.as_str()),
         };

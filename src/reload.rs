@@ -51,6 +51,7 @@ fn swap_tls(shared: &Shared, next: &Config) {
         return;
     };
     handles.cert.replace(tls.cert.clone());
+    shared.record_cert_expiry(tls);
     match (&handles.client, &tls.client_verifier) {
         (Some(current), Some(verifier)) => current.replace(verifier.clone()),
         (None, None) => {}

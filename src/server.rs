@@ -83,7 +83,12 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         drop(bind(*addr, "proxy TLS listener")?);
     }
     let metrics = Metrics::new()?;
-    let audit = AuditLog::open(&config.audit.output).map_err(StartError::Audit)?;
+    let audit = AuditLog::open(
+        &config.audit.output,
+        config.audit.on_full,
+        metrics.audit_dropped.clone(),
+    )
+    .map_err(StartError::Audit)?;
     let proxy_listen = config.proxy.listen.clone();
     let grace_period = config.proxy.grace_period;
     let header_timeout = config.proxy.header_timeout;
@@ -91,6 +96,9 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     let idle_timeout = config.proxy.idle_timeout;
     let server_conf = server_conf(&config);
     let shared = Shared::new(config, metrics, audit);
+    if let Some(tls) = &shared.config.load().proxy.tls {
+        shared.record_cert_expiry(tls);
+    }
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();

@@ -56,6 +56,18 @@ impl Shared {
         })
     }
 
+    /// Publishes when each TLS listener's certificate expires.
+    pub fn record_cert_expiry(&self, tls: &ProxyTls) {
+        if let Some(expiry) = crate::tls::expiry_unix(&tls.cert) {
+            for addr in &tls.listen {
+                self.metrics
+                    .tls_cert_expiry
+                    .with_label_values(&[addr.to_string().as_str()])
+                    .set(expiry as f64);
+            }
+        }
+    }
+
     pub fn next_request_id(&self) -> u64 {
         self.request_ids.next()
     }

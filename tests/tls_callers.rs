@@ -109,6 +109,21 @@ async fn tls_termination_serves_h1_and_h2() {
     );
     assert_eq!(json(resp).await["target"], "/two");
     assert_eq!(sg.audit(2).len(), 2);
+    let expiry = format!("sealgate_tls_cert_expiry_timestamp_seconds{{listener=\"{tls}\"}} ");
+    let value: f64 = sg
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(expiry.as_str()).map(str::to_string))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        value > now,
+        "certificate expiry published in the future: {value}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -99,6 +99,16 @@ pub struct AdminSettings {
 
 pub struct AuditSettings {
     pub output: AuditOutput,
+    pub on_full: OnFull,
+}
+
+/// What happens to a request's audit record when the output cannot keep up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFull {
+    /// The request waits: no record is ever lost (the default).
+    Block,
+    /// The record is dropped and counted: availability over completeness.
+    Drop,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,6 +335,23 @@ fn parse_with(
                 .map(move |f| (name.get_ref().as_str(), *f))
         })
         .collect();
+    let on_full = match raw
+        .audit
+        .on_full
+        .as_ref()
+        .map(|o| (o, o.get_ref().as_str()))
+    {
+        None | Some((_, "block")) => OnFull::Block,
+        Some((_, "drop")) => OnFull::Drop,
+        Some((o, other)) => {
+            v.sink.at(
+                o.span(),
+                "audit.on_full",
+                format!("`{other}` is not \"block\" or \"drop\""),
+            );
+            OnFull::Block
+        }
+    };
     let mut datasources = HashMap::new();
     for (name, raw_ds) in &raw.datasources {
         if let Some(ds) = v.datasource(name, raw_ds, &context, &places) {
@@ -351,6 +378,7 @@ fn parse_with(
         },
         audit: AuditSettings {
             output: audit_output,
+            on_full,
         },
         egress,
         callers,

@@ -120,6 +120,7 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
     pub output: Option<Spanned<String>>,
+    pub on_full: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
