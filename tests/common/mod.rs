@@ -100,10 +100,14 @@ impl Sealgate {
     ) -> Result<Sealgate, tempfile::TempDir> {
         let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let audit = if extra_toml.contains("[audit]") {
+            ""
+        } else {
+            "[audit]\noutput = \"audit.log\"\n"
+        };
         let config = format!(
             "[proxy]\nlisten = [\"{proxy}\"]\nthreads = 2\ngrace_period_s = 5\n{proxy_keys}\
-             [admin]\nlisten = \"{admin}\"\n\
-             [audit]\noutput = \"audit.log\"\n\n{extra_toml}"
+             [admin]\nlisten = \"{admin}\"\n{audit}\n{extra_toml}"
         );
         let config = if extra_toml.contains("[policy]") {
             config

@@ -1,0 +1,133 @@
+//! An audit output that cannot keep up: by default requests wait, so no
+//! record is ever lost; with `on_full = "drop"` they go on and every lost
+//! record is counted. The output here is a FIFO that nobody reads.
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use hyper::Request;
+
+const CONNECTIONS: usize = 8;
+/// Enough records to fill the pipe, the writer's buffer and the queue.
+const REQUESTS_EACH: usize = 800;
+
+/// A FIFO as the audit output, with a reader that never reads (opening it
+/// for writing would otherwise block sealgate's start).
+fn stalled_fifo(dir: &Path) -> File {
+    let fifo = dir.join("audit.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&fifo)
+        .unwrap()
+}
+
+/// Many requests over a few keep-alive connections; true if all finished
+/// with 200 within `limit`.
+async fn flood(sg: &Sealgate, limit: Duration) -> bool {
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let proxy = sg.proxy;
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+                let mut sender = h1_over(stream).await;
+                for _ in 0..REQUESTS_EACH {
+                    let req = Request::get("/echo/x")
+                        .header("host", "x")
+                        .body(empty())
+                        .unwrap();
+                    let resp = sender.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    body_bytes(resp).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::timeout(limit, futures_join_all(tasks))
+        .await
+        .is_ok()
+}
+
+async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn start(dir: tempfile::TempDir, on_full: &str, upstream: std::net::SocketAddr) -> Sealgate {
+    Sealgate::start_in(
+        dir,
+        &format!(
+            "[audit]\noutput = \"audit.fifo\"\non_full = \"{on_full}\"\n\
+             [datasources.echo]\nurl = \"http://{upstream}\"\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_full_drop_keeps_serving_and_counts_every_lost_record() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _reader = stalled_fifo(dir.path());
+    let sg = start(dir, "drop", up.addr);
+    assert!(
+        flood(&sg, Duration::from_secs(60)).await,
+        "requests must not wait for the audit output"
+    );
+    let dropped: u64 = sg
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("sealgate_audit_dropped_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        dropped > 0,
+        "the stalled output must have cost records, and they are counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn by_default_requests_wait_for_the_audit_output() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut reader = stalled_fifo(dir.path());
+    let sg = start(dir, "block", up.addr);
+    let flood_done = flood(&sg, Duration::from_secs(3)).await;
+    assert!(
+        !flood_done,
+        "with the output stalled, requests must wait rather than lose records"
+    );
+
+    // Read the output: the waiting requests are released and nothing was lost.
+    let drained = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut lines = 0usize;
+        let mut buf = [0u8; 65536];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // Both floods' records: the first flood's requests were waiting, not gone.
+        while lines < 2 * CONNECTIONS * REQUESTS_EACH && std::time::Instant::now() < deadline {
+            match reader.read(&mut buf) {
+                Ok(0) => std::thread::sleep(Duration::from_millis(5)),
+                Ok(n) => lines += buf[..n].iter().filter(|&&b| b == b'\n').count(),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        lines
+    });
+    assert!(
+        flood(&sg, Duration::from_secs(25)).await,
+        "released once the output is read"
+    );
+    assert!(sg.metrics().contains("sealgate_audit_dropped_total 0"));
+    assert_eq!(
+        drained.join().unwrap(),
+        2 * CONNECTIONS * REQUESTS_EACH,
+        "every record was written"
+    );
+}
