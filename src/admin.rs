@@ -106,6 +106,7 @@ async fn mark_ready_when_listening(shared: Arc<Shared>, addrs: Vec<SocketAddr>) 
         }
     }
     shared.lifecycle.set_ready();
+    crate::notify::ready();
     tracing::info!("sealgate is ready");
 }
 

@@ -13,6 +13,7 @@ pub mod keytool;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod reload;
 pub mod route;

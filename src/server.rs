@@ -253,11 +253,16 @@ impl ShutdownSignalWatch for Signals {
                     tracing::info!("SIGINT: stopping now");
                     return ShutdownSignal::FastShutdown;
                 }
-                _ = next(&mut hup) => crate::reload::reload(&self.shared),
+                _ = next(&mut hup) => {
+                    crate::notify::reloading();
+                    crate::reload::reload(&self.shared);
+                    crate::notify::ready();
+                }
             }
         }
         tracing::info!(grace_period_s = self.grace_period.as_secs(), "draining");
         self.shared.lifecycle.begin_drain();
+        crate::notify::stopping();
         exit_when_drained(self.shared.clone(), self.grace_period);
         ShutdownSignal::GracefulTerminate
     }

@@ -431,3 +431,104 @@ async fn a_caller_stalling_mid_body_is_cut_off_at_the_idle_timeout() {
         sg.metrics()
     );
 }
+
+/// systemd `Type=notify`: READY once listening, RELOADING (with the
+/// monotonic time) then READY around SIGHUP, STOPPING on drain.
+#[test]
+fn the_service_manager_is_told_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[proxy]\nlisten = [\"127.0.0.1:{}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            free_port(),
+            free_port()
+        ),
+    );
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "-c", &cfg])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+
+    assert_eq!(next().trim(), "READY=1");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(next().trim(), "READY=1");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(next().trim(), "STOPPING=1");
+    assert_eq!(
+        wait_child(&mut child, Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(0)
+    );
+}
+
+/// The shipped unit: `systemd-analyze verify` clean and a security exposure
+/// of 2.0 or better ("OK"). Skipped, loudly, where systemd-analyze is missing.
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED the_systemd_unit_verifies_and_is_hardened: systemd-analyze is not installed"
+        );
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/sealgate.service"
+    ))
+    .unwrap();
+    // Point the unit at the binary just built, as an install would.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sealgate.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/sealgate", BIN)).unwrap();
+
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let complaints = String::from_utf8_lossy(&verify.stderr).into_owned();
+    assert!(
+        verify.status.success() && complaints.trim().is_empty(),
+        "systemd-analyze verify:\n{complaints}"
+    );
+
+    let security = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&security.stdout).into_owned();
+    let exposure: f64 = report
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for sealgate.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10.0);
+    assert!(exposure <= 2.0, "exposure {exposure}:\n{report}");
+}
