@@ -53,6 +53,43 @@ pub fn now_rfc3339() -> String {
 enum Message {
     Line(Vec<u8>),
     Flush(std_mpsc::SyncSender<()>),
+    /// Reopen the output file (after logrotate moved it away).
+    Reopen,
+}
+
+/// Kinds of configuration event recorded in the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    Start,
+    Reload,
+    Drain,
+}
+
+/// A configuration event: the request fields are present and null, so every
+/// line of the trail has the same keys.
+#[derive(Debug, Serialize)]
+struct EventRecord<'a> {
+    ts: String,
+    event: Event,
+    result: &'a str,
+    message: &'a str,
+    key_ids: Option<&'a [String]>,
+    request_id: Option<()>,
+    caller: Option<()>,
+    datasource: Option<()>,
+    method: Option<()>,
+    path: Option<()>,
+    upstream: Option<()>,
+    egress_ip: Option<()>,
+    region: Option<()>,
+    decision: Option<()>,
+    reason: Option<()>,
+    status: Option<()>,
+    request_bytes: Option<()>,
+    response_bytes: Option<()>,
+    duration_ms: Option<()>,
+    error: Option<()>,
 }
 
 pub struct AuditLog {
@@ -69,25 +106,12 @@ impl AuditLog {
         on_full: OnFull,
         dropped: prometheus::IntCounter,
     ) -> io::Result<AuditLog> {
-        let sink: Box<dyn Write + Send> = match output {
-            AuditOutput::Stdout => Box::new(io::stdout()),
-            AuditOutput::File(path) => {
-                use std::os::unix::fs::OpenOptionsExt;
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o640)
-                    .open(path)
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("audit output {}: {e}", path.display()))
-                    })?;
-                Box::new(file)
-            }
-        };
+        let sink = open_output(output)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let output = output.clone();
         std::thread::Builder::new()
             .name("sealgate-audit".into())
-            .spawn(move || write_loop(rx, BufWriter::with_capacity(64 * 1024, sink)))?;
+            .spawn(move || write_loop(rx, BufWriter::with_capacity(64 * 1024, sink), output))?;
         Ok(AuditLog {
             tx,
             on_full,
@@ -115,6 +139,51 @@ impl AuditLog {
         }
     }
 
+    /// Records a configuration event. Events are rare and may come from
+    /// any context, so they never wait; one that finds the queue full is
+    /// logged instead, never silently lost.
+    pub fn event(&self, event: Event, result: &str, message: &str, key_ids: Option<&[String]>) {
+        let record = EventRecord {
+            ts: now_rfc3339(),
+            event,
+            result,
+            message,
+            key_ids,
+            request_id: None,
+            caller: None,
+            datasource: None,
+            method: None,
+            path: None,
+            upstream: None,
+            egress_ip: None,
+            region: None,
+            decision: None,
+            reason: None,
+            status: None,
+            request_bytes: None,
+            response_bytes: None,
+            duration_ms: None,
+            error: None,
+        };
+        let mut line = serde_json::to_vec(&record).unwrap_or_default();
+        line.push(b'\n');
+        if self.tx.try_send(Message::Line(line)).is_err() {
+            tracing::error!(
+                ?event,
+                result,
+                message,
+                "the audit queue is full; this configuration event was not recorded"
+            );
+        }
+    }
+
+    /// After logrotate moved the file away: writes go to a new file.
+    pub fn reopen(&self) {
+        if self.tx.try_send(Message::Reopen).is_err() {
+            tracing::error!("the audit queue is full; the audit output was not reopened");
+        }
+    }
+
     /// Writes out everything queued so far; for shutdown, from a plain thread.
     pub fn flush_blocking(&self, timeout: Duration) {
         let (done_tx, done_rx) = std_mpsc::sync_channel(1);
@@ -124,6 +193,24 @@ impl AuditLog {
             tracing::error!("audit records may not all have been written before exit");
         }
     }
+}
+
+fn open_output(output: &AuditOutput) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match output {
+        AuditOutput::Stdout => Box::new(io::stdout()),
+        AuditOutput::File(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(path)
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("audit output {}: {e}", path.display()))
+                })?;
+            Box::new(file)
+        }
+    })
 }
 
 fn encode(record: &AuditRecord<'_>) -> Vec<u8> {
@@ -137,7 +224,11 @@ fn encode(record: &AuditRecord<'_>) -> Vec<u8> {
     line
 }
 
-fn write_loop(mut rx: mpsc::Receiver<Message>, mut out: BufWriter<Box<dyn Write + Send>>) {
+fn write_loop(
+    mut rx: mpsc::Receiver<Message>,
+    mut out: BufWriter<Box<dyn Write + Send>>,
+    output: AuditOutput,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut pending = Some(first);
         while let Some(message) = pending.take().or_else(|| rx.try_recv().ok()) {
@@ -150,6 +241,15 @@ fn write_loop(mut rx: mpsc::Receiver<Message>, mut out: BufWriter<Box<dyn Write 
                 Message::Flush(done) => {
                     let _ = out.flush();
                     let _ = done.send(());
+                }
+                Message::Reopen => {
+                    let _ = out.flush();
+                    match open_output(&output) {
+                        Ok(sink) => out = BufWriter::with_capacity(64 * 1024, sink),
+                        Err(e) => {
+                            tracing::error!(error = %e, "reopening the audit output failed; still writing to the old one")
+                        }
+                    }
                 }
             }
         }

@@ -6,18 +6,24 @@
 
 use std::sync::Arc;
 
+use crate::audit::Event;
 use crate::config::{self, Config};
 use crate::state::Shared;
 
 pub fn reload(shared: &Shared) {
     let current = shared.config.load_full();
     let metrics = &shared.metrics;
+    // logrotate moves the audit file away and sends SIGHUP.
+    shared.audit.reopen();
     match config::load_for_reload(&current.file) {
         Err(errors) => {
             for e in &errors.0 {
                 tracing::error!("reload refused, running configuration unchanged: {e}");
             }
             metrics.config_reloads.with_label_values(&["error"]).inc();
+            shared
+                .audit
+                .event(Event::Reload, "failed", &errors.to_string(), None);
         }
         Ok((mut next, unopened)) => {
             for (datasource, e) in &unopened {
@@ -37,6 +43,12 @@ pub fn reload(shared: &Shared) {
             }
             swap_tls(shared, &next);
             next.generation = current.generation + 1;
+            shared.audit.event(
+                Event::Reload,
+                "ok",
+                "configuration reloaded",
+                Some(&next.key_ids),
+            );
             shared.config.store(Arc::new(next));
             metrics.config_reloads.with_label_values(&["ok"]).inc();
             tracing::info!(file = %current.file.display(), "configuration reloaded");

@@ -14,7 +14,7 @@ use pingora::services::background::background_service;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::admin::AdminService;
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Event};
 use crate::config::Config;
 use crate::limits::{ConnectionCap, HeadDeadline};
 use crate::metrics::Metrics;
@@ -96,6 +96,12 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     let idle_timeout = config.proxy.idle_timeout;
     let server_conf = server_conf(&config);
     let shared = Shared::new(config, metrics, audit);
+    shared.audit.event(
+        Event::Start,
+        "ok",
+        "sealgate started",
+        Some(&shared.config.load().key_ids),
+    );
     if let Some(tls) = &shared.config.load().proxy.tls {
         shared.record_cert_expiry(tls);
     }
@@ -262,6 +268,9 @@ impl ShutdownSignalWatch for Signals {
         }
         tracing::info!(grace_period_s = self.grace_period.as_secs(), "draining");
         self.shared.lifecycle.begin_drain();
+        self.shared
+            .audit
+            .event(Event::Drain, "ok", "draining: no new connections", None);
         crate::notify::stopping();
         exit_when_drained(self.shared.clone(), self.grace_period);
         ShutdownSignal::GracefulTerminate

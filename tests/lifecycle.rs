@@ -169,6 +169,16 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
     let records = sg.audit(1);
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["status"], 200);
+    let events: Vec<serde_json::Value> = sg
+        .audit_events()
+        .into_iter()
+        .map(|e| e["event"].clone())
+        .collect();
+    assert_eq!(
+        events,
+        ["start", "drain"],
+        "configuration events are audit records too"
+    );
 }
 
 #[test]

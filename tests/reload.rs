@@ -135,3 +135,81 @@ async fn a_valid_change_applies_to_new_requests_while_one_in_flight_finishes_on_
     assert_eq!(body_bytes(get(sg.proxy, "/a/x").await).await, "new");
     assert_eq!(in_flight.await.unwrap(), "old");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configuration_events_are_audited_and_sighup_reopens_the_audit_file() {
+    let up = echo_upstream().await;
+    let sg = Sealgate::start(&format!("[datasources.a]\nurl = \"http://{}\"\n", up.addr));
+    assert_eq!(get(sg.proxy, "/a/before").await.status(), 200);
+    sg.audit(1);
+
+    // logrotate: move the file away, then SIGHUP.
+    let audit = sg.dir.path().join("audit.log");
+    let rotated = sg.dir.path().join("audit.log.1");
+    std::fs::rename(&audit, &rotated).unwrap();
+    reload_and_wait(&sg, "ok", 1);
+    assert_eq!(get(sg.proxy, "/a/after").await.status(), 200);
+
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        old.contains(r#""path":"/a/before""#) && !old.contains("/a/after"),
+        "{old}"
+    );
+    let records = sg.audit(1);
+    assert_eq!(
+        records.len(),
+        1,
+        "the new file has only what came after the rotation"
+    );
+    assert_eq!(records[0]["path"], "/a/after");
+
+    let start: serde_json::Value = old
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|r: &serde_json::Value| r["event"] == "start")
+        .expect("a start event");
+    assert_eq!(start["result"], "ok");
+    assert!(
+        start["request_id"].is_null() && start["status"].is_null(),
+        "every key present: {start}"
+    );
+    let events = sg.audit_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "reload" && e["result"] == "ok"),
+        "{events:?}"
+    );
+
+    // A broken reload is recorded with what was wrong and where.
+    let config = sg.dir.path().join("sealgate.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[datasources.a]", "[datasources.a]\nbogus = 1"),
+    )
+    .unwrap();
+    reload_and_wait(&sg, "error", 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = sg.audit_events();
+        if let Some(failed) = events
+            .iter()
+            .find(|e| e["event"] == "reload" && e["result"] == "failed")
+        {
+            assert!(
+                failed["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("datasources.a.bogus: unknown field"),
+                "{failed}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed reload event: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

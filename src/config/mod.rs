@@ -56,6 +56,8 @@ pub struct Config {
     /// Data sources the egress policy refuses. `check` fails on them;
     /// `run` serves the rest and answers these with 403 `egress_denied`.
     pub egress_problems: Vec<ConfigError>,
+    /// The ids of the keys loaded, for the audit trail (never the keys).
+    pub key_ids: Vec<String>,
 }
 
 /// A set of local source addresses that connections to a region's data
@@ -288,6 +290,10 @@ fn parse_with(
     };
 
     let keyring = raw.keys.as_ref().and_then(|k| v.keyring(k));
+    let key_ids: Vec<String> = keyring
+        .as_ref()
+        .map(|k| k.key_ids().into_iter().map(str::to_string).collect())
+        .unwrap_or_default();
     let names: std::collections::HashSet<&str> = raw
         .datasources
         .keys()
@@ -385,6 +391,7 @@ fn parse_with(
         regions,
         datasources,
         egress_problems: v.egress_problems,
+        key_ids,
     };
     Ok((config, v.unopened))
 }

@@ -195,13 +195,24 @@ impl Sealgate {
                 std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
             let records: Vec<serde_json::Value> = text
                 .lines()
-                .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line is JSON"))
+                .filter(|r| r.get("event").is_none())
                 .collect();
             if records.len() >= min || Instant::now() > deadline {
                 return records;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The configuration events of the audit trail (start, reload, drain).
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r.get("event").is_some())
+            .collect()
     }
 
     pub fn metrics(&self) -> String {
