@@ -72,7 +72,7 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
         Command::Demo => {
-            logging::init();
+            logging::init(&config::LogSettings::default());
             report(demo::run())
         }
         Command::Keygen { out } => report(keytool::keygen(&out).map(|msg| eprintln!("{msg}"))),
@@ -138,7 +138,7 @@ fn run(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    logging::init();
+    logging::init(&config.log);
     report(server::serve(config))
 }
 

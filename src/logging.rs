@@ -6,6 +6,8 @@ use std::io::IsTerminal;
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::EnvFilter;
 
+use crate::config::{LogFormat, LogSettings};
+
 /// pingora logs upstream request headers at debug and raw wire bytes at
 /// trace; h2 and hyper log frames. Whatever `RUST_LOG` asks for, these stay
 /// at info or quieter so an injected credential never reaches a log line.
@@ -18,8 +20,10 @@ const WIRE_LOGGING_TARGETS: [&str; 6] = [
     "hyper",
 ];
 
-pub fn init() {
-    let requested = std::env::var("RUST_LOG").unwrap_or_default();
+/// Starts operational logging: `RUST_LOG` when set, else the configured
+/// level; text, or one JSON object per line.
+pub fn init(settings: &LogSettings) {
+    let requested = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.level.clone());
     let own: Vec<&str> = requested
         .split(',')
         .map(str::trim)
@@ -47,9 +51,12 @@ pub fn init() {
             filter = filter.add_directive(d);
         }
     }
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
-        .try_init();
+        .with_env_filter(filter);
+    let _ = match settings.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }

@@ -94,6 +94,10 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
         ("proxy.tls.listen", tls_listen(current) != tls_listen(next)),
         ("admin.listen", current.admin.listen != next.admin.listen),
         ("audit.output", current.audit.output != next.audit.output),
+        (
+            "log",
+            current.log.format != next.log.format || current.log.level != next.log.level,
+        ),
     ]
     .into_iter()
     .filter_map(|(setting, changed)| changed.then_some(setting))

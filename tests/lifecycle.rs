@@ -542,3 +542,62 @@ fn the_systemd_unit_verifies_and_is_hardened() {
         .unwrap_or(10.0);
     assert!(exposure <= 2.0, "exposure {exposure}:\n{report}");
 }
+
+/// `[log] format = "json"` and `level` from config (with `RUST_LOG` unset):
+/// one JSON object per line, and nothing below the level.
+#[test]
+fn operational_logs_can_be_json_at_a_configured_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[proxy]\nlisten = [\"127.0.0.1:{}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [log]\nformat = \"json\"\nlevel = \"warn\"\n\
+             [datasources.outside]\nurl = \"https://not-allowed.example.net\"\n",
+            free_port()
+        ),
+    );
+    let stderr_path = dir.path().join("stderr");
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "-c", &cfg])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get_blocking(admin, "/readyz").map(|(c, _)| c) != Some(200) {
+        assert!(Instant::now() < deadline, "not ready");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_child(&mut child, Duration::from_secs(10));
+    let _ = child.kill();
+
+    let text = std::fs::read_to_string(&stderr_path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("will be refused")),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"] == "WARN" || l["level"] == "ERROR"),
+        "nothing below warn: {text}"
+    );
+}

@@ -49,6 +49,7 @@ pub struct Config {
     pub proxy: ProxySettings,
     pub admin: AdminSettings,
     pub audit: AuditSettings,
+    pub log: LogSettings,
     pub egress: EgressPolicy,
     pub callers: Callers,
     pub regions: HashMap<String, Arc<Region>>,
@@ -97,6 +98,28 @@ pub struct ProxyTls {
 
 pub struct AdminSettings {
     pub listen: SocketAddr,
+}
+
+/// Operational logs (`[log]`): `RUST_LOG`, when set, overrides the level.
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive string, e.g. `info` or `info,sealgate=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
 }
 
 pub struct AuditSettings {
@@ -358,6 +381,33 @@ fn parse_with(
             OnFull::Block
         }
     };
+    let log = LogSettings {
+        format: match raw.log.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
+            None | Some((_, "text")) => LogFormat::Text,
+            Some((_, "json")) => LogFormat::Json,
+            Some((f, other)) => {
+                v.sink.at(
+                    f.span(),
+                    "log.format",
+                    format!("`{other}` is not \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        },
+        level: match &raw.log.level {
+            None => "info".into(),
+            Some(l) => {
+                if let Err(e) = tracing_subscriber::EnvFilter::try_new(l.get_ref()) {
+                    v.sink.at(
+                        l.span(),
+                        "log.level",
+                        format!("`{}` is not a log level or filter: {e}", l.get_ref()),
+                    );
+                }
+                l.get_ref().clone()
+            }
+        },
+    };
     let mut datasources = HashMap::new();
     for (name, raw_ds) in &raw.datasources {
         if let Some(ds) = v.datasource(name, raw_ds, &context, &places) {
@@ -386,6 +436,7 @@ fn parse_with(
             output: audit_output,
             on_full,
         },
+        log,
         egress,
         callers,
         regions,

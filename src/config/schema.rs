@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub audit: RawAudit,
+    #[serde(default)]
+    pub log: RawLog,
     pub keys: Option<RawKeys>,
     pub policy: Option<RawPolicy>,
     #[serde(default)]
@@ -114,6 +116,13 @@ pub struct RawProxyTls {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<Spanned<String>>,
+    pub level: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
