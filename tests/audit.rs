@@ -138,3 +138,109 @@ async fn by_default_requests_wait_for_the_audit_output() {
         "every record was written"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_audit_field_is_right_for_allowed_and_refused_requests() {
+    use sha2::{Digest, Sha256};
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_loopback_policy(dir.path());
+    let token_hash: String = Sha256::digest(b"tok-app")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        dir.path().join("policies/callers.toml"),
+        format!("[callers.app]\ntoken_sha256 = \"{token_hash}\"\ndatasources = [\"pay\", \"outside\"]\n"),
+    )
+    .unwrap();
+    let sg = Sealgate::start_in(
+        dir,
+        &format!(
+            "[policy]\ndir = \"policies\"\n[regions.us]\negress_ips = [\"127.0.0.2\"]\n\
+             [datasources.pay]\nurl = \"http://{}\"\nregion = \"us\"\n\
+             [datasources.outside]\nurl = \"https://not-allowed.example.net\"\n",
+            up.addr
+        ),
+    );
+    let request = |method: &str, path: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "x")
+            .header("proxy-authorization", "Bearer tok-app")
+            .body(full(body))
+            .unwrap()
+    };
+    let allowed = send(sg.proxy, request("POST", "/pay/x?secret=q", "hello")).await;
+    let allowed_id = allowed.headers()["x-sealgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let allowed_len = body_bytes(allowed).await.len() as u64;
+    let denied = send(sg.proxy, request("GET", "/outside/y", "")).await;
+    let denied_id = denied.headers()["x-sealgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let denied_len = body_bytes(denied).await.len() as u64;
+
+    let records = sg.audit(2);
+    let by_id = |id: &str| {
+        records
+            .iter()
+            .find(|r| r["request_id"] == id)
+            .cloned()
+            .expect("record")
+    };
+    let a = by_id(&allowed_id);
+    let ts = a["ts"].as_str().unwrap();
+    assert!(
+        ts.len() >= 20 && ts.contains('T') && ts.ends_with('Z'),
+        "RFC 3339: {ts}"
+    );
+    assert_eq!(a["caller"], "app");
+    assert_eq!(a["datasource"], "pay");
+    assert_eq!(a["method"], "POST");
+    assert_eq!(a["path"], "/pay/x", "never the query string");
+    assert_eq!(a["upstream"], up.addr.to_string());
+    assert_eq!(a["egress_ip"], "127.0.0.2");
+    assert_eq!(a["region"], "us");
+    assert_eq!(a["decision"], "allow");
+    assert!(
+        a["reason"].as_str().unwrap().starts_with("allowed by "),
+        "{a}"
+    );
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["request_bytes"], 5);
+    assert_eq!(a["response_bytes"], allowed_len);
+    assert!(a["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(a["error"].is_null());
+
+    let d = by_id(&denied_id);
+    assert_eq!(d["caller"], "app");
+    assert_eq!(d["datasource"], "outside");
+    assert_eq!(d["method"], "GET");
+    assert_eq!(d["path"], "/outside/y");
+    assert!(
+        d["upstream"].is_null() && d["egress_ip"].is_null() && d["region"].is_null(),
+        "{d}"
+    );
+    assert_eq!(d["decision"], "deny");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("matches no [egress] allow entry"),
+        "{d}"
+    );
+    assert_eq!(d["status"], 403);
+    assert_eq!(d["request_bytes"], 0);
+    assert_eq!(d["response_bytes"], denied_len);
+    assert_eq!(d["error"], "egress_denied");
+    let all = std::fs::read_to_string(sg.dir.path().join("audit.log")).unwrap();
+    assert!(
+        !all.contains("tok-app") && !all.contains("secret=q"),
+        "no token or query string in the trail"
+    );
+}
