@@ -208,7 +208,19 @@ async fn unix_socket_callers_are_known_by_their_peer_uid() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(sg.audit(1)[0]["caller"], "app");
+    body_bytes(resp).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let again = sender
+        .send_request(
+            Request::get("/echo/y")
+                .header("host", "x")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .expect("the unix-socket connection is kept alive");
+    assert_eq!(again.status(), 200);
+    assert_eq!(sg.audit(2)[0]["caller"], "app");
 
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("SKIPPED the other-uid half of unix_socket_callers_are_known_by_their_peer_uid: needs root");
