@@ -9,6 +9,7 @@ mod schema;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -232,60 +233,37 @@ fn parse_with(
             .collect(),
         None => vec![parse_default(DEFAULT_LISTEN)],
     };
-    let threads = match &raw.proxy.threads {
-        Some(t) if !(1..=1024).contains(t.get_ref()) => {
-            v.sink
-                .at(t.span(), "proxy.threads", "must be between 1 and 1024");
-            1
-        }
-        Some(t) => *t.get_ref(),
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
-    let grace_s = match &raw.proxy.grace_period_s {
-        Some(g) if *g.get_ref() > 3600 => {
-            v.sink
-                .at(g.span(), "proxy.grace_period_s", "must be at most 3600");
-            0
-        }
-        Some(g) => *g.get_ref(),
-        None => DEFAULT_GRACE_PERIOD_S,
-    };
-    let header_timeout = match &raw.proxy.header_timeout_s {
-        Some(t) if !(1..=3600).contains(t.get_ref()) => {
-            v.sink.at(
-                t.span(),
-                "proxy.header_timeout_s",
-                "must be between 1 and 3600",
-            );
-            Duration::from_secs(DEFAULT_HEADER_TIMEOUT_S)
-        }
-        Some(t) => Duration::from_secs(*t.get_ref()),
-        None => Duration::from_secs(DEFAULT_HEADER_TIMEOUT_S),
-    };
-    let idle_timeout = match &raw.proxy.idle_timeout_s {
-        Some(t) if !(1..=3600).contains(t.get_ref()) => {
-            v.sink.at(
-                t.span(),
-                "proxy.idle_timeout_s",
-                "must be between 1 and 3600",
-            );
-            Duration::from_secs(DEFAULT_IDLE_TIMEOUT_S)
-        }
-        Some(t) => Duration::from_secs(*t.get_ref()),
-        None => Duration::from_secs(DEFAULT_IDLE_TIMEOUT_S),
-    };
-    let max_connections = match &raw.proxy.max_connections {
-        Some(m) if !(1..=1_000_000).contains(m.get_ref()) => {
-            v.sink.at(
-                m.span(),
-                "proxy.max_connections",
-                "must be between 1 and 1000000",
-            );
-            DEFAULT_MAX_CONNECTIONS
-        }
-        Some(m) => *m.get_ref(),
-        None => DEFAULT_MAX_CONNECTIONS,
-    };
+    let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = v.bounded(
+        &raw.proxy.threads,
+        "proxy.threads",
+        1..=1024,
+        default_threads,
+    );
+    let grace_s = v.bounded(
+        &raw.proxy.grace_period_s,
+        "proxy.grace_period_s",
+        0..=3600,
+        DEFAULT_GRACE_PERIOD_S,
+    );
+    let header_timeout = Duration::from_secs(v.bounded(
+        &raw.proxy.header_timeout_s,
+        "proxy.header_timeout_s",
+        1..=3600,
+        DEFAULT_HEADER_TIMEOUT_S,
+    ));
+    let idle_timeout = Duration::from_secs(v.bounded(
+        &raw.proxy.idle_timeout_s,
+        "proxy.idle_timeout_s",
+        1..=3600,
+        DEFAULT_IDLE_TIMEOUT_S,
+    ));
+    let max_connections = v.bounded(
+        &raw.proxy.max_connections,
+        "proxy.max_connections",
+        1..=1_000_000,
+        DEFAULT_MAX_CONNECTIONS,
+    );
     let admin_listen = match &raw.admin.listen {
         Some(a) => v.socket_addr(a, "admin.listen"),
         None => Some(parse_default(DEFAULT_ADMIN_LISTEN)),
@@ -566,19 +544,34 @@ impl Validator<'_> {
         Some(addr)
     }
 
-    fn timeout(&mut self, value: &Option<Spanned<u64>>, key: String, default_ms: u64) -> Duration {
+    /// A number that must lie in `range`; absent, `default`. Out of range is
+    /// reported at its line, and validation goes on with the default.
+    fn bounded<T>(
+        &mut self,
+        value: &Option<Spanned<T>>,
+        key: &str,
+        range: RangeInclusive<T>,
+        default: T,
+    ) -> T
+    where
+        T: Copy + PartialOrd + std::fmt::Display,
+    {
         match value {
-            Some(t) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMEOUT_MS => {
+            Some(v) if !range.contains(v.get_ref()) => {
                 self.sink.at(
-                    t.span(),
+                    v.span(),
                     key,
-                    format!("must be between 1 and {MAX_TIMEOUT_MS} ms"),
+                    format!("must be between {} and {}", range.start(), range.end()),
                 );
-                Duration::from_millis(default_ms)
+                default
             }
-            Some(t) => Duration::from_millis(*t.get_ref()),
-            None => Duration::from_millis(default_ms),
+            Some(v) => *v.get_ref(),
+            None => default,
         }
+    }
+
+    fn timeout(&mut self, value: &Option<Spanned<u64>>, key: String, default_ms: u64) -> Duration {
+        Duration::from_millis(self.bounded(value, &key, 1..=MAX_TIMEOUT_MS, default_ms))
     }
 
     fn keys_dir(&mut self, keys: &RawKeys) -> Option<PathBuf> {
