@@ -22,7 +22,7 @@ const WRITE_INTERVAL: Duration = Duration::from_millis(10);
 #[derive(Debug, Serialize)]
 pub struct AuditRecord<'a> {
     pub ts: String,
-    pub request_id: String,
+    pub request_id: &'a str,
     pub caller: Option<&'a str>,
     pub datasource: Option<&'a str>,
     pub method: &'a str,
@@ -285,7 +285,7 @@ mod tests {
     fn every_field_is_present_even_when_null() {
         let r = AuditRecord {
             ts: now_rfc3339(),
-            request_id: "1".into(),
+            request_id: "1",
             caller: None,
             datasource: None,
             method: "GET",

@@ -62,7 +62,8 @@ impl SealgateProxy {
 pub struct RequestCtx {
     shared: Arc<Shared>,
     started: Instant,
-    request_id: u64,
+    /// Formatted once: it goes into a header, the audit record and logs.
+    request_id: String,
     config: Arc<Config>,
     caller: Option<Arc<Caller>>,
     datasource: Option<Arc<DataSource>>,
@@ -94,10 +95,6 @@ impl RequestCtx {
             (None, _) => Some(callers::LOCAL),
         }
     }
-
-    fn request_id_text(&self) -> String {
-        format!("{:016x}", self.request_id)
-    }
 }
 
 /// Writes sealgate's own JSON error response.
@@ -107,7 +104,7 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, refusal: &Refusal) -> 
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len())?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-    resp.insert_header(REQUEST_ID_HEADER, ctx.request_id_text())?;
+    resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -123,7 +120,7 @@ impl ProxyHttp for SealgateProxy {
         RequestCtx {
             shared: self.shared.clone(),
             started: Instant::now(),
-            request_id: self.shared.next_request_id(),
+            request_id: format!("{:016x}", self.shared.next_request_id()),
             config: self.shared.config.load_full(),
             caller: None,
             datasource: None,
@@ -289,7 +286,7 @@ impl ProxyHttp for SealgateProxy {
         ctx.egress_ip = egress_ip;
         ctx.connect_limit = addrs.len().max(egress_choices).min(MAX_CONNECT_ATTEMPTS);
         tracing::debug!(
-            request_id = %ctx.request_id_text(),
+            request_id = %ctx.request_id,
             datasource = %ds.name,
             upstream = %addr,
             egress_ip = ?egress_ip,
@@ -420,7 +417,7 @@ impl ProxyHttp for SealgateProxy {
                 credential.redact(upstream_response)?;
             }
         }
-        upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id_text())?;
+        upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
         Ok(())
     }
 
@@ -501,7 +498,7 @@ impl ProxyHttp for SealgateProxy {
         let req = session.req_header();
         let record = AuditRecord {
             ts: now_rfc3339(),
-            request_id: ctx.request_id_text(),
+            request_id: ctx.request_id.as_str(),
             caller: ctx.caller_name(),
             datasource,
             method: req.method.as_str(),
@@ -538,7 +535,7 @@ impl ProxyHttp for SealgateProxy {
             "{} /{} request_id={}",
             session.req_header().method,
             ctx.datasource.as_ref().map_or("-", |d| d.name.as_str()),
-            ctx.request_id_text()
+            ctx.request_id
         )
     }
 }
