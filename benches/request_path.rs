@@ -69,10 +69,7 @@ fn large_policy() -> EgressPolicy {
     let mut policy = EgressPolicy::default();
     let mut add = |entry: String| {
         let (target, ports) = parse_entry(&entry).expect("entry");
-        let rule = Arc::new(Rule {
-            source: "bench.toml:1".into(),
-            entry,
-        });
+        let rule = Arc::new(Rule::new("bench.toml:1", &entry));
         policy.allow.add(target, ports, rule);
     };
     for i in 0..400 {

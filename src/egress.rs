@@ -6,24 +6,29 @@
 //! small fixed set) goes into `sealgate_egress_denied_total`.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use crate::upstream::UpstreamHost;
 
-/// Where an allow entry came from, for reasons and audit records.
+/// The allow entry that admitted a destination: where it was written, as
+/// the reason an allowed request carries into its audit record. Built once
+/// at load, so a request borrows it rather than formatting it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    /// `file:line`
-    pub source: String,
-    /// The entry as written.
-    pub entry: String,
+    reason: String,
 }
 
-impl fmt::Display for Rule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} `{}`", self.source, self.entry)
+impl Rule {
+    /// `source` is `file:line`; `entry` the entry as written.
+    pub fn new(source: &str, entry: &str) -> Rule {
+        Rule {
+            reason: format!("allowed by {source} `{entry}`"),
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
     }
 }
 
@@ -520,25 +525,13 @@ mod tests {
         let mut p = EgressPolicy::default();
         for (i, e) in allow.iter().enumerate() {
             let (t, ports) = parse_entry(e).unwrap();
-            p.allow.add(
-                t,
-                ports,
-                Arc::new(Rule {
-                    source: format!("t.toml:{i}"),
-                    entry: e.to_string(),
-                }),
-            );
+            p.allow
+                .add(t, ports, Arc::new(Rule::new(&format!("t.toml:{i}"), e)));
         }
         for e in private {
             let (t, ports) = parse_entry(e).unwrap();
-            p.allow_private.add(
-                t,
-                ports,
-                Arc::new(Rule {
-                    source: "t.toml".into(),
-                    entry: e.to_string(),
-                }),
-            );
+            p.allow_private
+                .add(t, ports, Arc::new(Rule::new("t.toml", e)));
         }
         p
     }
@@ -589,7 +582,7 @@ mod tests {
         let denied = p.destination(&name("evil.test"), 443).unwrap_err();
         assert_eq!(denied.label, "no_allow_entry");
         let rule = p.destination(&name("a.example.org"), 443).unwrap();
-        assert_eq!(rule.to_string(), "t.toml:1 `*.example.org`");
+        assert_eq!(rule.reason(), "allowed by t.toml:1 `*.example.org`");
     }
 
     #[test]

@@ -492,7 +492,7 @@ impl ProxyHttp for SealgateProxy {
 
         let refused_here = ctx.refusal.as_ref().filter(|r| !r.code.is_upstream());
         let allowed_by = match (refused_here, ctx.datasource.as_ref().map(|d| &d.egress)) {
-            (None, Some(Ok(rule))) => Some(format!("allowed by {rule}")),
+            (None, Some(Ok(rule))) => Some(rule.reason()),
             _ => None,
         };
         let req = session.req_header();
@@ -515,9 +515,7 @@ impl ProxyHttp for SealgateProxy {
             } else {
                 Decision::Allow
             },
-            reason: refused_here
-                .map(|r| r.message.as_str())
-                .or(allowed_by.as_deref()),
+            reason: refused_here.map(|r| r.message.as_str()).or(allowed_by),
             status,
             request_bytes,
             response_bytes,

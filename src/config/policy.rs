@@ -62,10 +62,10 @@ pub fn load(dir: &Path, datasources: &HashSet<&str>) -> Result<Policy, Vec<Confi
                             Err(message) => sink.at(entry.span(), key, message),
                             Ok((target, ports)) => {
                                 let line = sink.error_at(entry.span(), key, "").line.unwrap_or(0);
-                                let rule = Arc::new(Rule {
-                                    source: format!("{}:{line}", file.display()),
-                                    entry: entry.get_ref().clone(),
-                                });
+                                let rule = Arc::new(Rule::new(
+                                    &format!("{}:{line}", file.display()),
+                                    entry.get_ref(),
+                                ));
                                 let matcher = if into_private {
                                     &mut policy.egress.allow_private
                                 } else {
