@@ -326,11 +326,7 @@ fn sealgate_makes_itself_non_dumpable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slowloris_connection_is_closed_at_the_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let up = echo_upstream().await;
-    let sg = Sealgate::start_with_proxy_keys(
-        "header_timeout_s = 1",
-        &format!("[datasources.echo]\nurl = \"http://{}\"\n", up.addr),
-    );
+    let sg = sealgate_before_echo("header_timeout_s = 1").await;
     let mut slow = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
     let started = Instant::now();
     let trickle = async {
@@ -372,11 +368,7 @@ async fn a_slowloris_connection_is_closed_at_the_header_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_over_the_cap_are_closed_and_counted() {
     use tokio::io::AsyncReadExt;
-    let up = echo_upstream().await;
-    let sg = Sealgate::start_with_proxy_keys(
-        "max_connections = 2\nheader_timeout_s = 30",
-        &format!("[datasources.echo]\nurl = \"http://{}\"\n", up.addr),
-    );
+    let sg = sealgate_before_echo("max_connections = 2\nheader_timeout_s = 30").await;
     // The readiness probe's connection may still be releasing its slot.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let idle_a = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
@@ -411,11 +403,7 @@ async fn connections_over_the_cap_are_closed_and_counted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_stalling_mid_body_is_cut_off_at_the_idle_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let up = echo_upstream().await;
-    let sg = Sealgate::start_with_proxy_keys(
-        "idle_timeout_s = 1",
-        &format!("[datasources.echo]\nurl = \"http://{}\"\n", up.addr),
-    );
+    let sg = sealgate_before_echo("idle_timeout_s = 1").await;
     let mut stalled = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
     stalled
         .write_all(
@@ -600,4 +588,14 @@ fn operational_logs_can_be_json_at_a_configured_level() {
             .all(|l| l["level"] == "WARN" || l["level"] == "ERROR"),
         "nothing below warn: {text}"
     );
+}
+
+/// sealgate, with these extra `[proxy]` keys, in front of an echo upstream
+/// as the data source `echo`.
+async fn sealgate_before_echo(proxy_keys: &str) -> Sealgate {
+    let up = echo_upstream().await;
+    Sealgate::start_with_proxy_keys(
+        proxy_keys,
+        &format!("[datasources.echo]\nurl = \"http://{}\"\n", up.addr),
+    )
 }

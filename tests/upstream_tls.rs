@@ -20,10 +20,8 @@ async fn tls_upstream(ca: &TestCa, names: &[&str]) -> Upstream {
 async fn tls_upstream_verified_with_ca_file_speaks_h2() {
     let ca = TestCa::new("sealgate test CA");
     let up = tls_upstream(&ca, &["localhost"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    ca.write_pem(&dir.path().join("ca.pem"));
-    let sg = Sealgate::start_in(
-        dir,
+    let sg = start_trusting(
+        &ca,
         &format!(
             "[datasources.secure]\nurl = \"https://localhost:{}/api\"\nca_file = \"ca.pem\"\n",
             up.addr.port()
@@ -42,10 +40,8 @@ async fn tls_upstream_verified_with_ca_file_speaks_h2() {
 async fn ip_url_is_verified_against_the_ip_san() {
     let ca = TestCa::new("sealgate test CA");
     let up = tls_upstream(&ca, &["127.0.0.1"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    ca.write_pem(&dir.path().join("ca.pem"));
-    let sg = Sealgate::start_in(
-        dir,
+    let sg = start_trusting(
+        &ca,
         &format!(
             "[datasources.ip]\nurl = \"https://{}\"\nca_file = \"ca.pem\"\n",
             up.addr
@@ -70,10 +66,8 @@ async fn a_private_ca_without_ca_file_is_502_upstream_tls() {
 async fn a_certificate_for_another_host_name_is_502_upstream_tls() {
     let ca = TestCa::new("sealgate test CA");
     let up = tls_upstream(&ca, &["other.example"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    ca.write_pem(&dir.path().join("ca.pem"));
-    let sg = Sealgate::start_in(
-        dir,
+    let sg = start_trusting(
+        &ca,
         &format!(
             "[datasources.wrong]\nurl = \"https://localhost:{}\"\nca_file = \"ca.pem\"\n",
             up.addr.port()
@@ -102,4 +96,11 @@ async fn pooled_connections_are_not_shared_between_data_sources_with_different_c
     );
     assert_eq!(get(sg.proxy, "/trusted/x").await.status(), 200);
     assert_error(get(sg.proxy, "/distrusted/x").await, 502, "upstream_tls").await;
+}
+
+/// sealgate with `ca`'s certificate written beside its config as `ca.pem`.
+fn start_trusting(ca: &TestCa, datasources: &str) -> Sealgate {
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_pem(&dir.path().join("ca.pem"));
+    Sealgate::start_in(dir, datasources)
 }
