@@ -79,7 +79,7 @@ impl Metrics {
         let downstream_closed = IntCounterVec::new(
             Opts::new(
                 "sealgate_downstream_closed_total",
-                "Caller connections sealgate closed to protect itself, by reason (head_timeout: no complete request head in time, idle keep-alive connections included).",
+                "Caller connections sealgate closed to protect itself, by reason (head_timeout: no complete request head in time, idle keep-alive connections included; tls_handshake_timeout; idle_timeout; connection_limit).",
             ),
             &["reason"],
         )?;

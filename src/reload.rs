@@ -77,6 +77,7 @@ fn swap_tls(shared: &Shared, next: &Config) {
 fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     let (a, b) = (&current.proxy, &next.proxy);
     let tls_listen = |c: &Config| c.proxy.tls.as_ref().map(|t| t.listen.clone());
+    let handshake_timeout = |c: &Config| c.proxy.tls.as_ref().map(|t| t.handshake_timeout);
     [
         ("proxy.listen", a.listen != b.listen),
         ("proxy.listen_unix", a.listen_unix != b.listen_unix),
@@ -92,6 +93,10 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
             a.max_connections != b.max_connections,
         ),
         ("proxy.tls.listen", tls_listen(current) != tls_listen(next)),
+        (
+            "proxy.tls.handshake_timeout_s",
+            handshake_timeout(current) != handshake_timeout(next),
+        ),
         ("admin.listen", current.admin.listen != next.admin.listen),
         ("audit.output", current.audit.output != next.audit.output),
         (

@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::admin::AdminService;
 use crate::audit::{AuditLog, Event};
 use crate::config::Config;
-use crate::limits::{ConnectionCap, HeadDeadline};
+use crate::limits::{ConnectionCap, HandshakeDeadline, Handshakes, HeadDeadline};
 use crate::metrics::Metrics;
 use crate::proxy::SealgateProxy;
 use crate::state::{Shared, TlsHandles};
@@ -117,10 +117,22 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     for addr in &proxy_listen {
         proxy.add_tcp(&addr.to_string());
     }
-    if let Some(handles) = &shared.tls {
+    if let (Some(handles), Some(tls)) = (&shared.tls, &shared.config.load().proxy.tls) {
+        let handshakes = Arc::new(Handshakes::default());
         for addr in &tls_listen {
-            proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings(handles)?);
+            proxy.add_tls_with_settings(
+                &addr.to_string(),
+                None,
+                tls_settings(handles, handshakes.clone())?,
+            );
         }
+        proxy
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(HandshakeDeadline::new(
+                tls.handshake_timeout,
+                handshakes,
+                shared.clone(),
+            )));
     }
     server.add_service(proxy);
     if let Some((path, listener)) = unix_listener {
@@ -178,8 +190,11 @@ impl Limits {
 
 /// pingora's rustls listener, with sealgate's swappable certificate and
 /// client verifier and the identity callback; TLS 1.2 and 1.3 only.
-fn tls_settings(handles: &TlsHandles) -> Result<TlsSettings, StartError> {
-    let mut settings = TlsSettings::with_callbacks(Box::new(IdentityCallback))
+fn tls_settings(
+    handles: &TlsHandles,
+    handshakes: Arc<Handshakes>,
+) -> Result<TlsSettings, StartError> {
+    let mut settings = TlsSettings::with_callbacks(Box::new(IdentityCallback { handshakes }))
         .map_err(|e| StartError::Tls(e.to_string()))?;
     settings.set_cert_resolver(handles.cert.clone());
     if let Some(client) = &handles.client {

@@ -218,8 +218,11 @@ impl ClientCertVerifier for ClientVerifier {
 }
 
 /// Attaches the verified client certificate's identity to the connection,
-/// where the proxy finds it for every request on it.
-pub struct IdentityCallback;
+/// where the proxy finds it for every request on it, and ends the
+/// connection's handshake deadline.
+pub struct IdentityCallback {
+    pub handshakes: Arc<crate::limits::Handshakes>,
+}
 
 #[async_trait]
 impl TlsAccept for IdentityCallback {
@@ -227,6 +230,7 @@ impl TlsAccept for IdentityCallback {
         &self,
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
+        self.handshakes.finished();
         let der = tls.peer_certificate_der()?;
         let identity = uri_san(der).ok()?;
         Some(Arc::new(TlsIdentity(identity)))

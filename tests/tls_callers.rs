@@ -62,16 +62,26 @@ async fn tls_status(
 
 /// sealgate with a TLS listener (no client CA) in front of an echo upstream.
 async fn start_tls_in_front_of_echo() -> (Pki, std::net::SocketAddr, Sealgate) {
+    start_tls_in_front_of_echo_with("", "").await
+}
+
+/// Like `start_tls_in_front_of_echo`, with more keys in `[proxy]` and
+/// `[proxy.tls]`.
+async fn start_tls_in_front_of_echo_with(
+    proxy_keys: &str,
+    tls_keys: &str,
+) -> (Pki, std::net::SocketAddr, Sealgate) {
     let up = echo_upstream().await;
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path());
     let tls = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let sg = Sealgate::start_in(
+    let sg = Sealgate::start_in_with_proxy_keys(
         dir,
+        proxy_keys,
         &format!(
             "[proxy.tls]\nlisten = [\"{tls}\"]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\n\
-             [datasources.echo]\nurl = \"http://{}\"\n",
+             {tls_keys}\n[datasources.echo]\nurl = \"http://{}\"\n",
             up.addr
         ),
     );
@@ -289,5 +299,58 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_old_ones() {
         old.send_request(get_req("/echo/c")).await.unwrap().status(),
         200,
         "the connection made before the reload is still up"
+    );
+}
+
+/// A connection that stalls its TLS handshake is closed at
+/// `handshake_timeout_s` and counted while other callers are served; a
+/// connection whose handshake finished is no longer bound by that deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_tls_handshake_is_closed_at_its_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (pki, tls, sg) =
+        start_tls_in_front_of_echo_with("header_timeout_s = 10", "handshake_timeout_s = 1").await;
+    let finished = tls_connect(tls, &[&pki.server_ca], None, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let mut finished = h1_over(finished).await;
+
+    let mut stalled = tokio::net::TcpStream::connect(tls).await.unwrap();
+    let started = std::time::Instant::now();
+    // The start of a ClientHello record, then nothing more.
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let served_meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tls_status(tls, &pki, None, get_req("/echo/meanwhile")).await
+    };
+    let closed = async {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut rest)).await
+    };
+    let (status, closed) = tokio::join!(served_meanwhile, closed);
+    assert_eq!(status, Ok(StatusCode::OK), "other callers are served");
+    assert!(closed.is_ok(), "the stalled handshake was never closed");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4),
+        "closed after {elapsed:?}, deadline 1 s"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        finished
+            .send_request(get_req("/echo/later"))
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "a finished handshake is not cut by the handshake deadline"
+    );
+    let metrics = sg.metrics();
+    assert!(
+        metrics.contains(r#"sealgate_downstream_closed_total{reason="tls_handshake_timeout"} 1"#),
+        "{metrics}"
     );
 }

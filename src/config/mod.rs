@@ -33,6 +33,7 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:6180";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 const DEFAULT_GRACE_PERIOD_S: u64 = 10;
 const DEFAULT_HEADER_TIMEOUT_S: u64 = 10;
+const DEFAULT_TLS_HANDSHAKE_TIMEOUT_S: u64 = 10;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 const DEFAULT_IDLE_TIMEOUT_S: u64 = 60;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
@@ -95,6 +96,9 @@ pub struct ProxyTls {
     /// Present with `client_ca`: the handshake then requires a client
     /// certificate signed by it.
     pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    /// From accept to a finished handshake; pingora has no such limit, so a
+    /// client stalling mid-handshake would hold its connection forever.
+    pub handshake_timeout: Duration,
 }
 
 pub struct AdminSettings {
@@ -770,10 +774,17 @@ impl Validator<'_> {
                 }
             },
         };
+        let handshake_timeout = Duration::from_secs(self.bounded(
+            &raw.handshake_timeout_s,
+            "proxy.tls.handshake_timeout_s",
+            1..=3600,
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT_S,
+        ));
         Some(ProxyTls {
             listen,
             cert: cert?,
             client_verifier,
+            handshake_timeout,
         })
     }
 

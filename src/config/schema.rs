@@ -110,6 +110,7 @@ pub struct RawProxyTls {
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
     pub client_ca: Option<Spanned<String>>,
+    pub handshake_timeout_s: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
