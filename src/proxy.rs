@@ -33,12 +33,13 @@ use crate::tls::TlsIdentity;
 /// caller names follow data source naming, so it never collides.
 const NO_CALLER: &str = "-";
 
-pub const REQUEST_ID_HEADER: &str = "x-sealgate-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-sealgate-request-id");
 
 /// Response headers that describe one hop and must not cross sealgate.
 /// `Transfer-Encoding` is absent on purpose: pingora re-frames each hop
 /// from it and removes it where the downstream protocol has no use for it.
-const HOP_BY_HOP_RESPONSE: [&str; 6] = [
+const HOP_BY_HOP_RESPONSE: [&str; 7] = [
+    "connection",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
@@ -381,14 +382,7 @@ impl ProxyHttp for SealgateProxy {
             .map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "request target"))?;
         upstream_request.set_uri(uri);
         upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
-        // The caller's own credentials never reach a data source.
-        for name in [
-            header::AUTHORIZATION,
-            header::PROXY_AUTHORIZATION,
-            header::COOKIE,
-        ] {
-            upstream_request.remove_header(&name);
-        }
+        strip_caller_credentials(upstream_request);
         match &ds.credential {
             Some(CredentialState::Ready(credential)) => {
                 credential.inject_header(upstream_request)?
@@ -410,7 +404,7 @@ impl ProxyHttp for SealgateProxy {
     ) -> Result<()> {
         strip_hop_by_hop_response(upstream_response);
         if let Some(ds) = &ctx.datasource {
-            if !ds.pass_set_cookie {
+            if !ds.pass_set_cookie && upstream_response.headers.contains_key(header::SET_COOKIE) {
                 upstream_response.remove_header(&header::SET_COOKIE);
             }
             if let Some(credential) = ds.ready_credential() {
@@ -503,8 +497,8 @@ impl ProxyHttp for SealgateProxy {
             datasource,
             method: req.method.as_str(),
             path: req.uri.path(),
-            upstream: ctx.upstream_addr.map(|a| a.to_string()),
-            egress_ip: ctx.egress_ip.map(|ip| ip.to_string()),
+            upstream: ctx.upstream_addr,
+            egress_ip: ctx.egress_ip,
             region: ctx
                 .datasource
                 .as_ref()
@@ -519,7 +513,7 @@ impl ProxyHttp for SealgateProxy {
             status,
             request_bytes,
             response_bytes,
-            duration_ms: (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            duration: elapsed,
             error: ctx.refusal.as_ref().map(|r| r.code.as_str()),
         };
         self.shared.audit.record(&record).await;
@@ -593,22 +587,45 @@ fn credential_unavailable(datasource: &str) -> Refusal {
 /// How many resolved addresses one request may try before giving up.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
+/// One pass over the headers finds what to remove; most responses carry
+/// nothing but `Connection`, and removing absent names one by one cost more
+/// than the rest of sealgate's response handling.
 fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
-    let nominated: Vec<HeaderName> = resp
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| name != header::TRANSFER_ENCODING && name != header::CONTENT_LENGTH)
-        .collect();
-    for name in nominated {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for (name, value) in resp.headers.iter() {
+        if name == header::CONNECTION {
+            let nominated = value
+                .to_str()
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                .filter(|n| n != header::TRANSFER_ENCODING && n != header::CONTENT_LENGTH);
+            doomed.extend(nominated);
+        }
+        if HOP_BY_HOP_RESPONSE.contains(&name.as_str()) {
+            doomed.push(name.clone());
+        }
+    }
+    for name in doomed {
         resp.remove_header(&name);
     }
-    resp.remove_header(&header::CONNECTION);
-    for name in HOP_BY_HOP_RESPONSE {
-        resp.remove_header(name);
+}
+
+/// The caller's own credentials never reach a data source.
+fn strip_caller_credentials(req: &mut RequestHeader) {
+    const CALLER_CREDENTIALS: [HeaderName; 3] = [
+        header::AUTHORIZATION,
+        header::PROXY_AUTHORIZATION,
+        header::COOKIE,
+    ];
+    let present: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|name| CALLER_CREDENTIALS.contains(name))
+        .cloned()
+        .collect();
+    for name in present {
+        req.remove_header(&name);
     }
 }
 

@@ -1,0 +1,48 @@
+# Sourced by the benchmark scripts: sealgate with a production-like config
+# (egress policy, a sealed bearer credential injected on every request,
+# audit to a file, metrics on). bench_setup WORK writes keys, policy and
+# WORK/start.sh, which runs sealgate in the foreground; start.sh writes the
+# config when it starts, from PB_UPSTREAM, PB_CERT and PB_KEY (peerbench's
+# names), since those are only known at run time.
+#   proxy 127.0.0.1:18083, TLS 127.0.0.1:18444, admin 127.0.0.1:18990,
+#   data source "bench" (paths /bench/...), upstream 127.0.0.1:18080.
+bench_setup() {
+  local work=$1 sg=$2
+  mkdir -p "$work/keys" "$work/policies"
+  "$sg" keygen --out "$work/keys/k1.key" 2>/dev/null
+  local salt sealed
+  salt=$("$sg" salt)
+  printf '[keys]\ndir = "%s/keys"\nprimary = "k1"\nsalt = "%s"\n' "$work" "$salt" >"$work/keys.toml"
+  # peerbench checks that every proxy injects exactly `Authorization: Bearer test`.
+  sealed=$(printf 'test' | "$sg" seal -c "$work/keys.toml" --datasource bench --field token)
+  cat >"$work/policies/bench.toml" <<TOML
+[egress]
+allow = ["127.0.0.1:18080"]
+allow_private = ["127.0.0.1/32:18080"]
+TOML
+  cat >"$work/start.sh" <<SH
+#!/usr/bin/env bash
+cat >"$work/sealgate.toml" <<TOML
+[proxy]
+listen = ["127.0.0.1:18083"]
+threads = 1
+[proxy.tls]
+listen = ["127.0.0.1:18444"]
+cert = "\$PB_CERT"
+key = "\$PB_KEY"
+[admin]
+listen = "127.0.0.1:18990"
+[audit]
+output = "$work/audit.log"
+[policy]
+dir = "$work/policies"
+\$(cat "$work/keys.toml")
+[datasources.bench]
+url = "http://\$PB_UPSTREAM"
+timeout_ms = 30000
+credential = { kind = "bearer", token = "$sealed" }
+TOML
+RUST_LOG=warn exec "$sg" run -c "$work/sealgate.toml"
+SH
+  chmod +x "$work/start.sh"
+}

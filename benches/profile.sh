@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# benches/profile.sh: where sealgate's CPU goes per request. The release
+# build runs with the production-like config of peerbench.sh, pinned to
+# CPU 1; wrk (and an nginx upstream) load it from CPU 0; perf samples
+# sealgate alone and prints its hottest symbols, and the CPU seconds per
+# 10k requests of the run.
+#
+#   benches/profile.sh                 # 1 KiB GET over plain HTTP
+#   SIZE=64k benches/profile.sh        # 64 KiB GET
+#   TLS=1 benches/profile.sh           # 1 KiB GET over TLS to sealgate
+#   PERF=0 benches/profile.sh          # CPU per request only, no perf
+#
+# Needs perf, wrk, nginx and openssl. Everything stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SIZE=${SIZE:-1k} TLS=${TLS:-0} DURATION=${DURATION:-10} CONNS=${CONNS:-50} PERF=${PERF:-1}
+for tool in wrk nginx openssl taskset; do
+  command -v "$tool" >/dev/null || { echo "profile.sh needs $tool" >&2; exit 1; }
+done
+cargo build --release --quiet
+SG=$PWD/target/release/sealgate
+work=$(mktemp -d "${TMPDIR:-/tmp}/sealgate-profile.XXXXXX")
+chmod 755 "$work" # nginx's workers read the content as another user
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+source benches/bench_setup.sh
+bench_setup "$work" "$SG"
+
+mkdir -p "$work/www" "$work/tmp"
+head -c 1024 /dev/urandom >"$work/www/1k.bin"
+head -c 65536 /dev/urandom >"$work/www/64k.bin"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
+  -addext "subjectAltName=IP:127.0.0.1" \
+  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+cat >"$work/upstream.conf" <<NGINX
+worker_processes 1; daemon off; pid $work/upstream.pid; error_log $work/upstream.err warn;
+events { worker_connections 4096; }
+http {
+  client_body_temp_path $work/tmp/b; proxy_temp_path $work/tmp/p; fastcgi_temp_path $work/tmp/f;
+  uwsgi_temp_path $work/tmp/u; scgi_temp_path $work/tmp/s;
+  access_log off; sendfile on; tcp_nodelay on;
+  keepalive_timeout 300s; keepalive_requests 100000000;
+  server { listen 127.0.0.1:18080; root $work/www; }
+}
+NGINX
+taskset -c 0 nginx -c "$work/upstream.conf" -p "$work" 2>/dev/null &
+pids+=($!)
+PB_UPSTREAM=127.0.0.1:18080 PB_CERT=$work/cert.pem PB_KEY=$work/key.pem \
+  taskset -c 1 "$work/start.sh" 2>"$work/sealgate.err" &
+sg_pid=$!
+pids+=("$sg_pid")
+for _ in $(seq 100); do
+  curl -fs -o /dev/null "http://127.0.0.1:18083/bench/1k.bin" && break
+  sleep 0.1
+done
+curl -fs -o /dev/null "http://127.0.0.1:18083/bench/1k.bin" ||
+  { echo "sealgate did not start:" >&2; cat "$work/sealgate.err" >&2; exit 1; }
+url="http://127.0.0.1:18083/bench/$SIZE.bin"
+[[ $TLS == 1 ]] && url="https://127.0.0.1:18444/bench/$SIZE.bin"
+taskset -c 0 wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$sg_pid/stat"; }
+before=$(cpu_ticks)
+if [[ $PERF == 1 ]]; then
+  perf record -q -F 1999 -p "$sg_pid" -o "$work/perf.data" -- sleep "$DURATION" 2>/dev/null &
+  perf_pid=$!
+fi
+result=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" "$url")
+[[ $PERF == 1 ]] && wait "$perf_pid"
+after=$(cpu_ticks)
+requests=$(awk '/requests in/ {print $1}' <<<"$result")
+echo "$result" | grep -E "Requests/sec|Latency|requests in|errors" || true
+if grep -q "Non-2xx" <<<"$result"; then
+  echo "error responses during the run:" >&2
+  echo "$result" >&2
+  exit 1
+fi
+awk -v t=$((after - before)) -v n="$requests" -v hz="$(getconf CLK_TCK)" \
+  'BEGIN { printf "sealgate CPU: %.3f s per 10k requests (%d requests)\n", t / hz / n * 10000, n }'
+if [[ $PERF == 1 ]]; then
+  perf report -i "$work/perf.data" --no-children --sort dso,symbol --percent-limit 0.7 \
+    --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -60
+fi
