@@ -1,4 +1,5 @@
-//! Per-request costs of sealgate's own work, apart from proxying:
+//! Per-request costs of sealgate's own work, apart from proxying (route,
+//! policy decision, credential injection and redaction, audit encoding):
 //! `cargo bench --bench request_path`.
 //!
 //! Injection is measured as "clone a request head, then inject" against
@@ -8,9 +9,11 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::{RequestHeader, ResponseHeader};
+use sealgate::audit::{self, AuditRecord, Decision};
 use sealgate::credentials::Credential;
 use sealgate::egress::{parse_entry, EgressPolicy, Rule};
 use sealgate::route;
@@ -171,6 +174,30 @@ fn bench(c: &mut Criterion) {
             let mut r = resp.clone();
             bearer.redact(&mut r).expect("redact");
             black_box(r)
+        })
+    });
+
+    c.bench_function("audit: encode one record", |b| {
+        b.iter(|| {
+            let record = AuditRecord {
+                ts: audit::now_rfc3339(),
+                request_id: "0000000000a1b2c3",
+                caller: Some("billing"),
+                datasource: Some("payments"),
+                method: "GET",
+                path: black_box("/payments/v1/charges/ch_123"),
+                upstream: Some(SocketAddr::from(([52, 1, 2, 3], 443))),
+                egress_ip: Some([203, 0, 113, 7].into()),
+                region: Some("eu"),
+                decision: Decision::Allow,
+                reason: Some("allowed by policies/payments.toml:3 (api.stripe.com:443)"),
+                status: 200,
+                request_bytes: 0,
+                response_bytes: 1024,
+                duration: Duration::from_micros(1234),
+                error: None,
+            };
+            black_box(audit::encode(&record))
         })
     });
 }

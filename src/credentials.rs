@@ -240,9 +240,7 @@ impl Credential {
     }
 
     fn reveals_secret(&self, value: &HeaderValue) -> bool {
-        self.needles
-            .iter()
-            .any(|n| memchr::memmem::find(value.as_bytes(), n).is_some())
+        self.needles.iter().any(|n| contains(value.as_bytes(), n))
     }
 
     /// Replaces every response header value that contains the secret,
@@ -276,9 +274,35 @@ impl Credential {
     }
 }
 
+/// Whether `needle` occurs in `haystack`. Header values are short, and
+/// building a `memmem` searcher per value cost more than scanning them;
+/// a precomputed searcher would keep an unzeroised copy of the secret.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, _)) = needle.split_first() else {
+        return true;
+    };
+    let Some(last_start) = haystack.len().checked_sub(needle.len()) else {
+        return false;
+    };
+    memchr::memchr_iter(first, &haystack[..=last_start])
+        .any(|at| &haystack[at..at + needle.len()] == needle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contains_finds_the_needle_anywhere_and_nothing_else() {
+        assert!(contains(b"Bearer s3cret", b"s3cret"));
+        assert!(contains(b"s3cret; Path=/", b"s3cret"));
+        assert!(contains(b"ss3cret", b"s3cret"));
+        assert!(contains(b"s3cret", b"s3cret"));
+        assert!(!contains(b"s3cre", b"s3cret"));
+        assert!(!contains(b"s3cres3creT", b"s3cret"));
+        assert!(!contains(b"", b"s3cret"));
+        assert!(contains(b"anything", b""));
+    }
 
     fn secret(s: &str) -> Secret {
         Secret::new(Zeroizing::new(s.to_string())).unwrap()
