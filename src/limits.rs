@@ -27,6 +27,7 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task;
 
+use crate::metrics::CloseReason;
 use crate::state::Shared;
 
 tokio::task_local! {
@@ -79,7 +80,7 @@ where
                             work.await
                         } else {
                             // Dropping the work closes the connection.
-                            self.shared.metrics.downstream_closed.with_label_values(&["head_timeout"]).inc();
+                            self.shared.metrics.downstream_closed(CloseReason::HeadTimeout).inc();
                             None
                         }
                     }
@@ -132,8 +133,7 @@ where
         let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
             self.shared
                 .metrics
-                .downstream_closed
-                .with_label_values(&["connection_limit"])
+                .downstream_closed(CloseReason::ConnectionLimit)
                 .inc();
             return None;
         };
@@ -163,17 +163,16 @@ impl Handshakes {
     /// Called from the handshake-complete callback: the connection's
     /// deadline no longer applies.
     pub fn finished(&self) {
-        let Some(task) = task::try_id() else { return };
-        let entry = self.0.lock().ok().and_then(|mut r| r.remove(&task));
-        if let Some(finished) = entry {
+        if let Some(finished) = task::try_id().and_then(|task| self.take(task)) {
             finished.store(true, Ordering::Release);
         }
     }
 
-    fn forget(&self, task: task::Id) {
-        if let Ok(mut running) = self.0.lock() {
-            running.remove(&task);
-        }
+    fn take(&self, task: task::Id) -> Option<Arc<AtomicBool>> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut running| running.remove(&task))
     }
 }
 
@@ -217,8 +216,8 @@ impl PreTlsProcess for HandshakeDeadline {
             timeouts: self
                 .shared
                 .metrics
-                .downstream_closed
-                .with_label_values(&["tls_handshake_timeout"]),
+                .downstream_closed(CloseReason::TlsHandshakeTimeout)
+                .clone(),
         };
         let mut outer = L4Stream::from(VirtualSocketStream::new(Box::new(guarded)));
         // The peer address and the like are still read from the real socket,
@@ -267,7 +266,7 @@ impl UntilHandshake {
 impl Drop for UntilHandshake {
     fn drop(&mut self) {
         if !self.finished.load(Ordering::Acquire) {
-            self.handshakes.forget(self.task);
+            self.handshakes.take(self.task);
         }
     }
 }
@@ -330,10 +329,9 @@ impl AsyncWrite for UntilHandshake {
 }
 
 impl VirtualSocket for UntilHandshake {
-    fn set_socket_option(&self, opt: VirtualSockOpt) -> io::Result<()> {
-        // pingora sets socket options before the handshake, on the real
-        // socket; there is nothing to set through the guard.
-        let _ = opt;
+    /// pingora sets socket options at accept, on the real socket, before
+    /// the guard exists; there is nothing left to set through it.
+    fn set_socket_option(&self, _: VirtualSockOpt) -> io::Result<()> {
         Ok(())
     }
 }

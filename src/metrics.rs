@@ -11,6 +11,36 @@ use prometheus::{
 /// source; data source names cannot start with '-', so it never collides.
 pub const NO_DATASOURCE: &str = "-";
 
+/// Why sealgate closed a caller's connection to protect itself: the
+/// `reason` label of `sealgate_downstream_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// No complete request head in time (idle keep-alive connections too).
+    HeadTimeout,
+    TlsHandshakeTimeout,
+    /// A request under way waited too long for the caller.
+    IdleTimeout,
+    ConnectionLimit,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 4] = [
+        CloseReason::HeadTimeout,
+        CloseReason::TlsHandshakeTimeout,
+        CloseReason::IdleTimeout,
+        CloseReason::ConnectionLimit,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            CloseReason::HeadTimeout => "head_timeout",
+            CloseReason::TlsHandshakeTimeout => "tls_handshake_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::ConnectionLimit => "connection_limit",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
@@ -20,7 +50,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub egress_denied: IntCounterVec,
     pub upstream_errors: IntCounterVec,
-    pub downstream_closed: IntCounterVec,
+    /// One counter per `CloseReason`, in `CloseReason::ALL` order, looked
+    /// up once here instead of hashing the label at every close.
+    downstream_closed: [IntCounter; CloseReason::ALL.len()],
     pub request_bytes: IntCounterVec,
     pub response_bytes: IntCounterVec,
     pub audit_dropped: IntCounter,
@@ -84,6 +116,8 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(downstream_closed.clone()))?;
+        let downstream_closed =
+            CloseReason::ALL.map(|reason| downstream_closed.with_label_values(&[reason.label()]));
         let request_bytes = IntCounterVec::new(
             Opts::new(
                 "sealgate_request_bytes_total",
@@ -148,6 +182,11 @@ impl Metrics {
         })
     }
 
+    /// The counter of connections closed for `reason`.
+    pub fn downstream_closed(&self, reason: CloseReason) -> &IntCounter {
+        &self.downstream_closed[reason as usize]
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(4096);
@@ -183,5 +222,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("sealgate_active_requests 0"), "{text}");
+    }
+
+    #[test]
+    fn each_close_reason_has_its_own_counter() {
+        let m = Metrics::new().unwrap();
+        m.downstream_closed(CloseReason::TlsHandshakeTimeout).inc();
+        let text = String::from_utf8(m.encode()).unwrap();
+        for reason in CloseReason::ALL {
+            let count = u8::from(reason == CloseReason::TlsHandshakeTimeout);
+            let line = format!(
+                "sealgate_downstream_closed_total{{reason=\"{}\"}} {count}",
+                reason.label()
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
     }
 }

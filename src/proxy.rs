@@ -24,7 +24,7 @@ use crate::callers::{self, Caller, Identified, Presented};
 use crate::config::{Config, CredentialState, DataSource};
 use crate::egress::Denial;
 use crate::errors::{classify, ErrorCode, Refusal};
-use crate::metrics::NO_DATASOURCE;
+use crate::metrics::{CloseReason, NO_DATASOURCE};
 use crate::route;
 use crate::state::Shared;
 use crate::tls::TlsIdentity;
@@ -262,13 +262,9 @@ impl ProxyHttp for SealgateProxy {
         let (egress_ip, egress_choices) = match &ds.region {
             None => (None, 1),
             Some(region) => {
-                let candidates: Vec<IpAddr> = region
-                    .egress_ips
-                    .iter()
-                    .copied()
-                    .filter(|ip| ip.is_ipv4() == addr.is_ipv4())
-                    .collect();
-                if candidates.is_empty() {
+                let same_family = |ip: &&IpAddr| ip.is_ipv4() == addr.is_ipv4();
+                let choices = region.egress_ips.iter().filter(same_family).count();
+                if choices == 0 {
                     ctx.refusal = Some(Refusal::new(
                         ErrorCode::UpstreamUnreachable,
                         format!("region \"{}\" has no egress address of the upstream's address family ({addr})", region.name),
@@ -278,10 +274,13 @@ impl ProxyHttp for SealgateProxy {
                 let start = *ctx
                     .egress_start
                     .get_or_insert_with(|| region.next.fetch_add(1, Ordering::Relaxed));
-                (
-                    Some(candidates[(start + attempt) % candidates.len()]),
-                    candidates.len(),
-                )
+                let chosen = region
+                    .egress_ips
+                    .iter()
+                    .filter(same_family)
+                    .nth((start + attempt) % choices)
+                    .copied();
+                (chosen, choices)
             }
         };
         ctx.egress_ip = egress_ip;
@@ -429,8 +428,7 @@ impl ProxyHttp for SealgateProxy {
         {
             self.shared
                 .metrics
-                .downstream_closed
-                .with_label_values(&["idle_timeout"])
+                .downstream_closed(CloseReason::IdleTimeout)
                 .inc();
         }
         let refusal = ctx.refusal.clone().or_else(|| classify(e));
