@@ -80,14 +80,9 @@ async fn on_full_drop_keeps_serving_and_counts_every_lost_record() {
         flood(&sg, Duration::from_secs(60)).await,
         "requests must not wait for the audit output"
     );
-    let dropped: u64 = sg
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix("sealgate_audit_dropped_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let dropped = sample_value(&sg.metrics(), "sealgate_audit_dropped_total").unwrap_or(0.0);
     assert!(
-        dropped > 0,
+        dropped > 0.0,
         "the stalled output must have cost records, and they are counted"
     );
 }
@@ -131,7 +126,7 @@ async fn by_default_requests_wait_for_the_audit_output() {
         flood(&sg, Duration::from_secs(25)).await,
         "released once the output is read"
     );
-    assert!(sg.metrics().contains("sealgate_audit_dropped_total 0"));
+    sg.assert_metrics(&["sealgate_audit_dropped_total 0"]);
     assert_eq!(
         drained.join().unwrap(),
         expected,

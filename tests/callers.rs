@@ -117,13 +117,14 @@ async fn token_callers_are_identified_and_held_to_their_grants() {
         (Some("billing"), Some("crm"))
     );
     let metrics = sg.metrics();
-    for line in [
-        r#"sealgate_requests_total{caller="billing",code="200",datasource="pay"} 1"#,
-        r#"sealgate_requests_total{caller="billing",code="403",datasource="crm"} 1"#,
-        r#"sealgate_requests_total{caller="-",code="401",datasource="-"} 3"#,
-    ] {
-        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
-    }
+    assert_has_samples(
+        &metrics,
+        &[
+            r#"sealgate_requests_total{caller="billing",code="200",datasource="pay"} 1"#,
+            r#"sealgate_requests_total{caller="billing",code="403",datasource="crm"} 1"#,
+            r#"sealgate_requests_total{caller="-",code="401",datasource="-"} 3"#,
+        ],
+    );
     let everything = format!(
         "{metrics}{}{}",
         sg.stderr(),

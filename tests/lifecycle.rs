@@ -355,12 +355,7 @@ async fn a_slowloris_connection_is_closed_at_the_header_timeout() {
         "closed only after {:?}",
         started.elapsed()
     );
-    assert!(
-        sg.metrics()
-            .contains(r#"sealgate_downstream_closed_total{reason="head_timeout"} 1"#),
-        "{}",
-        sg.metrics()
-    );
+    sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="head_timeout"} 1"#]);
 }
 
 /// Connections beyond `max_connections` are closed at once and counted; a
@@ -382,12 +377,7 @@ async fn connections_over_the_cap_are_closed_and_counted() {
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "the third connection was not closed: {read:?}"
     );
-    assert!(
-        sg.metrics()
-            .contains(r#"sealgate_downstream_closed_total{reason="connection_limit"} 1"#),
-        "{}",
-        sg.metrics()
-    );
+    sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="connection_limit"} 1"#]);
 
     drop(idle_a);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -422,12 +412,7 @@ async fn a_caller_stalling_mid_body_is_cut_off_at_the_idle_timeout() {
     );
     let text = String::from_utf8_lossy(&answer);
     assert!(text.is_empty() || text.contains("bad_request"), "{text}");
-    assert!(
-        sg.metrics()
-            .contains(r#"sealgate_downstream_closed_total{reason="idle_timeout"} 1"#),
-        "{}",
-        sg.metrics()
-    );
+    sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="idle_timeout"} 1"#]);
 }
 
 /// systemd `Type=notify`: READY once listening, RELOADING (with the

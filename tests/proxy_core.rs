@@ -43,13 +43,10 @@ async fn get_is_routed_below_the_base_path_with_query_and_host() {
     );
     assert_eq!(r["upstream"], up.addr.to_string());
     assert_eq!(r["decision"], "allow");
-    let metrics = sg.metrics();
-    assert!(
-        metrics
-            .contains(r#"sealgate_requests_total{caller="local",code="200",datasource="pay"} 1"#),
-        "{metrics}"
-    );
-    assert!(metrics.contains(r#"sealgate_request_duration_seconds_count{datasource="pay"} 1"#));
+    sg.assert_metrics(&[
+        r#"sealgate_requests_total{caller="local",code="200",datasource="pay"} 1"#,
+        r#"sealgate_request_duration_seconds_count{datasource="pay"} 1"#,
+    ]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -160,9 +157,7 @@ async fn unknown_datasource_and_bare_root_are_404() {
     assert_eq!(records[0]["error"], "unknown_datasource");
     assert!(records[0]["datasource"].is_null());
     assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
-    assert!(sg
-        .metrics()
-        .contains(r#"sealgate_requests_total{caller="local",code="404",datasource="-"} 2"#));
+    sg.assert_metrics(&[r#"sealgate_requests_total{caller="local",code="404",datasource="-"} 2"#]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -51,11 +51,7 @@ async fn a_credential_that_no_longer_opens_is_refused_with_503_never_sent_bare()
         200,
         "other data sources keep serving"
     );
-    let metrics = sg.metrics();
-    assert!(
-        metrics.contains(r#"sealgate_credential_open_failures_total{datasource="pay"} 2"#),
-        "{metrics}"
-    );
+    sg.assert_metrics(&[r#"sealgate_credential_open_failures_total{datasource="pay"} 2"#]);
     let listing = http_get_blocking(sg.admin, "/v1/datasources").unwrap().1;
     assert!(listing.contains(r#""state": "unavailable""#), "{listing}");
     assert!(sg

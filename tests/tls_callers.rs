@@ -119,13 +119,8 @@ async fn tls_termination_serves_h1_and_h2() {
     );
     assert_eq!(json(resp).await["target"], "/two");
     assert_eq!(sg.audit(2).len(), 2);
-    let expiry = format!("sealgate_tls_cert_expiry_timestamp_seconds{{listener=\"{tls}\"}} ");
-    let value: f64 = sg
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(expiry.as_str()).map(str::to_string))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let expiry = format!("sealgate_tls_cert_expiry_timestamp_seconds{{listener=\"{tls}\"}}");
+    let value = sample_value(&sg.metrics(), &expiry).unwrap_or(0.0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -348,9 +343,5 @@ async fn a_stalled_tls_handshake_is_closed_at_its_deadline() {
         200,
         "a finished handshake is not cut by the handshake deadline"
     );
-    let metrics = sg.metrics();
-    assert!(
-        metrics.contains(r#"sealgate_downstream_closed_total{reason="tls_handshake_timeout"} 1"#),
-        "{metrics}"
-    );
+    sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="tls_handshake_timeout"} 1"#]);
 }

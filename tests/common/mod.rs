@@ -220,6 +220,11 @@ impl Sealgate {
             .map(|(_, b)| b)
             .unwrap_or_default()
     }
+
+    /// Asserts that one scrape of /metrics has each of these sample lines.
+    pub fn assert_metrics(&self, lines: &[&str]) {
+        assert_has_samples(&self.metrics(), lines);
+    }
 }
 
 impl Drop for Sealgate {
@@ -720,4 +725,19 @@ where
         .expect("http1 handshake");
     tokio::spawn(conn);
     sender
+}
+
+/// Asserts that a /metrics scrape has each of these sample lines.
+pub fn assert_has_samples(metrics: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
+}
+
+/// The value of one sample, `name` or `name{labels}`, in a /metrics scrape.
+pub fn sample_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
 }
