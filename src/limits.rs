@@ -208,9 +208,8 @@ impl PreTlsProcess for HandshakeDeadline {
         let inner = std::mem::replace(stream, placeholder);
         let guarded = UntilHandshake {
             inner,
-            deadline: Some(Box::pin(tokio::time::sleep(self.timeout))),
+            deadline: Deadline::Running(Box::pin(tokio::time::sleep(self.timeout))),
             finished: self.handshakes.begin(task),
-            expired: false,
             task,
             handshakes: self.handshakes.clone(),
             timeouts: self
@@ -231,35 +230,45 @@ impl PreTlsProcess for HandshakeDeadline {
 /// The real connection until its handshake finishes or times out.
 struct UntilHandshake {
     inner: L4Stream,
-    /// `None` once the handshake has finished.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Deadline,
+    /// Set by the handshake-complete callback, through the registry.
     finished: Arc<AtomicBool>,
-    expired: bool,
     task: task::Id,
     handshakes: Arc<Handshakes>,
     timeouts: IntCounter,
 }
 
+#[derive(Debug)]
+enum Deadline {
+    Running(Pin<Box<tokio::time::Sleep>>),
+    /// The handshake finished in time: nothing is checked any more.
+    Lifted,
+    /// Counted once; every later read or write fails too.
+    Passed,
+}
+
+fn handshake_timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout")
+}
+
 impl UntilHandshake {
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        let Some(deadline) = &mut self.deadline else {
-            return Ok(());
-        };
-        if self.finished.load(Ordering::Acquire) {
-            self.deadline = None;
-            return Ok(());
-        }
-        if deadline.as_mut().poll(cx).is_ready() {
-            if !self.expired {
-                self.expired = true;
-                self.timeouts.inc();
+        match &mut self.deadline {
+            Deadline::Lifted => Ok(()),
+            Deadline::Passed => Err(handshake_timed_out()),
+            Deadline::Running(_) if self.finished.load(Ordering::Acquire) => {
+                self.deadline = Deadline::Lifted;
+                Ok(())
             }
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "TLS handshake timeout",
-            ));
+            Deadline::Running(sleep) => {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Ok(());
+                }
+                self.deadline = Deadline::Passed;
+                self.timeouts.inc();
+                Err(handshake_timed_out())
+            }
         }
-        Ok(())
     }
 }
 
@@ -275,7 +284,7 @@ impl fmt::Debug for UntilHandshake {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UntilHandshake")
             .field("inner", &self.inner)
-            .field("handshake_finished", &self.deadline.is_none())
+            .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
 }
