@@ -1,4 +1,4 @@
-# Sourced by the benchmark scripts: sealgate with a production-like config
+# Sourced by the benchmark scripts. bench_setup: sealgate with a production-like config
 # (egress policy, a sealed bearer credential injected on every request,
 # audit to a file, metrics on). bench_setup WORK writes keys, policy and
 # WORK/start.sh, which runs sealgate in the foreground; start.sh writes the
@@ -6,6 +6,21 @@
 # names), since those are only known at run time.
 #   proxy 127.0.0.1:18083, TLS 127.0.0.1:18444, admin 127.0.0.1:18990,
 #   data source "bench" (paths /bench/...), upstream 127.0.0.1:18080.
+#
+# bench_workdir NAME makes $work, removed at exit, and $pids, whose
+# processes are ended at exit.
+bench_workdir() {
+  work=$(mktemp -d "${TMPDIR:-/tmp}/sealgate-$1.XXXXXX")
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
 bench_setup() {
   local work=$1 sg=$2
   mkdir -p "$work/keys" "$work/policies"

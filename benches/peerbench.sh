@@ -18,9 +18,8 @@ PEERBENCH=${PEERBENCH:-$PWD/../shared/tools/peerbench/run.sh}
 cargo build --release --quiet
 SG=$PWD/target/release/sealgate
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/sealgate-peerbench.XXXXXX")
-trap 'rm -rf "$work"' EXIT
 source benches/bench_setup.sh
+bench_workdir peerbench
 bench_setup "$work" "$SG"
 
 PUT_NAME=sealgate PUT_PORT=18083 PUT_TLS_PORT=18444 PUT_PREFIX=/bench \

@@ -19,16 +19,9 @@ for tool in wrk nginx openssl taskset; do
 done
 cargo build --release --quiet
 SG=$PWD/target/release/sealgate
-work=$(mktemp -d "${TMPDIR:-/tmp}/sealgate-profile.XXXXXX")
-chmod 755 "$work" # nginx's workers read the content as another user
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 source benches/bench_setup.sh
+bench_workdir profile
+chmod 755 "$work" # nginx's workers read the content as another user
 bench_setup "$work" "$SG"
 
 mkdir -p "$work/www" "$work/tmp"

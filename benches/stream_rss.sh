@@ -19,14 +19,8 @@ LIMIT_MIB=${LIMIT_MIB:-16}
 
 [[ -x $BIN ]] || { ./dev.sh setup; cargo build --release --quiet; }
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source benches/bench_setup.sh
+bench_workdir stream-rss
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
@@ -57,6 +51,13 @@ for _ in $(seq 100); do
   sleep 0.05
 done
 
+# No egress is allowed without a policy entry; the upstream is on loopback.
+mkdir -p "$work/policies"
+cat >"$work/policies/bench.toml" <<TOML
+[egress]
+allow = ["127.0.0.1:$up_port"]
+allow_private = ["127.0.0.1/32:$up_port"]
+TOML
 cat >"$work/sealgate.toml" <<TOML
 [proxy]
 listen = ["127.0.0.1:$proxy_port"]
@@ -66,6 +67,8 @@ grace_period_s = 1
 listen = "127.0.0.1:$admin_port"
 [audit]
 output = "audit.log"
+[policy]
+dir = "policies"
 [datasources.big]
 url = "http://127.0.0.1:$up_port"
 timeout_ms = 30000
