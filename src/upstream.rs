@@ -98,14 +98,34 @@ pub enum ResolveError {
     Empty,
 }
 
-/// Resolves upstream names off the worker threads (tokio's blocking pool)
-/// with a deadline, and reuses answers briefly.
 /// A resolved answer and when it was obtained.
 type Answer = (Instant, Arc<[SocketAddr]>);
 
+/// Where a request may connect: an IP from the URL itself, or the answer
+/// of a lookup, shared by every request that reuses it. Neither allocates
+/// per request.
+pub enum Addresses {
+    Literal([SocketAddr; 1]),
+    Resolved(Arc<[SocketAddr]>),
+}
+
+impl std::ops::Deref for Addresses {
+    type Target = [SocketAddr];
+
+    fn deref(&self) -> &[SocketAddr] {
+        match self {
+            Addresses::Literal(one) => one,
+            Addresses::Resolved(many) => many,
+        }
+    }
+}
+
+/// Resolves upstream names off the worker threads (tokio's blocking pool)
+/// with a deadline, and reuses answers briefly.
 #[derive(Default)]
 pub struct Resolver {
-    answers: RwLock<HashMap<(String, u16), Answer>>,
+    /// By name, then port, so a hit is looked up with the borrowed name.
+    answers: RwLock<HashMap<String, HashMap<u16, Answer>>>,
 }
 
 impl Resolver {
@@ -114,16 +134,15 @@ impl Resolver {
         host: &UpstreamHost,
         port: u16,
         deadline: Duration,
-    ) -> Result<Arc<[SocketAddr]>, ResolveError> {
+    ) -> Result<Addresses, ResolveError> {
         let name = match host {
-            UpstreamHost::Ip(ip) => return Ok(Arc::from([SocketAddr::new(*ip, port)])),
+            UpstreamHost::Ip(ip) => return Ok(Addresses::Literal([SocketAddr::new(*ip, port)])),
             UpstreamHost::Name(name) => name,
         };
-        let key = (name.clone(), port);
         if let Ok(answers) = self.answers.read() {
-            if let Some((at, addrs)) = answers.get(&key) {
+            if let Some((at, addrs)) = answers.get(name).and_then(|ports| ports.get(&port)) {
                 if at.elapsed() < RESOLVE_REUSE {
-                    return Ok(addrs.clone());
+                    return Ok(Addresses::Resolved(addrs.clone()));
                 }
             }
         }
@@ -137,9 +156,12 @@ impl Resolver {
             return Err(ResolveError::Empty);
         }
         if let Ok(mut answers) = self.answers.write() {
-            answers.insert(key, (Instant::now(), addrs.clone()));
+            answers
+                .entry(name.clone())
+                .or_default()
+                .insert(port, (Instant::now(), addrs.clone()));
         }
-        Ok(addrs)
+        Ok(Addresses::Resolved(addrs))
     }
 }
 
@@ -185,5 +207,31 @@ mod tests {
             .unwrap_err()
             .contains("query"));
         assert!(parse("ftp://example.com").unwrap_err().contains("scheme"));
+    }
+
+    #[tokio::test]
+    async fn answers_are_reused_per_name_and_port_and_literals_need_no_lookup() {
+        let resolver = Resolver::default();
+        let deadline = Duration::from_secs(5);
+        let localhost = UpstreamHost::Name("localhost".into());
+        let shared = |a: &Addresses| match a {
+            Addresses::Resolved(many) => Some(many.clone()),
+            Addresses::Literal(_) => None,
+        };
+        let first = resolver.resolve(&localhost, 8080, deadline).await.unwrap();
+        let again = resolver.resolve(&localhost, 8080, deadline).await.unwrap();
+        assert!(Arc::ptr_eq(
+            &shared(&first).unwrap(),
+            &shared(&again).unwrap()
+        ));
+        assert!(first
+            .iter()
+            .all(|a| a.port() == 8080 && a.ip().is_loopback()));
+        let other_port = resolver.resolve(&localhost, 9090, deadline).await.unwrap();
+        assert!(other_port.iter().all(|a| a.port() == 9090));
+
+        let literal = UpstreamHost::Ip("192.0.2.7".parse().unwrap());
+        let addrs = resolver.resolve(&literal, 443, deadline).await.unwrap();
+        assert_eq!(&*addrs, &[SocketAddr::from(([192, 0, 2, 7], 443))]);
     }
 }
