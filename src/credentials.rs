@@ -2,8 +2,6 @@
 //! request, injecting it is a reference-count bump (the header value shares
 //! zeroizing memory) and redacting responses is a substring scan.
 
-use std::borrow::Cow;
-
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use bytes::Bytes;
@@ -214,13 +212,18 @@ impl Credential {
         Ok(())
     }
 
-    /// The query string to send upstream: the caller's, without any
-    /// parameter of the credential's name, plus the credential.
-    pub fn query_with_credential<'q>(&self, caller_query: Option<&'q str>) -> Option<Cow<'q, str>> {
+    /// For a credential that travels in the query string, the query to
+    /// send upstream: the caller's, without any parameter of the
+    /// credential's name, plus the credential. It holds the secret, so it
+    /// is zeroised when dropped (and sized up front so it never moves).
+    /// `None` for credentials that travel in a header.
+    pub fn query_with_credential(&self, caller_query: Option<&str>) -> Option<Zeroizing<String>> {
         let Injection::Query { name, pair } = &self.injection else {
-            return caller_query.map(Cow::Borrowed);
+            return None;
         };
-        let mut query = String::with_capacity(caller_query.map_or(0, str::len) + pair.len() + 1);
+        let mut query = Zeroizing::new(String::with_capacity(
+            caller_query.map_or(0, str::len) + pair.len() + 1,
+        ));
         for part in caller_query
             .unwrap_or("")
             .split('&')
@@ -236,7 +239,7 @@ impl Credential {
             }
         }
         query.push_str(std::str::from_utf8(pair).unwrap_or(""));
-        Some(Cow::Owned(query))
+        Some(query)
     }
 
     fn reveals_secret(&self, value: &HeaderValue) -> bool {
@@ -346,16 +349,21 @@ mod tests {
     fn query_kind_replaces_same_named_parameters() {
         let c = Credential::query("api_key", &secret("s3 cr&t")).unwrap();
         assert_eq!(
-            c.query_with_credential(None).unwrap(),
+            c.query_with_credential(None).unwrap().as_str(),
             "api_key=s3%20cr%26t"
         );
         assert_eq!(
             c.query_with_credential(Some("a=1&api_key=mine&api%5Fkey=x&api+key=y&b"))
-                .unwrap(),
+                .unwrap()
+                .as_str(),
             "a=1&api+key=y&b&api_key=s3%20cr%26t"
         );
         let bearer = Credential::bearer(&secret("t")).unwrap();
-        assert_eq!(bearer.query_with_credential(Some("a=1")).unwrap(), "a=1");
+        assert_eq!(
+            bearer.query_with_credential(Some("a=1")),
+            None,
+            "the caller's query goes upstream as it is"
+        );
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! the decision (routing, upstream, errors, audit, metrics) and keeps no
 //! policy of its own.
 
-use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -189,14 +188,13 @@ impl ProxyHttp for SealgateProxy {
                 Some(ds) => {
                     ctx.datasource = Some(ds.clone());
                     self.admit(ctx, &ds).map(|()| {
-                        let query = match ds.ready_credential() {
-                            Some(credential) => credential.query_with_credential(uri.query()),
-                            None => uri.query().map(Cow::Borrowed),
-                        };
+                        let with_credential = ds
+                            .ready_credential()
+                            .and_then(|c| c.query_with_credential(uri.query()));
                         ctx.upstream_target = Zeroizing::new(route::upstream_target(
                             &ds.upstream.base_path,
                             r.rest,
-                            query.as_deref(),
+                            with_credential.as_ref().map(|q| q.as_str()).or(uri.query()),
                         ));
                     })
                 }
