@@ -229,8 +229,10 @@ impl Keyring {
                 None => OpenError::DoesNotOpen(parsed.key_id.to_string()),
             });
         };
-        let text = String::from_utf8(plain.to_vec()).map_err(|_| OpenError::NotText)?;
-        Secret::new(Zeroizing::new(text)).map_err(OpenError::Unusable)
+        // Checked in place: a failed String::from_utf8 would drop its copy
+        // of the plaintext unwiped.
+        let text = std::str::from_utf8(&plain).map_err(|_| OpenError::NotText)?;
+        Secret::new(Zeroizing::new(text.to_owned())).map_err(OpenError::Unusable)
     }
 
     /// The key id an envelope names, if it parses.
