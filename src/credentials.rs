@@ -113,6 +113,16 @@ fn zeroizing_bytes(bytes: Vec<u8>) -> Bytes {
     Bytes::from_owner(Zeroizing::new(bytes))
 }
 
+/// The parts joined in a buffer sized up front: `format!` may grow its
+/// buffer as it goes and leave unwiped pieces of the secret behind.
+fn joined(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out
+}
+
 fn sensitive_header_value(bytes: Vec<u8>) -> Result<HeaderValue, String> {
     let mut value = HeaderValue::from_maybe_shared(zeroizing_bytes(bytes))
         .map_err(|_| "the secret cannot be sent in a header".to_string())?;
@@ -122,7 +132,7 @@ fn sensitive_header_value(bytes: Vec<u8>) -> Result<HeaderValue, String> {
 
 impl Credential {
     pub fn bearer(token: &Secret) -> Result<Credential, String> {
-        let value = sensitive_header_value(format!("Bearer {}", token.expose()).into_bytes())?;
+        let value = sensitive_header_value(joined(&[b"Bearer ", token.expose().as_bytes()]))?;
         Ok(Credential {
             kind: CredentialKind::Bearer,
             username: None,
@@ -139,9 +149,13 @@ impl Credential {
         if username.contains(':') || username.chars().any(char::is_control) {
             return Err("the username may not contain ':' or control characters".into());
         }
-        let pair = Zeroizing::new(format!("{username}:{}", password.expose()));
-        let encoded = Zeroizing::new(STANDARD.encode(pair.as_bytes()));
-        let value = sensitive_header_value(format!("Basic {}", encoded.as_str()).into_bytes())?;
+        let pair = Zeroizing::new(joined(&[
+            username.as_bytes(),
+            b":",
+            password.expose().as_bytes(),
+        ]));
+        let encoded = Zeroizing::new(STANDARD.encode(&*pair));
+        let value = sensitive_header_value(joined(&[b"Basic ", encoded.as_bytes()]))?;
         Ok(Credential {
             kind: CredentialKind::Basic,
             username: Some(username.to_string()),
@@ -179,13 +193,11 @@ impl Credential {
         if name.is_empty() || name.chars().any(char::is_control) {
             return Err("the query parameter name must be non-empty text".into());
         }
-        let encoded_value =
-            Zeroizing::new(utf8_percent_encode(value.expose(), QUERY_COMPONENT).to_string());
-        let pair = format!(
-            "{}={}",
-            utf8_percent_encode(name, QUERY_COMPONENT),
-            encoded_value.as_str()
-        );
+        // At most three bytes per byte: sized so it never reallocates.
+        let mut encoded_value = Zeroizing::new(String::with_capacity(value.expose().len() * 3));
+        encoded_value.extend(utf8_percent_encode(value.expose(), QUERY_COMPONENT));
+        let encoded_name = utf8_percent_encode(name, QUERY_COMPONENT).to_string();
+        let pair = joined(&[encoded_name.as_bytes(), b"=", encoded_value.as_bytes()]);
         let mut needles = vec![zeroizing_bytes(value.expose().as_bytes().to_vec())];
         if encoded_value.as_str() != value.expose() {
             needles.push(zeroizing_bytes(encoded_value.as_bytes().to_vec()));
@@ -196,7 +208,7 @@ impl Credential {
             name: Some(name.to_string()),
             injection: Injection::Query {
                 name: name.to_string(),
-                pair: zeroizing_bytes(pair.into_bytes()),
+                pair: zeroizing_bytes(pair),
             },
             needles,
         })
