@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use crate::config::{AuditOutput, OnFull};
 
 const QUEUE_DEPTH: usize = 4096;
+/// What the writer gathers before writing: a poll interval's records.
+const WRITE_BUFFER: usize = 64 * 1024;
 /// How often the writer takes what has queued and writes it out.
 const WRITE_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -122,7 +124,7 @@ impl AuditLog {
         let output = output.clone();
         std::thread::Builder::new()
             .name("sealgate-audit".into())
-            .spawn(move || write_loop(rx, BufWriter::with_capacity(64 * 1024, sink), output))?;
+            .spawn(move || write_loop(rx, BufWriter::with_capacity(WRITE_BUFFER, sink), output))?;
         Ok(AuditLog {
             tx,
             on_full,
@@ -400,7 +402,7 @@ fn handle(message: Message, out: &mut BufWriter<Box<dyn Write + Send>>, output: 
         Message::Reopen => {
             let _ = out.flush();
             match open_output(output) {
-                Ok(sink) => *out = BufWriter::with_capacity(64 * 1024, sink),
+                Ok(sink) => *out = BufWriter::with_capacity(WRITE_BUFFER, sink),
                 Err(e) => {
                     tracing::error!(error = %e, "reopening the audit output failed; still writing to the old one")
                 }
