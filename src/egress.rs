@@ -106,8 +106,8 @@ fn classify_v4(ip: Ipv4Addr) -> Option<Blocked> {
 }
 
 fn classify_v6(ip: Ipv6Addr) -> Option<Blocked> {
-    if let Some(embedded) = embedded_v4(ip) {
-        return embedded.iter().find_map(|v4| classify_v4(*v4));
+    if let Some((first, second)) = embedded_v4(ip) {
+        return classify_v4(first).or_else(|| second.and_then(classify_v4));
     }
     let s = ip.segments();
     Some(match s[0] {
@@ -125,30 +125,25 @@ fn classify_v6(ip: Ipv6Addr) -> Option<Blocked> {
 
 /// The IPv4 addresses an IPv6 address carries: IPv4-mapped, IPv4-compatible,
 /// NAT64 (well-known and local-use prefixes), 6to4, and Teredo (both the
-/// server and the de-obfuscated client address).
-fn embedded_v4(ip: Ipv6Addr) -> Option<Vec<Ipv4Addr>> {
+/// server and the de-obfuscated client address, hence a possible second).
+fn embedded_v4(ip: Ipv6Addr) -> Option<(Ipv4Addr, Option<Ipv4Addr>)> {
     let s = ip.segments();
-    let low32 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    let low32 = v4(s[6], s[7]);
     match s {
-        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(vec![low32]),
-        [0, 0, 0, 0, 0, 0, _, _] if !ip.is_unspecified() && !ip.is_loopback() => Some(vec![low32]),
-        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(vec![low32]),
-        [0x64, 0xff9b, 1, _, _, _, _, _] => Some(vec![low32]),
-        [0x2002, hi, lo, _, _, _, _, _] => Some(vec![Ipv4Addr::new(
-            (hi >> 8) as u8,
-            hi as u8,
-            (lo >> 8) as u8,
-            lo as u8,
-        )]),
-        [0x2001, 0, server_hi, server_lo, _, _, client_hi, client_lo] => Some(vec![
-            Ipv4Addr::new(
-                (server_hi >> 8) as u8,
-                server_hi as u8,
-                (server_lo >> 8) as u8,
-                server_lo as u8,
-            ),
-            Ipv4Addr::from(((u32::from(client_hi) << 16) | u32::from(client_lo)) ^ 0xffff_ffff),
-        ]),
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some((low32, None)),
+        [0, 0, 0, 0, 0, 0, _, _] if !ip.is_unspecified() && !ip.is_loopback() => {
+            Some((low32, None))
+        }
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some((low32, None)),
+        [0x64, 0xff9b, 1, _, _, _, _, _] => Some((low32, None)),
+        [0x2002, hi, lo, _, _, _, _, _] => Some((v4(hi, lo), None)),
+        [0x2001, 0, server_hi, server_lo, _, _, client_hi, client_lo] => Some((
+            v4(server_hi, server_lo),
+            Some(Ipv4Addr::from(
+                u32::from(v4(client_hi, client_lo)) ^ 0xffff_ffff,
+            )),
+        )),
         _ => None,
     }
 }
@@ -238,6 +233,8 @@ impl Matcher {
         None
     }
 
+    /// Callers pass `ip.to_canonical()`, so `::ffff:a.b.c.d` meets the IPv4
+    /// entries as `a.b.c.d`.
     pub fn match_ip(&self, ip: IpAddr, port: u16) -> Option<&Arc<Rule>> {
         let v6 = ip.is_ipv6();
         self.nets
@@ -264,7 +261,7 @@ impl EgressPolicy {
     pub fn destination(&self, host: &UpstreamHost, port: u16) -> Result<Arc<Rule>, Denial> {
         let rule = match host {
             UpstreamHost::Name(name) => self.allow.match_name(name, port),
-            UpstreamHost::Ip(ip) => self.allow.match_ip(canonical(*ip), port),
+            UpstreamHost::Ip(ip) => self.allow.match_ip(ip.to_canonical(), port),
         };
         rule.cloned().ok_or_else(|| Denial {
             label: "no_allow_entry",
@@ -282,7 +279,7 @@ impl EgressPolicy {
         let mut blocked = None;
         let mut clean = 0;
         for addr in addrs {
-            let ip = canonical(addr.ip());
+            let ip = addr.ip().to_canonical();
             match classify(ip) {
                 Some(kind) if !self.private_admitted(host, ip, addr.port()) => {
                     blocked.get_or_insert((ip, kind));
@@ -319,14 +316,12 @@ impl EgressPolicy {
     pub fn private_destination(&self, host: &UpstreamHost, port: u16) -> bool {
         match host {
             UpstreamHost::Name(n) => self.allow_private.match_name(n, port).is_some(),
-            UpstreamHost::Ip(ip) => self.allow_private.match_ip(canonical(*ip), port).is_some(),
+            UpstreamHost::Ip(ip) => self
+                .allow_private
+                .match_ip(ip.to_canonical(), port)
+                .is_some(),
         }
     }
-}
-
-/// `::ffff:a.b.c.d` is matched against IPv4 entries as `a.b.c.d`.
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
 
 fn display_destination(host: &UpstreamHost, port: u16) -> String {
