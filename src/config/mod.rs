@@ -250,18 +250,16 @@ fn parse_with(
         0..=3600,
         DEFAULT_GRACE_PERIOD_S,
     );
-    let header_timeout = Duration::from_secs(v.bounded(
+    let header_timeout = v.seconds(
         &raw.proxy.header_timeout_s,
         "proxy.header_timeout_s",
-        1..=3600,
         DEFAULT_HEADER_TIMEOUT_S,
-    ));
-    let idle_timeout = Duration::from_secs(v.bounded(
+    );
+    let idle_timeout = v.seconds(
         &raw.proxy.idle_timeout_s,
         "proxy.idle_timeout_s",
-        1..=3600,
         DEFAULT_IDLE_TIMEOUT_S,
-    ));
+    );
     let max_connections = v.bounded(
         &raw.proxy.max_connections,
         "proxy.max_connections",
@@ -574,6 +572,11 @@ impl Validator<'_> {
         }
     }
 
+    /// A caller-side timeout in whole seconds, 1 s to an hour.
+    fn seconds(&mut self, value: &Option<Spanned<u64>>, key: &str, default_s: u64) -> Duration {
+        Duration::from_secs(self.bounded(value, key, 1..=3600, default_s))
+    }
+
     fn timeout(&mut self, value: &Option<Spanned<u64>>, key: String, default_ms: u64) -> Duration {
         Duration::from_millis(self.bounded(value, &key, 1..=MAX_TIMEOUT_MS, default_ms))
     }
@@ -774,12 +777,11 @@ impl Validator<'_> {
                 }
             },
         };
-        let handshake_timeout = Duration::from_secs(self.bounded(
+        let handshake_timeout = self.seconds(
             &raw.handshake_timeout_s,
             "proxy.tls.handshake_timeout_s",
-            1..=3600,
             DEFAULT_TLS_HANDSHAKE_TIMEOUT_S,
-        ));
+        );
         Some(ProxyTls {
             listen,
             cert: cert?,
