@@ -155,7 +155,7 @@ fn caller_policy_errors_name_file_and_line() {
     std::fs::write(&tls, "[callers.d]\ntoken_sha265 = \"x\"\n").unwrap();
     let cfg = dir.path().join("sealgate.toml");
     std::fs::write(&cfg, "[policy]\ndir = \"policies\"\n").unwrap();
-    let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
+    let (code, _, err) = check_config(&cfg);
     assert_eq!(code, 1);
     let p = policy.display();
     for want in [

@@ -79,7 +79,7 @@ impl Fixture {
     fn check(&self, toml: &str) -> (i32, String) {
         let toml = with_example_policy(self.dir.path(), toml);
         std::fs::write(self.config(), toml).unwrap();
-        let (code, out, err) = run_cli(&["check", "-c", self.config().to_str().unwrap()], b"");
+        let (code, out, err) = check_config(self.config());
         (code, format!("{out}{err}"))
     }
 }

@@ -218,7 +218,7 @@ fn policy_errors_and_credentials_over_plain_http_are_config_errors() {
     .unwrap();
     let cfg = dir.path().join("sealgate.toml");
     std::fs::write(&cfg, "[policy]\ndir = \"policies\"\n").unwrap();
-    let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
+    let (code, _, err) = check_config(&cfg);
     assert_eq!(code, 1);
     let b = dir.path().join("policies/b.toml");
     assert!(
@@ -253,7 +253,7 @@ fn policy_errors_and_credentials_over_plain_http_are_config_errors() {
         ),
     )
     .unwrap();
-    let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
+    let (code, _, err) = check_config(&cfg);
     assert_eq!(code, 1);
     assert!(
         err.contains("datasources.plain.url: a credential is only sent over https://"),
@@ -265,7 +265,7 @@ fn policy_errors_and_credentials_over_plain_http_are_config_errors() {
         "[egress]\nallow = [\"127.0.0.1\"]\nallow_private = [\"127.0.0.1/32:8080\"]\n",
     )
     .unwrap();
-    let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
+    let (code, _, err) = check_config(&cfg);
     assert_eq!(code, 0, "admitted by allow_private: {err}");
 }
 

@@ -45,7 +45,7 @@ fn check_reports_unknown_keys_and_bad_urls_with_file_and_line() {
         dir.path(),
         "[proxy]\nlisten = [\"127.0.0.1:6180\"]\n\n[datasources.a]\nurl = \"https://example.com\"\ntimeout = 5\n",
     );
-    let (code, _, stderr) = run_cli(&["check", "-c", &cfg], b"");
+    let (code, _, stderr) = check_config(&cfg);
     assert_eq!(code, 1);
     assert!(
         stderr.contains(&format!(
@@ -59,7 +59,7 @@ fn check_reports_unknown_keys_and_bad_urls_with_file_and_line() {
         "[datasources.a]\nurl = \"https://example.com\"\n[datasources.b]\nurl = \"https//missing-colon\"\n\
          [datasources.c]\nurl = \"gopher://example.com\"\n",
     );
-    let (code, _, stderr) = run_cli(&["check", "-c", &cfg], b"");
+    let (code, _, stderr) = check_config(&cfg);
     assert_eq!(code, 1);
     assert!(
         stderr.contains(&format!(
@@ -76,7 +76,7 @@ fn check_reports_unknown_keys_and_bad_urls_with_file_and_line() {
         dir.path(),
         "[datasources.a]\nurl = \"https://example.com\"\n",
     );
-    let (code, _, stderr) = run_cli(&["check", "-c", &cfg], b"");
+    let (code, _, stderr) = check_config(&cfg);
     assert_eq!(code, 1, "no implicit allow");
     assert!(
         stderr.contains(
@@ -95,7 +95,7 @@ fn check_reports_unknown_keys_and_bad_urls_with_file_and_line() {
         dir.path(),
         "[policy]\ndir = \"policies\"\n[datasources.a]\nurl = \"https://example.com\"\n",
     );
-    let (code, stdout, stderr) = run_cli(&["check", "-c", &cfg], b"");
+    let (code, stdout, stderr) = check_config(&cfg);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok (1 data source)"), "{stdout}");
 }
@@ -103,7 +103,7 @@ fn check_reports_unknown_keys_and_bad_urls_with_file_and_line() {
 #[test]
 fn usage_errors_exit_2_and_a_missing_config_exits_1() {
     assert_eq!(run_cli(&["frobnicate"], b"").0, 2);
-    let (code, _, stderr) = run_cli(&["check", "-c", "/nonexistent/sealgate.toml"], b"");
+    let (code, _, stderr) = check_config("/nonexistent/sealgate.toml");
     assert_eq!(code, 1);
     assert!(
         stderr.contains("/nonexistent/sealgate.toml: (file): cannot read"),
@@ -184,7 +184,7 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
 #[test]
 fn the_shipped_example_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sealgate.toml");
-    let (code, stdout, stderr) = run_cli(&["check", "-c", path], b"");
+    let (code, stdout, stderr) = check_config(path);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok (1 data source)"), "{stdout}");
 }

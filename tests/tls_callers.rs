@@ -220,7 +220,7 @@ fn bad_tls_files_and_an_open_listener_without_callers_are_config_errors() {
         "[proxy.tls]\nlisten = [\"0.0.0.0:6443\"]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\n",
     )
     .unwrap();
-    let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
+    let (code, _, err) = check_config(&cfg);
     assert_eq!(code, 1);
     assert!(
         err.contains(
@@ -230,7 +230,7 @@ fn bad_tls_files_and_an_open_listener_without_callers_are_config_errors() {
     );
 
     std::fs::write(&cfg, "[proxy.tls]\nlisten = [\"127.0.0.1:6443\"]\ncert = \"garbage.pem\"\nkey = \"server-key.pem\"\n").unwrap();
-    let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
+    let (code, _, err) = check_config(&cfg);
     assert_eq!(code, 1);
     assert!(
         err.contains(":3: proxy.tls.cert:") && err.contains("no certificate found"),
@@ -238,7 +238,7 @@ fn bad_tls_files_and_an_open_listener_without_callers_are_config_errors() {
     );
 
     std::fs::write(&cfg, "[proxy.tls]\nlisten = [\"127.0.0.1:6443\"]\ncert = \"server.pem\"\nkey = \"missing.pem\"\n").unwrap();
-    let (code, _, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], b"");
+    let (code, _, err) = check_config(&cfg);
     assert_eq!(code, 1);
     assert!(
         err.contains("proxy.tls.cert: cannot read") && err.contains("missing.pem"),

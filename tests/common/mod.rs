@@ -280,6 +280,11 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     None
 }
 
+/// `sealgate check -c PATH`: exit code, stdout, stderr.
+pub fn check_config(path: impl AsRef<std::path::Path>) -> (i32, String, String) {
+    run_cli(&["check", "-c", &path.as_ref().to_string_lossy()], b"")
+}
+
 /// Runs a sealgate subcommand to completion: (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     let mut child = Command::new(BIN)
