@@ -21,20 +21,27 @@ bench_cleanup() {
   rm -rf "$work"
 }
 
+# bench_policy DIR PORT: a policy that lets sealgate reach a loopback
+# upstream on PORT (nothing is reachable without an allow entry).
+bench_policy() {
+  mkdir -p "$1"
+  cat >"$1/bench.toml" <<TOML
+[egress]
+allow = ["127.0.0.1:$2"]
+allow_private = ["127.0.0.1/32:$2"]
+TOML
+}
+
 bench_setup() {
   local work=$1 sg=$2
-  mkdir -p "$work/keys" "$work/policies"
+  mkdir -p "$work/keys"
   "$sg" keygen --out "$work/keys/k1.key" 2>/dev/null
   local salt sealed
   salt=$("$sg" salt)
   printf '[keys]\ndir = "%s/keys"\nprimary = "k1"\nsalt = "%s"\n' "$work" "$salt" >"$work/keys.toml"
   # peerbench checks that every proxy injects exactly `Authorization: Bearer test`.
   sealed=$(printf 'test' | "$sg" seal -c "$work/keys.toml" --datasource bench --field token)
-  cat >"$work/policies/bench.toml" <<TOML
-[egress]
-allow = ["127.0.0.1:18080"]
-allow_private = ["127.0.0.1/32:18080"]
-TOML
+  bench_policy "$work/policies" 18080
   cat >"$work/start.sh" <<SH
 #!/usr/bin/env bash
 cat >"$work/sealgate.toml" <<TOML

@@ -51,13 +51,7 @@ for _ in $(seq 100); do
   sleep 0.05
 done
 
-# No egress is allowed without a policy entry; the upstream is on loopback.
-mkdir -p "$work/policies"
-cat >"$work/policies/bench.toml" <<TOML
-[egress]
-allow = ["127.0.0.1:$up_port"]
-allow_private = ["127.0.0.1/32:$up_port"]
-TOML
+bench_policy "$work/policies" "$up_port"
 cat >"$work/sealgate.toml" <<TOML
 [proxy]
 listen = ["127.0.0.1:$proxy_port"]
@@ -87,10 +81,18 @@ measure() {
   local label=$1; shift
   local base peak sampler out
   base=$(rss_kib)
-  ( peak=$base
-    while sleep 0.02; do r=$(rss_kib) || break; ((r > peak)) && peak=$r && echo "$peak" >"$work/peak"; done ) &
-  sampler=$!
   echo "$base" >"$work/peak"
+  # Each new peak replaces the file whole (rename), so a read never sees it
+  # half-written, even when the sampler is stopped mid-write.
+  ( peak=$base
+    while sleep 0.02; do
+      r=$(rss_kib) || break
+      if ((r > peak)); then
+        peak=$r
+        echo "$peak" >"$work/peak.new" && mv "$work/peak.new" "$work/peak"
+      fi
+    done ) &
+  sampler=$!
   out=$(curl -sS -o /dev/null -w '%{size_download} %{speed_download}' "$@" \
         "http://127.0.0.1:$proxy_port/big/file?bytes=$((SIZE_MIB * 1024 * 1024))")
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
