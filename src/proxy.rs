@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::header::{self, HeaderName};
@@ -49,11 +49,17 @@ const HOP_BY_HOP_RESPONSE: [&str; 7] = [
 
 pub struct SealgateProxy {
     shared: Arc<Shared>,
+    /// `[proxy] idle_timeout_s` as it was at start: like the h2 idle
+    /// timeout set on the listener, it changes only with a restart.
+    idle_timeout: Duration,
 }
 
 impl SealgateProxy {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        SealgateProxy { shared }
+    pub fn new(shared: Arc<Shared>, idle_timeout: Duration) -> Self {
+        SealgateProxy {
+            shared,
+            idle_timeout,
+        }
     }
 }
 
@@ -137,11 +143,11 @@ impl ProxyHttp for SealgateProxy {
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        ctx: &mut RequestCtx,
+        _ctx: &mut RequestCtx,
     ) -> Result<()> {
         // pingora waits on a caller's body, or for it to read the response,
         // with no deadline unless one is set.
-        let idle = Some(ctx.config.proxy.idle_timeout);
+        let idle = Some(self.idle_timeout);
         session.set_read_timeout(idle);
         session.set_write_timeout(idle);
         Ok(())
@@ -318,11 +324,11 @@ impl ProxyHttp for SealgateProxy {
         options.ca = ds.ca.clone();
         options.alpn = if target.tls { ALPN::H2H1 } else { ALPN::H1 };
         options.tcp_keepalive = Some(TcpKeepalive {
-            idle: std::time::Duration::from_secs(30),
-            interval: std::time::Duration::from_secs(10),
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
             count: 3,
             #[cfg(target_os = "linux")]
-            user_timeout: std::time::Duration::from_secs(0),
+            user_timeout: Duration::from_secs(0),
         });
         options.http_upstream_request_policy = HttpUpstreamRequestPolicy {
             h1_upgrade: H1UpgradePolicy::Deny,

@@ -175,8 +175,10 @@ impl Limits {
     /// The HTTP app a listener serves. h2 connections idle longer than the
     /// idle timeout are closed (h1 ones by the header deadline).
     fn app(&self, server: &Server, shared: &Arc<Shared>) -> ProxyApp {
-        let mut app =
-            pingora::proxy::http_proxy(&server.configuration, SealgateProxy::new(shared.clone()));
+        let mut app = pingora::proxy::http_proxy(
+            &server.configuration,
+            SealgateProxy::new(shared.clone(), self.idle_timeout),
+        );
         let mut options = HttpServerOptions::default();
         options.h2_idle_timeout = Some(self.idle_timeout);
         app.server_options = Some(options);

@@ -390,10 +390,35 @@ async fn connections_over_the_cap_are_closed_and_counted() {
 
 /// A caller that stops sending its body half way is cut off at the idle
 /// timeout instead of holding the connection (and the upstream's) forever.
+/// The timeout is fixed at start: a reload that changes it says so and
+/// changes nothing until the restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_stalling_mid_body_is_cut_off_at_the_idle_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sg = sealgate_before_echo("idle_timeout_s = 1").await;
+    stall_mid_body_and_get_cut_off(&sg).await;
+    sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="idle_timeout"} 1"#]);
+
+    let config = sg.dir.path().join("sealgate.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("idle_timeout_s = 1", "idle_timeout_s = 60"),
+    )
+    .unwrap();
+    reload_and_wait(&sg, "ok", 1);
+    assert!(
+        sg.stderr().contains(
+            "proxy.idle_timeout_s changed; the new value takes effect at the next restart"
+        ),
+        "{}",
+        sg.stderr()
+    );
+    stall_mid_body_and_get_cut_off(&sg).await;
+    sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="idle_timeout"} 2"#]);
+}
+
+async fn stall_mid_body_and_get_cut_off(sg: &Sealgate) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stalled = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
     stalled
         .write_all(
@@ -412,7 +437,6 @@ async fn a_caller_stalling_mid_body_is_cut_off_at_the_idle_timeout() {
     );
     let text = String::from_utf8_lossy(&answer);
     assert!(text.is_empty() || text.contains("bad_request"), "{text}");
-    sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="idle_timeout"} 1"#]);
 }
 
 /// systemd `Type=notify`: READY once listening, RELOADING (with the
