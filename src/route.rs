@@ -5,7 +5,9 @@
 //! that would decode to a dot segment, a slash, a backslash or a NUL could
 //! climb out of the data source's base path on some upstream, and is refused.
 
-use percent_encoding::percent_decode_str;
+use std::borrow::Cow;
+
+use percent_encoding::percent_decode;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Route<'a> {
@@ -24,7 +26,7 @@ pub enum RouteError {
 
 pub fn split(path: &str) -> Result<Route<'_>, RouteError> {
     let after_slash = path.strip_prefix('/').ok_or(RouteError::NoDatasource)?;
-    let (datasource, rest) = match after_slash.find('/') {
+    let (datasource, rest) = match memchr::memchr(b'/', after_slash.as_bytes()) {
         Some(i) => after_slash.split_at(i),
         None => (after_slash, ""),
     };
@@ -36,12 +38,15 @@ pub fn split(path: &str) -> Result<Route<'_>, RouteError> {
 }
 
 fn check_rest(rest: &str) -> Result<(), RouteError> {
-    if rest.contains('\\') {
+    let rest = rest.as_bytes();
+    if memchr::memchr(b'\\', rest).is_some() {
         return Err(RouteError::Escape("a backslash in the path"));
     }
-    for segment in rest.split('/') {
-        let decoded: Vec<u8> = percent_decode_str(segment).collect();
-        if decoded == b"." || decoded == b".." {
+    for segment in rest.split(|&b| b == b'/') {
+        // Borrowed unless the segment holds an escape: the common path
+        // allocates nothing.
+        let decoded: Cow<'_, [u8]> = percent_decode(segment).into();
+        if *decoded == *b"." || *decoded == *b".." {
             return Err(RouteError::Escape("a dot segment in the path"));
         }
         if decoded.contains(&b'/') || decoded.contains(&b'\\') {
