@@ -5,7 +5,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use pingora::http::{RequestHeader, ResponseHeader};
 use zeroize::Zeroizing;
@@ -79,7 +79,10 @@ impl CredentialKind {
 
 enum Injection {
     Header {
-        name: HeaderName,
+        /// The name as it goes on the wire, made once: pingora turns it into
+        /// its case-preserving form by sharing these bytes, where a
+        /// `HeaderName` would be copied into a new allocation per request.
+        name: Bytes,
         value: HeaderValue,
     },
     /// `name=value`, percent-encoded, appended to the query.
@@ -138,7 +141,7 @@ impl Credential {
             username: None,
             name: None,
             injection: Injection::Header {
-                name: header::AUTHORIZATION,
+                name: Bytes::from_static(b"Authorization"),
                 value,
             },
             needles: vec![zeroizing_bytes(token.expose().as_bytes().to_vec())],
@@ -161,7 +164,7 @@ impl Credential {
             username: Some(username.to_string()),
             name: None,
             injection: Injection::Header {
-                name: header::AUTHORIZATION,
+                name: Bytes::from_static(b"Authorization"),
                 value,
             },
             needles: vec![
@@ -182,7 +185,7 @@ impl Credential {
             username: None,
             name: Some(header_name.as_str().to_string()),
             injection: Injection::Header {
-                name: header_name,
+                name: Bytes::copy_from_slice(header_name.as_str().as_bytes()),
                 value: sensitive_header_value(value.expose().as_bytes().to_vec())?,
             },
             needles: vec![zeroizing_bytes(value.expose().as_bytes().to_vec())],
@@ -218,7 +221,7 @@ impl Credential {
     /// the credential: a caller can neither override nor add to it.
     pub fn inject_header(&self, req: &mut RequestHeader) -> pingora::Result<()> {
         if let Injection::Header { name, value } = &self.injection {
-            req.remove_header(name);
+            // Inserting replaces every value the caller sent under the name.
             req.insert_header(name.clone(), value.clone())?;
         }
         Ok(())
