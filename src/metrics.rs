@@ -3,7 +3,7 @@
 //! request's path, host or error text, so cardinality stays bounded.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -39,6 +39,14 @@ impl CloseReason {
             CloseReason::ConnectionLimit => "connection_limit",
         }
     }
+}
+
+/// The series every request of one data source updates, looked up once per
+/// data source (and config) instead of hashing its name on every request.
+pub struct DataSourceSeries {
+    pub duration: Histogram,
+    pub request_bytes: IntCounter,
+    pub response_bytes: IntCounter,
 }
 
 pub struct Metrics {
@@ -180,6 +188,14 @@ impl Metrics {
             audit_dropped,
             tls_cert_expiry,
         })
+    }
+
+    pub fn datasource_series(&self, datasource: &str) -> DataSourceSeries {
+        DataSourceSeries {
+            duration: self.duration.with_label_values(&[datasource]),
+            request_bytes: self.request_bytes.with_label_values(&[datasource]),
+            response_bytes: self.response_bytes.with_label_values(&[datasource]),
+        }
     }
 
     /// The counter of connections closed for `reason`.

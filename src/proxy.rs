@@ -18,21 +18,24 @@ use pingora::upstreams::peer::{H1UpgradePolicy, HttpPeer, HttpUpstreamRequestPol
 use pingora::{Error, ErrorType, Result};
 use zeroize::Zeroizing;
 
-use crate::audit::{now_rfc3339, AuditRecord, Decision};
+use crate::audit::{AuditRecord, Decision};
 use crate::callers::{self, Caller, Identified, Presented};
 use crate::config::{Config, CredentialState, DataSource};
 use crate::egress::Denial;
 use crate::errors::{classify, ErrorCode, Refusal};
 use crate::metrics::{CloseReason, NO_DATASOURCE};
 use crate::route;
-use crate::state::Shared;
+use crate::state::{RequestId, Shared};
 use crate::tls::TlsIdentity;
 
 /// The `caller` label of requests whose caller could not be identified;
 /// caller names follow data source naming, so it never collides.
 const NO_CALLER: &str = "-";
 
-pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-sealgate-request-id");
+/// A `&'static str`, not a `HeaderName`: pingora keeps a case-preserving
+/// copy of every name it inserts, and shares static bytes where it would
+/// allocate and copy a `HeaderName`'s.
+const REQUEST_ID_HEADER: &str = "x-sealgate-request-id";
 
 /// Response headers that describe one hop and must not cross sealgate.
 /// `Transfer-Encoding` is absent on purpose: pingora re-frames each hop
@@ -68,8 +71,7 @@ impl SealgateProxy {
 pub struct RequestCtx {
     shared: Arc<Shared>,
     started: Instant,
-    /// Formatted once: it goes into a header, the audit record and logs.
-    request_id: String,
+    request_id: RequestId,
     config: Arc<Config>,
     caller: Option<Arc<Caller>>,
     datasource: Option<Arc<DataSource>>,
@@ -126,7 +128,7 @@ impl ProxyHttp for SealgateProxy {
         RequestCtx {
             shared: self.shared.clone(),
             started: Instant::now(),
-            request_id: format!("{:016x}", self.shared.next_request_id()),
+            request_id: self.shared.next_request_id(),
             config: self.shared.config.load_full(),
             caller: None,
             datasource: None,
@@ -462,29 +464,33 @@ impl ProxyHttp for SealgateProxy {
         let datasource = ctx.datasource.as_ref().map(|d| d.name.as_str());
         let elapsed = ctx.started.elapsed();
         let metrics = &self.shared.metrics;
-        let ds_label = datasource.unwrap_or(NO_DATASOURCE);
         let code = http::StatusCode::from_u16(status);
         let code = code.as_ref().map_or("0", |s| s.as_str());
         metrics
             .requests
-            .with_label_values(&[ds_label, ctx.caller_name().unwrap_or(NO_CALLER), code])
+            .with_label_values(&[
+                datasource.unwrap_or(NO_DATASOURCE),
+                ctx.caller_name().unwrap_or(NO_CALLER),
+                code,
+            ])
             .inc();
-        metrics
-            .duration
-            .with_label_values(&[ds_label])
-            .observe(elapsed.as_secs_f64());
         let (request_bytes, response_bytes) = (
             session.body_bytes_read() as u64,
             session.body_bytes_sent() as u64,
         );
-        metrics
-            .request_bytes
-            .with_label_values(&[ds_label])
-            .inc_by(request_bytes);
-        metrics
-            .response_bytes
-            .with_label_values(&[ds_label])
-            .inc_by(response_bytes);
+        let no_datasource_series;
+        let series = match &ctx.datasource {
+            Some(ds) => ds
+                .series
+                .get_or_init(|| metrics.datasource_series(&ds.name)),
+            None => {
+                no_datasource_series = metrics.datasource_series(NO_DATASOURCE);
+                &no_datasource_series
+            }
+        };
+        series.duration.observe(elapsed.as_secs_f64());
+        series.request_bytes.inc_by(request_bytes);
+        series.response_bytes.inc_by(response_bytes);
 
         let refused_here = ctx.refusal.as_ref().filter(|r| !r.code.is_upstream());
         let allowed_by = match (refused_here, ctx.datasource.as_ref().map(|d| &d.egress)) {
@@ -493,7 +499,7 @@ impl ProxyHttp for SealgateProxy {
         };
         let req = session.req_header();
         let record = AuditRecord {
-            ts: now_rfc3339(),
+            ts: std::time::SystemTime::now(),
             request_id: ctx.request_id.as_str(),
             caller: ctx.caller_name(),
             datasource,
@@ -590,18 +596,24 @@ fn credential_unavailable(datasource: &str) -> Refusal {
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// One pass over the headers finds what to remove; most responses carry
-/// nothing but `Connection`, and removing absent names one by one cost more
-/// than the rest of sealgate's response handling.
+/// nothing but `Connection: keep-alive`, and removing absent names one by
+/// one cost more than the rest of sealgate's response handling.
 fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     for (name, value) in resp.headers.iter() {
         if name == header::CONNECTION {
             let nominated = value
-                .to_str()
-                .unwrap_or_default()
-                .split(',')
-                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-                .filter(|n| n != header::TRANSFER_ENCODING && n != header::CONTENT_LENGTH);
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                // Connection options, not header names; `keep-alive` is
+                // removed below as a hop-by-hop header when present.
+                .filter(|t| {
+                    !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+                })
+                .filter_map(|t| HeaderName::from_bytes(t).ok())
+                .filter(|n| n != header::TRANSFER_ENCODING && n != header::CONTENT_LENGTH)
+                .filter(|n| resp.headers.contains_key(n));
             doomed.extend(nominated);
         }
         if HOP_BY_HOP_RESPONSE.contains(&name.as_str()) {
@@ -639,8 +651,12 @@ mod tests {
     fn strips_standard_and_nominated_hop_by_hop_headers() {
         let mut resp = ResponseHeader::build(200, None).unwrap();
         for (k, v) in [
-            ("connection", "x-hop, keep-alive"),
+            (
+                "connection",
+                "close, X-Hop , keep-alive, content-length, x-absent",
+            ),
             ("x-hop", "1"),
+            ("content-length", "0"),
             ("keep-alive", "timeout=5"),
             ("proxy-authenticate", "Basic"),
             ("upgrade", "h2c"),
@@ -651,6 +667,6 @@ mod tests {
         }
         strip_hop_by_hop_response(&mut resp);
         let left: Vec<&str> = resp.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, vec!["content-type"]);
+        assert_eq!(left, vec!["content-length", "content-type"]);
     }
 }

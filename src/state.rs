@@ -68,8 +68,8 @@ impl Shared {
         }
     }
 
-    pub fn next_request_id(&self) -> u64 {
-        self.request_ids.next()
+    pub fn next_request_id(&self) -> RequestId {
+        RequestId::new(self.request_ids.next())
     }
 }
 
@@ -120,5 +120,45 @@ impl RequestIds {
 
     fn next(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A request id as the 16 lowercase hex digits that go into the response
+/// header, the audit record and logs; formatted once, without `fmt` or an
+/// allocation, since every request makes one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    fn new(n: u64) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; 16];
+        for (i, digit) in digits.iter_mut().enumerate() {
+            *digit = HEX[(n >> (60 - 4 * i) & 0xf) as usize];
+        }
+        RequestId(digits)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_sixteen_hex_digits_of_the_counter() {
+        for n in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert_eq!(RequestId::new(n).as_str(), format!("{n:016x}"));
+        }
     }
 }

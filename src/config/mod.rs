@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pingora::protocols::tls::CaType;
@@ -26,6 +26,7 @@ use schema::{RawConfig, RawCredential, RawDataSource, RawKeys, RawRegion};
 use crate::callers::Callers;
 use crate::credentials::{Credential, CredentialKind};
 use crate::egress::{Denial, EgressPolicy, Rule};
+use crate::metrics::DataSourceSeries;
 use crate::secrets::{Keyring, Secret, SECRET_FIELDS};
 use crate::upstream::Upstream;
 
@@ -166,6 +167,8 @@ pub struct DataSource {
     pub region: Option<Arc<Region>>,
     /// The policy's verdict on this destination, judged at load.
     pub egress: Result<Arc<Rule>, Denial>,
+    /// Filled by the first request that ends on this data source.
+    pub series: OnceLock<DataSourceSeries>,
 }
 
 pub enum CredentialState {
@@ -967,6 +970,7 @@ impl Validator<'_> {
             idle_timeout,
             ca,
             pass_set_cookie: raw.pass_set_cookie,
+            series: OnceLock::new(),
         })
     }
 }
