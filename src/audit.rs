@@ -16,7 +16,8 @@ use crate::config::{AuditOutput, OnFull};
 const QUEUE_DEPTH: usize = 4096;
 /// What the writer gathers before writing: a poll interval's records.
 const WRITE_BUFFER: usize = 64 * 1024;
-/// How often the writer takes what has queued and writes it out.
+/// How long the writer gathers records, after the first, before writing
+/// them out.
 const WRITE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// SPEC section 7. Every key is always present; `None` is written as null.
@@ -419,12 +420,17 @@ fn write_loop(
     mut out: BufWriter<Box<dyn Write + Send>>,
     output: AuditOutput,
 ) {
-    // The writer polls instead of being woken for every record: a wake-up
-    // per request costs a context switch on the proxy's own core, which is
-    // most of what auditing would otherwise cost. A record reaches the
-    // output within one poll interval; a full queue still makes requests
-    // wait (or drop) exactly as before.
-    loop {
+    // The writer gathers instead of being woken for every record: a
+    // wake-up per request costs a context switch on the proxy's own core,
+    // which is most of what auditing would otherwise cost. It sleeps in
+    // `blocking_recv` while nothing is queued, so an idle sidecar's writer
+    // never wakes; once a record arrives it waits one interval for the
+    // rest, writes them all, and goes back to sleep. A record reaches the
+    // output within one interval; a full queue still makes requests wait
+    // (or drop) exactly as before.
+    while let Some(first) = rx.blocking_recv() {
+        handle(first, &mut out, &output);
+        std::thread::sleep(WRITE_INTERVAL);
         loop {
             match rx.try_recv() {
                 Ok(message) => handle(message, &mut out, &output),
@@ -438,8 +444,8 @@ fn write_loop(
         if let Err(e) = out.flush() {
             tracing::error!(error = %e, "flushing the audit output failed");
         }
-        std::thread::sleep(WRITE_INTERVAL);
     }
+    let _ = out.flush();
 }
 
 fn handle(message: Message, out: &mut BufWriter<Box<dyn Write + Send>>, output: &AuditOutput) {

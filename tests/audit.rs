@@ -239,3 +239,50 @@ async fn every_audit_field_is_right_for_allowed_and_refused_requests() {
         "no token or query string in the trail"
     );
 }
+
+/// The audit writer thread's voluntary context switches: each time it went
+/// to sleep and was woken.
+fn audit_writer_wakeups(pid: i32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "sealgate-audit" {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap();
+        }
+    }
+    panic!("no sealgate-audit thread in process {pid}");
+}
+
+/// A sidecar that serves nothing must cost nothing: the writer sleeps until
+/// a record comes (a writer polling every 10 ms wakes 100 times a second),
+/// and a record that comes still reaches the output at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_audit_writer_sleeps_and_a_record_still_arrives_promptly() {
+    let up = echo_upstream().await;
+    let sg = Sealgate::start(&format!(
+        "[datasources.echo]\nurl = \"http://{}\"\n",
+        up.addr
+    ));
+    let before = audit_writer_wakeups(sg.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_wakeups = audit_writer_wakeups(sg.pid()) - before;
+    assert!(
+        idle_wakeups <= 2,
+        "the idle audit writer woke {idle_wakeups} times in a second"
+    );
+
+    let sent = std::time::Instant::now();
+    assert_eq!(get(sg.proxy, "/echo/x").await.status(), 200);
+    let records = sg.audit(1);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "the record took {:?} to reach the output",
+        sent.elapsed()
+    );
+}
