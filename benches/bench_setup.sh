@@ -3,7 +3,8 @@
 # audit to a file, metrics on). bench_setup WORK writes keys, policy and
 # WORK/start.sh, which runs sealgate in the foreground; start.sh writes the
 # config when it starts, from PB_UPSTREAM, PB_CERT and PB_KEY (peerbench's
-# names), since those are only known at run time.
+# names), since those are only known at run time. SG_WRAPPER, if set when
+# start.sh runs, is put before the sealgate command (e.g. valgrind).
 #   proxy 127.0.0.1:18083, TLS 127.0.0.1:18444, admin 127.0.0.1:18990,
 #   data source "bench" (paths /bench/...), upstream 127.0.0.1:18080.
 #
@@ -64,7 +65,7 @@ url = "http://\$PB_UPSTREAM"
 timeout_ms = 30000
 credential = { kind = "bearer", token = "$sealed" }
 TOML
-RUST_LOG=warn exec "$sg" run -c "$work/sealgate.toml"
+RUST_LOG=warn exec \${SG_WRAPPER:-} "$sg" run -c "$work/sealgate.toml"
 SH
   chmod +x "$work/start.sh"
 }
