@@ -608,3 +608,62 @@ async fn sealgate_before_echo(proxy_keys: &str) -> Sealgate {
         &format!("[datasources.echo]\nurl = \"http://{}\"\n", up.addr),
     )
 }
+
+/// Each thread of the process and how often it has gone to sleep and been
+/// woken (its voluntary context switches).
+fn wakeups_by_thread(pid: i32) -> Vec<(String, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .map(|task| {
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let wakeups = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            (
+                format!("{} ({})", name.trim(), task.file_name().to_string_lossy()),
+                wakeups,
+            )
+        })
+        .collect()
+}
+
+/// A sidecar that serves nothing must cost nothing. After a request has
+/// run (and with it every timer a request sets), no thread may keep waking:
+/// the audit writer once polled every 10 ms, and pingora's own timer thread
+/// ticks every 10 ms whenever its coarse timers are in use. A record still
+/// reaches the audit output at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_sidecar_sleeps_and_a_record_still_arrives_promptly() {
+    let up = echo_upstream().await;
+    let sg = Sealgate::start(&format!(
+        "[datasources.echo]\nurl = \"http://{}\"\n",
+        up.addr
+    ));
+    let sent = Instant::now();
+    assert_eq!(get(sg.proxy, "/echo/x").await.status(), 200);
+    assert_eq!(sg.audit(1).len(), 1);
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "the record took {:?} to reach the output",
+        sent.elapsed()
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = wakeups_by_thread(sg.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = wakeups_by_thread(sg.pid());
+    let woke: Vec<(String, u64)> = after
+        .into_iter()
+        .map(|(thread, n)| {
+            let earlier = before.iter().find(|(t, _)| *t == thread).map_or(0, |b| b.1);
+            (thread, n - earlier)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let total: u64 = woke.iter().map(|(_, n)| n).sum();
+    assert!(total <= 5, "idle threads woke in one second: {woke:?}");
+}
