@@ -35,6 +35,14 @@ async fn peer_reporting_upstream(bind: Ipv4Addr) -> (SocketAddr, Arc<AtomicUsize
     (addr, accepted)
 }
 
+/// Waits until `sent` requests are in the audit trail. The caller has its
+/// response before pingora puts the upstream connection back in the pool;
+/// the audit record is written after that, so once it is there the next
+/// request finds the connection pooled instead of opening another.
+fn back_in_the_pool(sg: &Sealgate, sent: usize) {
+    assert_eq!(sg.audit(sent).len(), sent);
+}
+
 /// Starts sealgate with one policy file and the given data sources.
 fn start_with_policy(policy: &str, datasources: &str) -> Sealgate {
     let dir = tempfile::tempdir().unwrap();
@@ -137,10 +145,11 @@ async fn regions_bind_their_egress_addresses_and_spread_connections() {
         ),
     );
     let mut seen = Vec::new();
-    for _ in 0..4 {
+    for sent in 1..=4 {
         seen.push(
             String::from_utf8(body_bytes(get(sg.proxy, "/pay/x").await).await.to_vec()).unwrap(),
         );
+        back_in_the_pool(&sg, sent);
     }
     assert_eq!(seen, ["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.3"]);
     assert_eq!(
@@ -189,7 +198,7 @@ async fn pooled_connections_are_never_shared_between_regions() {
              [datasources.in-b]\nurl = \"http://{up}\"\nregion = \"b\"\n"
         ),
     );
-    for _ in 0..3 {
+    for round in 1..=3 {
         assert_eq!(
             body_bytes(get(sg.proxy, "/in-a/x").await).await,
             "127.0.0.2"
@@ -198,6 +207,7 @@ async fn pooled_connections_are_never_shared_between_regions() {
             body_bytes(get(sg.proxy, "/in-b/x").await).await,
             "127.0.0.3"
         );
+        back_in_the_pool(&sg, 2 * round);
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
