@@ -100,7 +100,7 @@ impl<'a> ErrorSink<'a> {
     /// recovered from the surrounding text because the parser reports only
     /// a message and a span.
     pub fn toml_error(&mut self, err: &toml::de::Error) {
-        let message = err.message().trim().to_string();
+        let message = without_offending_value(err.message().trim());
         match err.span() {
             Some(span) => {
                 let key = key_at(self.text, span.clone());
@@ -121,6 +121,26 @@ impl<'a> ErrorSink<'a> {
     pub fn into_errors(self) -> ConfigErrors {
         ConfigErrors(self.errors)
     }
+}
+
+/// serde quotes the value it rejects ("invalid type: integer `98765432`,
+/// expected a string"). In a credential that value may be the secret itself
+/// (an unquoted numeric key), and these messages reach stderr and, on
+/// reload, the audit trail; only the value's kind is kept.
+fn without_offending_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        // The expected part comes from the schema, never from the value, so
+        // the last ", expected " is the true boundary.
+        let Some((found, expected)) = message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.rsplit_once(", expected "))
+        else {
+            continue;
+        };
+        let kind = found.split(['`', '"']).next().unwrap_or_default().trim();
+        return format!("{prefix}{kind}, expected {expected}");
+    }
+    message.to_string()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -207,5 +227,39 @@ mod tests {
             "datasources.a.listen",
             "a span covering part of the key"
         );
+    }
+
+    #[test]
+    fn a_rejected_value_is_named_by_its_kind_only() {
+        for (message, kept) in [
+            (
+                "invalid type: integer `98765432`, expected a string",
+                "invalid type: integer, expected a string",
+            ),
+            (
+                "invalid type: floating point `1.5`, expected a string",
+                "invalid type: floating point, expected a string",
+            ),
+            (
+                "invalid value: string \"s3cret, expected x\", expected a port",
+                "invalid value: string, expected a port",
+            ),
+            ("unknown field `extra`", "unknown field `extra`"),
+        ] {
+            assert_eq!(without_offending_value(message), kept);
+        }
+    }
+
+    #[test]
+    fn an_unquoted_numeric_secret_is_not_repeated_in_the_error() {
+        let text = "[datasources.pay]\nurl = \"https://example.com\"\n\
+                    credential = { kind = \"bearer\", token = 98765432 }\n";
+        let errors = crate::config::parse(std::path::Path::new("s.toml"), text)
+            .err()
+            .expect("a number is not a sealed value")
+            .to_string();
+        assert!(errors.contains("s.toml:3"), "{errors}");
+        assert!(errors.contains("invalid type: integer"), "{errors}");
+        assert!(!errors.contains("98765432"), "{errors}");
     }
 }
