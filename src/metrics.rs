@@ -49,6 +49,21 @@ pub struct DataSourceSeries {
     pub response_bytes: IntCounter,
 }
 
+impl DataSourceSeries {
+    fn of(
+        duration: &HistogramVec,
+        request_bytes: &IntCounterVec,
+        response_bytes: &IntCounterVec,
+        datasource: &str,
+    ) -> DataSourceSeries {
+        DataSourceSeries {
+            duration: duration.with_label_values(&[datasource]),
+            request_bytes: request_bytes.with_label_values(&[datasource]),
+            response_bytes: response_bytes.with_label_values(&[datasource]),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
@@ -63,6 +78,8 @@ pub struct Metrics {
     downstream_closed: [IntCounter; CloseReason::ALL.len()],
     pub request_bytes: IntCounterVec,
     pub response_bytes: IntCounterVec,
+    /// The series of requests that named no configured data source.
+    pub no_datasource: DataSourceSeries,
     pub audit_dropped: IntCounter,
     pub tls_cert_expiry: GaugeVec,
 }
@@ -173,6 +190,8 @@ impl Metrics {
         registry.register(Box::new(active_requests.clone()))?;
         registry.register(Box::new(credential_open_failures.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
+        let no_datasource =
+            DataSourceSeries::of(&duration, &request_bytes, &response_bytes, NO_DATASOURCE);
         Ok(Metrics {
             registry,
             requests,
@@ -185,17 +204,19 @@ impl Metrics {
             downstream_closed,
             request_bytes,
             response_bytes,
+            no_datasource,
             audit_dropped,
             tls_cert_expiry,
         })
     }
 
     pub fn datasource_series(&self, datasource: &str) -> DataSourceSeries {
-        DataSourceSeries {
-            duration: self.duration.with_label_values(&[datasource]),
-            request_bytes: self.request_bytes.with_label_values(&[datasource]),
-            response_bytes: self.response_bytes.with_label_values(&[datasource]),
-        }
+        DataSourceSeries::of(
+            &self.duration,
+            &self.request_bytes,
+            &self.response_bytes,
+            datasource,
+        )
     }
 
     /// The counter of connections closed for `reason`.

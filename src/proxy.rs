@@ -409,7 +409,7 @@ impl ProxyHttp for SealgateProxy {
     ) -> Result<()> {
         strip_hop_by_hop_response(upstream_response);
         if let Some(ds) = &ctx.datasource {
-            if !ds.pass_set_cookie && upstream_response.headers.contains_key(header::SET_COOKIE) {
+            if !ds.pass_set_cookie {
                 upstream_response.remove_header(&header::SET_COOKIE);
             }
             if let Some(credential) = ds.ready_credential() {
@@ -478,16 +478,13 @@ impl ProxyHttp for SealgateProxy {
             session.body_bytes_read() as u64,
             session.body_bytes_sent() as u64,
         );
-        let no_datasource_series;
-        let series = match &ctx.datasource {
-            Some(ds) => ds
-                .series
-                .get_or_init(|| metrics.datasource_series(&ds.name)),
-            None => {
-                no_datasource_series = metrics.datasource_series(NO_DATASOURCE);
-                &no_datasource_series
-            }
-        };
+        let series = ctx
+            .datasource
+            .as_ref()
+            .map_or(&metrics.no_datasource, |ds| {
+                ds.series
+                    .get_or_init(|| metrics.datasource_series(&ds.name))
+            });
         series.duration.observe(elapsed.as_secs_f64());
         series.request_bytes.inc_by(request_bytes);
         series.response_bytes.inc_by(response_bytes);
@@ -612,8 +609,7 @@ fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
                     !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
                 })
                 .filter_map(|t| HeaderName::from_bytes(t).ok())
-                .filter(|n| n != header::TRANSFER_ENCODING && n != header::CONTENT_LENGTH)
-                .filter(|n| resp.headers.contains_key(n));
+                .filter(|n| n != header::TRANSFER_ENCODING && n != header::CONTENT_LENGTH);
             doomed.extend(nominated);
         }
         if HOP_BY_HOP_RESPONSE.contains(&name.as_str()) {
