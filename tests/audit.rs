@@ -136,14 +136,10 @@ async fn by_default_requests_wait_for_the_audit_output() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_audit_field_is_right_for_allowed_and_refused_requests() {
-    use sha2::{Digest, Sha256};
     let up = echo_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     write_loopback_policy(dir.path());
-    let token_hash: String = Sha256::digest(b"tok-app")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let token_hash = sha256_hex("tok-app");
     std::fs::write(
         dir.path().join("policies/callers.toml"),
         format!("[callers.app]\ntoken_sha256 = \"{token_hash}\"\ndatasources = [\"pay\", \"outside\"]\n"),
@@ -167,18 +163,17 @@ async fn every_audit_field_is_right_for_allowed_and_refused_requests() {
             .body(full(body))
             .unwrap()
     };
-    let allowed = send(sg.proxy, request("POST", "/pay/x?secret=q", "hello")).await;
-    let allowed_id = allowed.headers()["x-sealgate-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let allowed_len = body_bytes(allowed).await.len() as u64;
-    let denied = send(sg.proxy, request("GET", "/outside/y", "")).await;
-    let denied_id = denied.headers()["x-sealgate-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let denied_len = body_bytes(denied).await.len() as u64;
+    let id_and_length = |resp: hyper::Response<hyper::body::Incoming>| async move {
+        let id = resp.headers()["x-sealgate-request-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        (id, body_bytes(resp).await.len() as u64)
+    };
+    let (allowed_id, allowed_len) =
+        id_and_length(send(sg.proxy, request("POST", "/pay/x?secret=q", "hello")).await).await;
+    let (denied_id, denied_len) =
+        id_and_length(send(sg.proxy, request("GET", "/outside/y", "")).await).await;
 
     let records = sg.audit(2);
     let by_id = |id: &str| {

@@ -5,14 +5,6 @@ mod common;
 
 use common::*;
 use hyper::Request;
-use sha2::{Digest, Sha256};
-
-fn sha256_hex(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn with_token(path: &str, token: Option<&str>) -> Request<BoxBody> {
     let mut req = Request::get(path).header("host", "x");

@@ -8,6 +8,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use hyper::Response;
 
+/// The smallest config that runs: a proxy and an admin listener on free
+/// loopback ports.
+fn listeners_on_free_ports() -> String {
+    format!(
+        "[proxy]\nlisten = [\"127.0.0.1:{}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port(),
+        free_port()
+    )
+}
+
 fn write_config(dir: &std::path::Path, text: &str) -> String {
     let path = dir.join("sealgate.toml");
     std::fs::write(&path, text).unwrap();
@@ -269,14 +279,7 @@ fn sealgate_makes_itself_non_dumpable() {
     const NOBODY: u32 = 65534;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "[proxy]\nlisten = [\"127.0.0.1:{}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
-            free_port(),
-            free_port()
-        ),
-    );
+    let cfg = write_config(dir.path(), &listeners_on_free_ports());
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
     let readable_by_nobody = |pid: u32| {
         std::process::Command::new("cat")
@@ -398,13 +401,7 @@ async fn a_caller_stalling_mid_body_is_cut_off_at_the_idle_timeout() {
     stall_mid_body_and_get_cut_off(&sg).await;
     sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="idle_timeout"} 1"#]);
 
-    let config = sg.dir.path().join("sealgate.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("idle_timeout_s = 1", "idle_timeout_s = 60"),
-    )
-    .unwrap();
+    sg.edit_config("idle_timeout_s = 1", "idle_timeout_s = 60");
     reload_and_wait(&sg, "ok", 1);
     assert!(
         sg.stderr().contains(
@@ -449,14 +446,7 @@ fn the_service_manager_is_told_ready_reloading_and_stopping() {
     socket
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "[proxy]\nlisten = [\"127.0.0.1:{}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
-            free_port(),
-            free_port()
-        ),
-    );
+    let cfg = write_config(dir.path(), &listeners_on_free_ports());
     let mut child = std::process::Command::new(BIN)
         .args(["run", "-c", &cfg])
         .env("NOTIFY_SOCKET", &socket_path)

@@ -120,13 +120,7 @@ async fn a_valid_change_applies_to_new_requests_while_one_in_flight_finishes_on_
     let in_flight = tokio::spawn(async move { body_bytes(get(proxy, "/a/x").await).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let config = sg.dir.path().join("sealgate.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace(&old.addr.to_string(), &new.addr.to_string()),
-    )
-    .unwrap();
+    sg.edit_config(&old.addr.to_string(), &new.addr.to_string());
     reload_and_wait(&sg, "ok", 1);
     assert_eq!(body_bytes(get(sg.proxy, "/a/x").await).await, "new");
     assert_eq!(in_flight.await.unwrap(), "old");
@@ -178,13 +172,7 @@ async fn configuration_events_are_audited_and_sighup_reopens_the_audit_file() {
     );
 
     // A broken reload is recorded with what was wrong and where.
-    let config = sg.dir.path().join("sealgate.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("[datasources.a]", "[datasources.a]\nbogus = 1"),
-    )
-    .unwrap();
+    sg.edit_config("[datasources.a]", "[datasources.a]\nbogus = 1");
     reload_and_wait(&sg, "error", 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {

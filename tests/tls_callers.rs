@@ -8,7 +8,6 @@ use std::time::Duration;
 use common::*;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sha2::{Digest, Sha256};
 
 struct Pki {
     server_ca: TestCa,
@@ -138,10 +137,7 @@ async fn mutual_tls_identifies_callers_by_their_uri_san() {
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path());
     write_loopback_policy(dir.path());
-    let token_hash: String = Sha256::digest(b"tok-crm")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let token_hash = sha256_hex("tok-crm");
     std::fs::write(
         dir.path().join("policies/callers.toml"),
         format!(

@@ -215,6 +215,15 @@ impl Sealgate {
             .collect()
     }
 
+    /// Rewrites the running instance's config file, `from` replaced by
+    /// `to`, for a reload to pick up.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let config = self.dir.path().join("sealgate.toml");
+        let text = std::fs::read_to_string(&config).expect("read config");
+        assert!(text.contains(from), "{from:?} is not in the config");
+        std::fs::write(&config, text.replace(from, to)).expect("write config");
+    }
+
     pub fn metrics(&self) -> String {
         http_get_blocking(self.admin, "/metrics")
             .map(|(_, b)| b)
@@ -248,6 +257,14 @@ pub fn write_loopback_policy(dir: &Path) {
          allow_private = [\"127.0.0.0/8\", \"[::1]\"]\n",
     )
     .expect("policy file");
+}
+
+/// A caller token as `token_sha256` in a callers policy wants it.
+pub fn sha256_hex(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Spawns the binary with stdout/stderr captured to files in `dir`.
