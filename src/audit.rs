@@ -8,7 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::config::{AuditOutput, OnFull};
@@ -59,7 +58,7 @@ impl Decision {
 /// `at` in RFC 3339, UTC, to the microsecond (`2026-11-22T23:50:41.123456Z`):
 /// fixed width, so the trail sorts and lines up. Written by hand because
 /// every request records one; instants before 1970 are written as 1970.
-pub fn write_rfc3339(out: &mut Vec<u8>, at: SystemTime) {
+fn write_rfc3339(out: &mut Vec<u8>, at: SystemTime) {
     let since_epoch = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
@@ -109,13 +108,6 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
-fn rfc3339(at: SystemTime) -> String {
-    let mut out = Vec::with_capacity(27);
-    write_rfc3339(&mut out, at);
-    // Only ASCII digits and punctuation are written.
-    String::from_utf8(out).unwrap_or_default()
-}
-
 enum Message {
     Line(Vec<u8>),
     Flush(std_mpsc::SyncSender<()>),
@@ -124,39 +116,44 @@ enum Message {
 }
 
 /// Kinds of configuration event recorded in the audit trail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     Start,
     Reload,
     Drain,
 }
 
-/// A configuration event: the request fields are present and null, so every
-/// line of the trail has the same keys.
-#[derive(Debug, Serialize)]
-struct EventRecord<'a> {
-    ts: String,
-    event: Event,
-    result: &'a str,
-    message: &'a str,
-    key_ids: Option<&'a [String]>,
-    request_id: Option<()>,
-    caller: Option<()>,
-    datasource: Option<()>,
-    method: Option<()>,
-    path: Option<()>,
-    upstream: Option<()>,
-    egress_ip: Option<()>,
-    region: Option<()>,
-    decision: Option<()>,
-    reason: Option<()>,
-    status: Option<()>,
-    request_bytes: Option<()>,
-    response_bytes: Option<()>,
-    duration_ms: Option<()>,
-    error: Option<()>,
+impl Event {
+    fn as_str(self) -> &'static str {
+        match self {
+            Event::Start => "start",
+            Event::Reload => "reload",
+            Event::Drain => "drain",
+        }
+    }
 }
+
+/// The keys of a request record in the order `encode` writes them (SPEC
+/// section 7); `every_request_key_in_order` holds `encode` to it. An event
+/// carries them too, as null, so every line of the trail has the same keys.
+const REQUEST_KEYS: [&str; 16] = [
+    "ts",
+    "request_id",
+    "caller",
+    "datasource",
+    "method",
+    "path",
+    "upstream",
+    "egress_ip",
+    "region",
+    "decision",
+    "reason",
+    "status",
+    "request_bytes",
+    "response_bytes",
+    "duration_ms",
+    "error",
+];
 
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
@@ -209,30 +206,7 @@ impl AuditLog {
     /// any context, so they never wait; one that finds the queue full is
     /// logged instead, never silently lost.
     pub fn event(&self, event: Event, result: &str, message: &str, key_ids: Option<&[String]>) {
-        let record = EventRecord {
-            ts: rfc3339(SystemTime::now()),
-            event,
-            result,
-            message,
-            key_ids,
-            request_id: None,
-            caller: None,
-            datasource: None,
-            method: None,
-            path: None,
-            upstream: None,
-            egress_ip: None,
-            region: None,
-            decision: None,
-            reason: None,
-            status: None,
-            request_bytes: None,
-            response_bytes: None,
-            duration_ms: None,
-            error: None,
-        };
-        let mut line = serde_json::to_vec(&record).unwrap_or_default();
-        line.push(b'\n');
+        let line = encode_event(SystemTime::now(), event, result, message, key_ids);
         if self.tx.try_send(Message::Line(line)).is_err() {
             tracing::error!(
                 ?event,
@@ -331,6 +305,46 @@ pub fn encode(record: &AuditRecord<'_>) -> Vec<u8> {
     ]);
     line.extend_from_slice(b",\"error\":");
     json_opt_str(&mut line, record.error);
+    line.extend_from_slice(b"}\n");
+    line
+}
+
+/// One configuration event: its own keys, then every request key as null.
+fn encode_event(
+    at: SystemTime,
+    event: Event,
+    result: &str,
+    message: &str,
+    key_ids: Option<&[String]>,
+) -> Vec<u8> {
+    let mut line = Vec::with_capacity(512);
+    line.extend_from_slice(b"{\"ts\":\"");
+    write_rfc3339(&mut line, at);
+    line.extend_from_slice(b"\",\"event\":");
+    json_str(&mut line, event.as_str());
+    line.extend_from_slice(b",\"result\":");
+    json_str(&mut line, result);
+    line.extend_from_slice(b",\"message\":");
+    json_str(&mut line, message);
+    line.extend_from_slice(b",\"key_ids\":");
+    match key_ids {
+        None => line.extend_from_slice(b"null"),
+        Some(ids) => {
+            line.push(b'[');
+            for (i, id) in ids.iter().enumerate() {
+                if i > 0 {
+                    line.push(b',');
+                }
+                json_str(&mut line, id);
+            }
+            line.push(b']');
+        }
+    }
+    for key in &REQUEST_KEYS[1..] {
+        line.push(b',');
+        json_str(&mut line, key);
+        line.extend_from_slice(b":null");
+    }
     line.extend_from_slice(b"}\n");
     line
 }
@@ -495,9 +509,7 @@ mod tests {
             duration: Duration::from_micros(500),
             error: Some("unknown_datasource"),
         };
-        let v: serde_json::Value = serde_json::from_slice(&encode(&r)).unwrap();
-        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        for k in [
+        let spec_keys = [
             "ts",
             "request_id",
             "caller",
@@ -514,9 +526,23 @@ mod tests {
             "response_bytes",
             "duration_ms",
             "error",
-        ] {
-            assert!(keys.contains(&k), "{k} missing");
-        }
+        ];
+        assert_eq!(
+            REQUEST_KEYS, spec_keys,
+            "the events' null keys are the SPEC's"
+        );
+        let line = encode(&r);
+        let offsets = key_offsets(&line, &spec_keys).expect("every key");
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "in order: {offsets:?}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            v.as_object().unwrap().len(),
+            spec_keys.len(),
+            "and no other"
+        );
         assert_eq!(v["decision"], "deny");
         assert!(v["egress_ip"].is_null());
     }
@@ -576,6 +602,48 @@ mod tests {
         assert_eq!(v["duration_ms"], 0.007);
         assert_eq!(v["upstream"], "10.0.255.1:5432");
         assert_eq!(v["egress_ip"], "2001:db8::7");
+    }
+
+    fn rfc3339(at: SystemTime) -> String {
+        let mut out = Vec::new();
+        write_rfc3339(&mut out, at);
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Where each key starts in `line`, in the order given; `None` if one
+    /// is missing.
+    fn key_offsets(line: &[u8], keys: &[&str]) -> Option<Vec<usize>> {
+        let text = std::str::from_utf8(line).unwrap();
+        keys.iter()
+            .map(|k| text.find(&format!("\"{k}\":")))
+            .collect()
+    }
+
+    /// An event line: its own fields, escaped like any string, and every
+    /// request key present and null.
+    #[test]
+    fn an_event_has_every_request_key_as_null() {
+        let message = "datasources.a.bogus: unknown field `bogus` \"quoted\"\nnext";
+        let ids = ["k1".to_string(), "k\"2".to_string()];
+        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_341_600_123_456);
+        let line = encode_event(at, Event::Reload, "failed", message, Some(&ids));
+        assert_eq!(line.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let mut expected = serde_json::json!({
+            "ts": "2026-11-22T10:00:00.123456Z",
+            "event": "reload",
+            "result": "failed",
+            "message": message,
+            "key_ids": ["k1", "k\"2"],
+        });
+        for key in &REQUEST_KEYS[1..] {
+            expected[*key] = serde_json::Value::Null;
+        }
+        assert_eq!(v, expected);
+        let none = encode_event(at, Event::Drain, "ok", "draining", None);
+        let v: serde_json::Value = serde_json::from_slice(&none).unwrap();
+        assert!(v["key_ids"].is_null());
+        assert_eq!(v["event"], "drain");
     }
 
     /// The hand-written calendar against the `time` crate, across leap
