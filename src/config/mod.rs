@@ -347,38 +347,21 @@ fn parse_with(
                 .map(move |f| (name.get_ref().as_str(), *f))
         })
         .collect();
-    let on_full = match raw
-        .audit
-        .on_full
-        .as_ref()
-        .map(|o| (o, o.get_ref().as_str()))
-    {
-        None | Some((_, "block")) => OnFull::Block,
-        Some((_, "drop")) => OnFull::Drop,
-        Some((o, other)) => {
-            v.sink.at(
-                o.span(),
-                "audit.on_full",
-                format!("`{other}` is not \"block\" or \"drop\""),
-            );
-            OnFull::Block
-        }
-    };
+    let on_full = v.one_of(
+        &raw.audit.on_full,
+        "audit.on_full",
+        &[("block", OnFull::Block), ("drop", OnFull::Drop)],
+        OnFull::Block,
+    );
     let log = LogSettings {
-        format: match raw.log.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
-            None | Some((_, "text")) => LogFormat::Text,
-            Some((_, "json")) => LogFormat::Json,
-            Some((f, other)) => {
-                v.sink.at(
-                    f.span(),
-                    "log.format",
-                    format!("`{other}` is not \"text\" or \"json\""),
-                );
-                LogFormat::Text
-            }
-        },
+        format: v.one_of(
+            &raw.log.format,
+            "log.format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            LogFormat::Text,
+        ),
         level: match &raw.log.level {
-            None => "info".into(),
+            None => LogSettings::default().level,
             Some(l) => {
                 if let Err(e) = tracing_subscriber::EnvFilter::try_new(l.get_ref()) {
                     v.sink.at(
@@ -573,6 +556,33 @@ impl Validator<'_> {
             Some(v) => *v.get_ref(),
             None => default,
         }
+    }
+
+    /// One of a fixed set of words; absent, `default`. Anything else is
+    /// reported at its line with the words allowed.
+    fn one_of<T: Copy>(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(value) = value else {
+            return default;
+        };
+        if let Some((_, chosen)) = choices.iter().find(|(word, _)| word == value.get_ref()) {
+            return *chosen;
+        }
+        let words: Vec<String> = choices
+            .iter()
+            .map(|(word, _)| format!("\"{word}\""))
+            .collect();
+        self.sink.at(
+            value.span(),
+            key,
+            format!("`{}` is not {}", value.get_ref(), words.join(" or ")),
+        );
+        default
     }
 
     /// A caller-side timeout in whole seconds, 1 s to an hour.
@@ -1051,6 +1061,30 @@ mod tests {
             "{e:?}"
         );
         assert!(e[2].contains(":7: datasources.bad.timeout_ms"), "{e:?}");
+    }
+
+    #[test]
+    fn a_word_outside_its_choices_is_reported_with_the_choices() {
+        let e = errors(concat!(
+            "[audit]\n",
+            "on_full = \"wait\"\n",
+            "[log]\n",
+            "format = \"xml\"\n",
+        ));
+        assert_eq!(
+            e,
+            [
+                "/etc/sealgate/test.toml:2: audit.on_full: `wait` is not \"block\" or \"drop\"",
+                "/etc/sealgate/test.toml:4: log.format: `xml` is not \"text\" or \"json\"",
+            ]
+        );
+        let c = parse(
+            Path::new("x.toml"),
+            "[audit]\non_full = \"drop\"\n[log]\nformat = \"json\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.audit.on_full, OnFull::Drop);
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]
