@@ -1,7 +1,7 @@
 //! Limits against callers that hold connections open without sending a
 //! request. pingora reads a request head with a per-read timeout only, so a
 //! client trickling one byte at a time (slowloris) would never expire; this
-//! wraps the HTTP app with a deadline for the whole head.
+//! puts a deadline on the whole head.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -13,15 +13,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora::apps::ServerApp;
 use pingora::listeners::PreTlsProcess;
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
-use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
+use pingora::protocols::{GetSocketDigest, SocketDigest, Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -31,18 +30,29 @@ use crate::metrics::CloseReason;
 use crate::state::Shared;
 
 tokio::task_local! {
-    /// Set once the request head of the request being processed is read.
-    static HEAD_READ: Cell<bool>;
+    /// Since when the connection has been waiting for a request head;
+    /// `None` while one of its requests is being served.
+    static WAITING_FOR_HEAD_SINCE: Cell<Option<Instant>>;
 }
 
 /// Called by the proxy as soon as pingora has read a request head: from
-/// here on the deadline no longer applies to this request.
+/// here on the deadline no longer applies to this connection.
 pub fn head_read() {
-    let _ = HEAD_READ.try_with(|read| read.set(true));
+    let _ = WAITING_FOR_HEAD_SINCE.try_with(|since| since.set(None));
 }
 
-/// The HTTP app `A`, with a deadline for each request head (and so for an
-/// idle keep-alive connection waiting for its next request).
+/// Called by the proxy once a request is done: a kept-alive connection
+/// waits for its next request head from now on.
+pub fn awaiting_next_head() {
+    let _ = WAITING_FOR_HEAD_SINCE.try_with(|since| since.set(Some(Instant::now())));
+}
+
+/// The app `A`, with a deadline for each request head of an HTTP/1
+/// connection, and so for a kept-alive connection waiting for its next
+/// request. The deadline is kept per connection, not per request: a
+/// request only marks when its connection starts and stops waiting.
+/// HTTP/2 connections are left to pingora's h2 idle timeout; their
+/// streams arrive with their heads whole.
 pub struct HeadDeadline<A> {
     inner: Arc<A>,
     timeout: Duration,
@@ -60,45 +70,54 @@ impl<A> HeadDeadline<A> {
 }
 
 #[async_trait]
-impl<A> HttpServerApp for HeadDeadline<A>
+impl<A> ServerApp for HeadDeadline<A>
 where
-    A: HttpServerApp + Send + Sync + 'static,
+    A: ServerApp + Send + Sync + 'static,
 {
-    async fn process_new_http(
+    async fn process_new(
         self: &Arc<Self>,
-        session: ServerSession,
+        stream: Stream,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        HEAD_READ
-            .scope(Cell::new(false), async {
-                let work = self.inner.process_new_http(session, shutdown);
-                tokio::pin!(work);
+    ) -> Option<Stream> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        WAITING_FOR_HEAD_SINCE
+            .scope(Cell::new(Some(Instant::now())), async {
                 tokio::select! {
-                    reused = &mut work => reused,
-                    () = tokio::time::sleep(self.timeout) => {
-                        if HEAD_READ.with(Cell::get) {
-                            work.await
-                        } else {
-                            // Dropping the work closes the connection.
-                            self.shared.metrics.downstream_closed(CloseReason::HeadTimeout).inc();
-                            None
-                        }
+                    biased;
+                    reused = self.inner.process_new(stream, shutdown) => reused,
+                    () = head_overdue(self.timeout) => {
+                        // Dropping the work closes the connection.
+                        self.shared.metrics.downstream_closed(CloseReason::HeadTimeout).inc();
+                        None
                     }
                 }
             })
             .await
     }
 
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        self.inner.h2_options()
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
     }
+}
 
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.inner.server_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.inner.http_cleanup().await
+/// Completes once the connection has waited `timeout` for a request head.
+/// It sleeps until the earliest moment that could happen, so the timer of
+/// a busy connection fires about once per `timeout` rather than being set
+/// and cancelled for every request.
+async fn head_overdue(timeout: Duration) {
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        deadline.as_mut().await;
+        let now = Instant::now();
+        let next = match WAITING_FOR_HEAD_SINCE.with(Cell::get) {
+            Some(since) if now.saturating_duration_since(since) >= timeout => return,
+            Some(since) => since + timeout,
+            None => now + timeout,
+        };
+        deadline.as_mut().reset(next.into());
     }
 }
 

@@ -522,6 +522,9 @@ impl ProxyHttp for SealgateProxy {
             error: ctx.refusal.as_ref().map(|r| r.code.as_str()),
         };
         self.shared.audit.record(&record).await;
+        // Only now, with the record queued: a connection closed for its
+        // next head's deadline must not drop this request's record.
+        crate::limits::awaiting_next_head();
     }
 
     /// pingora logs this with every error; the default includes the query

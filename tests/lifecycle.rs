@@ -361,6 +361,55 @@ async fn a_slowloris_connection_is_closed_at_the_header_timeout() {
     sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="head_timeout"} 1"#]);
 }
 
+/// The header deadline belongs to the connection: every request restarts
+/// it, a request being served is never cut however long it takes, and a
+/// kept-alive connection that waits too long for its next request is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_header_deadline_restarts_per_request_and_closes_an_idle_kept_alive_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream(
+        handler(|req: hyper::Request<hyper::body::Incoming>| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            Response::new(full("ok"))
+        }),
+        None,
+    )
+    .await;
+    let sg = Sealgate::start_with_proxy_keys(
+        "header_timeout_s = 1",
+        &format!("[datasources.up]\nurl = \"http://{}\"\n", up.addr),
+    );
+    let mut conn = tokio::net::TcpStream::connect(sg.proxy).await.unwrap();
+    let started = Instant::now();
+    for path in ["/up/a", "/up/slow", "/up/b", "/up/c"] {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head = read_head(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head:?}");
+        let mut body = [0u8; 2];
+        conn.read_exact(&mut body).await.unwrap();
+    }
+    assert!(started.elapsed() > Duration::from_secs(3));
+
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    let waited = idle.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection was not closed: {read:?}"
+    );
+    assert!(
+        waited > Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "closed after {waited:?} of idleness"
+    );
+    sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="head_timeout"} 1"#]);
+}
+
 /// Connections beyond `max_connections` are closed at once and counted; a
 /// slot frees as soon as a connection ends.
 #[tokio::test(flavor = "multi_thread")]
