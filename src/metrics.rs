@@ -2,6 +2,8 @@
 //! caller names) or from small fixed sets (status codes), never from a
 //! request's path, host or error text, so cardinality stays bounded.
 
+use std::sync::Mutex;
+
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -44,10 +46,19 @@ impl CloseReason {
 /// The series every request of one data source updates, looked up once per
 /// data source (and config) instead of hashing its name on every request.
 pub struct DataSourceSeries {
+    datasource: String,
     pub duration: Histogram,
     pub request_bytes: IntCounter,
     pub response_bytes: IntCounter,
+    /// `sealgate_requests_total` children this data source has counted,
+    /// by caller and status: nearly every request repeats one of a few
+    /// pairs, and finding it here skips hashing three labels.
+    answered: Mutex<Vec<(String, u16, IntCounter)>>,
 }
+
+/// How many caller and status pairs a data source keeps at hand; rarer
+/// pairs are looked up in the vector each time.
+const ANSWERED_KEPT: usize = 16;
 
 impl DataSourceSeries {
     fn of(
@@ -57,10 +68,42 @@ impl DataSourceSeries {
         datasource: &str,
     ) -> DataSourceSeries {
         DataSourceSeries {
+            datasource: datasource.to_owned(),
             duration: duration.with_label_values(&[datasource]),
             request_bytes: request_bytes.with_label_values(&[datasource]),
             response_bytes: response_bytes.with_label_values(&[datasource]),
+            answered: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Counts one request answered to `caller` with `status` (0 when no
+    /// response was sent).
+    pub fn count_answer(&self, requests: &IntCounterVec, caller: &str, status: u16) {
+        let Ok(mut answered) = self.answered.lock() else {
+            return Self::answer_counter(requests, &self.datasource, caller, status).inc();
+        };
+        if let Some((_, _, counter)) = answered
+            .iter()
+            .find(|(c, s, _)| *s == status && c == caller)
+        {
+            return counter.inc();
+        }
+        let counter = Self::answer_counter(requests, &self.datasource, caller, status);
+        counter.inc();
+        if answered.len() < ANSWERED_KEPT {
+            answered.push((caller.to_owned(), status, counter));
+        }
+    }
+
+    fn answer_counter(
+        requests: &IntCounterVec,
+        datasource: &str,
+        caller: &str,
+        status: u16,
+    ) -> IntCounter {
+        let code = http::StatusCode::from_u16(status);
+        let code = code.as_ref().map_or("0", |s| s.as_str());
+        requests.with_label_values(&[datasource, caller, code])
     }
 }
 
@@ -239,6 +282,30 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every pair lands in its own series, whether kept at hand or not.
+    #[test]
+    fn answers_are_counted_by_caller_and_status_past_the_pairs_kept() {
+        let m = Metrics::new().unwrap();
+        let pay = m.datasource_series("pay");
+        let callers: Vec<String> = (0..ANSWERED_KEPT + 4).map(|i| format!("app{i}")).collect();
+        for _ in 0..3 {
+            for caller in &callers {
+                pay.count_answer(&m.requests, caller, 200);
+            }
+            pay.count_answer(&m.requests, "app0", 502);
+            m.no_datasource.count_answer(&m.requests, "app0", 404);
+        }
+        pay.count_answer(&m.requests, "app0", 0);
+        let count = |labels: [&str; 3]| m.requests.with_label_values(&labels).get();
+        for caller in &callers {
+            assert_eq!(count(["pay", caller, "200"]), 3, "{caller}");
+        }
+        assert_eq!(count(["pay", "app0", "502"]), 3);
+        assert_eq!(count(["-", "app0", "404"]), 3);
+        assert_eq!(count(["pay", "app0", "0"]), 1);
+        assert_eq!(count(["pay", "app0", "404"]), 0);
+    }
 
     #[test]
     fn exposes_counters_with_their_labels() {
