@@ -2,7 +2,7 @@
 //! caller names) or from small fixed sets (status codes), never from a
 //! request's path, host or error text, so cardinality stays bounded.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -79,31 +79,21 @@ impl DataSourceSeries {
     /// Counts one request answered to `caller` with `status` (0 when no
     /// response was sent).
     pub fn count_answer(&self, requests: &IntCounterVec, caller: &str, status: u16) {
-        let Ok(mut answered) = self.answered.lock() else {
-            return Self::answer_counter(requests, &self.datasource, caller, status).inc();
-        };
+        // A panic elsewhere cannot leave the list half-written: keep using it.
+        let mut answered = self.answered.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, _, counter)) = answered
             .iter()
             .find(|(c, s, _)| *s == status && c == caller)
         {
             return counter.inc();
         }
-        let counter = Self::answer_counter(requests, &self.datasource, caller, status);
+        let code = http::StatusCode::from_u16(status);
+        let code = code.as_ref().map_or("0", |s| s.as_str());
+        let counter = requests.with_label_values(&[&self.datasource, caller, code]);
         counter.inc();
         if answered.len() < ANSWERED_KEPT {
             answered.push((caller.to_owned(), status, counter));
         }
-    }
-
-    fn answer_counter(
-        requests: &IntCounterVec,
-        datasource: &str,
-        caller: &str,
-        status: u16,
-    ) -> IntCounter {
-        let code = http::StatusCode::from_u16(status);
-        let code = code.as_ref().map_or("0", |s| s.as_str());
-        requests.with_label_values(&[datasource, caller, code])
     }
 }
 
