@@ -356,7 +356,7 @@ fn keys_come_from_credentials_directory_when_dir_is_unset() {
     );
     std::fs::write(f.config(), with_example_policy(f.dir.path(), &toml)).unwrap();
     let check = |credentials_dir: Option<&Path>| {
-        let mut cmd = std::process::Command::new(BIN);
+        let mut cmd = std::process::Command::new(&*BIN);
         cmd.args(["check", "-c", f.config().to_str().unwrap()])
             .env_remove("CREDENTIALS_DIRECTORY");
         if let Some(dir) = credentials_dir {

@@ -304,7 +304,7 @@ fn sealgate_makes_itself_non_dumpable() {
     let _ = control.kill();
     let _ = control.wait();
 
-    let mut sg = std::process::Command::new(BIN)
+    let mut sg = std::process::Command::new(&*BIN)
         .args(["run", "-c", &cfg])
         .uid(NOBODY)
         .gid(NOBODY)
@@ -496,7 +496,7 @@ fn the_service_manager_is_told_ready_reloading_and_stopping() {
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
     let cfg = write_config(dir.path(), &listeners_on_free_ports());
-    let mut child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(&*BIN)
         .args(["run", "-c", &cfg])
         .env("NOTIFY_SOCKET", &socket_path)
         .stdout(std::process::Stdio::null())
@@ -548,7 +548,7 @@ fn the_systemd_unit_verifies_and_is_hardened() {
     // Point the unit at the binary just built, as an install would.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sealgate.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/sealgate", BIN)).unwrap();
+    std::fs::write(&path, unit.replace("/usr/local/bin/sealgate", &BIN)).unwrap();
 
     let verify = std::process::Command::new("systemd-analyze")
         .arg("verify")
@@ -595,7 +595,7 @@ fn operational_logs_can_be_json_at_a_configured_level() {
         ),
     );
     let stderr_path = dir.path().join("stderr");
-    let mut child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(&*BIN)
         .args(["run", "-c", &cfg])
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())

@@ -17,7 +17,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_sealgate");
+/// The binary under test: the one cargo built for this run, or the one
+/// `SEALGATE_TEST_BIN` names (CI runs the mixed-load test against the
+/// release build this way).
+pub static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("SEALGATE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sealgate").into())
+});
 
 /// A loopback port nothing listens on (tcpmux): connecting is refused, and
 /// unlike a port that was free a moment ago, no parallel test can take it.
@@ -275,7 +280,7 @@ pub fn spawn_sealgate(args: &[&str], dir: &Path) -> Child {
 pub fn spawn_with_log(args: &[&str], dir: &Path, rust_log: &str) -> Child {
     let out = std::fs::File::create(dir.join("stdout")).expect("stdout file");
     let err = std::fs::File::create(dir.join("stderr")).expect("stderr file");
-    Command::new(BIN)
+    Command::new(&*BIN)
         .args(args)
         .env("RUST_LOG", rust_log)
         .env_remove("SEALGATE_CONFIG")
@@ -304,7 +309,7 @@ pub fn check_config(path: impl AsRef<std::path::Path>) -> (i32, String, String) 
 
 /// Runs a sealgate subcommand to completion: (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(&*BIN)
         .args(args)
         .env_remove("SEALGATE_CONFIG")
         .stdin(Stdio::piped())

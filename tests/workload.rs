@@ -1,0 +1,237 @@
+//! A mixed load through one sealgate over kept-alive connections, with
+//! every response checked: plain and TLS callers, HTTP/1.1 and HTTP/2, a
+//! plain and a verified-TLS data source each with a sealed credential,
+//! small and large bodies both ways, and requests sealgate refuses. CI also
+//! runs it against the release binary (`SEALGATE_TEST_BIN`), the build
+//! users ship, whose fat LTO and allocator the debug build never exercises.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const BEARER: &str = "workload-bearer-3f9c1d";
+const API_KEY: &str = "workload-api-key-77b2e0";
+const UPLOAD_LEN: usize = 16 * 1024;
+const PLAIN_CONNECTIONS: usize = 8;
+const TLS_CONNECTIONS: usize = 2;
+
+/// Rounds of each caller's request mix, per connection.
+const ROUNDS: usize = 4;
+
+/// An upstream that serves `/1k` and `/64k`, answers an upload with its
+/// length, and refuses (401) any request without the credential sealgate
+/// must have injected: `header: value`.
+async fn content_upstream(
+    header: &'static str,
+    value: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Upstream {
+    let value: Arc<str> = value.into();
+    upstream(
+        handler(move |req: Request<hyper::body::Incoming>| {
+            let value = value.clone();
+            async move {
+                let injected = req.headers().get(header).and_then(|v| v.to_str().ok());
+                if injected != Some(&*value) {
+                    let mut refused = Response::new(full("credential missing"));
+                    *refused.status_mut() = StatusCode::UNAUTHORIZED;
+                    return refused;
+                }
+                let body = match req.uri().path() {
+                    "/1k" => vec![b'k'; 1024],
+                    "/64k" => vec![b'm'; 64 * 1024],
+                    _ => {
+                        let received = req.into_body().collect().await.map(|b| b.to_bytes());
+                        received
+                            .map(|b| b.len().to_string().into_bytes())
+                            .unwrap_or_default()
+                    }
+                };
+                Response::new(full(body))
+            }
+        }),
+        tls,
+    )
+    .await
+}
+
+fn request(method: &str, path: &str, body: Bytes) -> Request<BoxBody> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(full(body))
+        .expect("request")
+}
+
+/// Sends one request, checks its status and reads the body to the end, as
+/// a kept-alive connection needs.
+async fn exchange(
+    sender: &mut hyper::client::conn::http1::SendRequest<BoxBody>,
+    req: Request<BoxBody>,
+    status: StatusCode,
+) -> Bytes {
+    let target = req.uri().to_string();
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), status, "{target}");
+    body_bytes(resp).await
+}
+
+async fn download(
+    sender: &mut hyper::client::conn::http1::SendRequest<BoxBody>,
+    path: &str,
+    len: usize,
+) {
+    let body = exchange(sender, request("GET", path, Bytes::new()), StatusCode::OK).await;
+    assert_eq!(body.len(), len, "{path}");
+}
+
+/// One plain HTTP/1.1 caller connection: small and large downloads, an
+/// upload, the TLS data source, and a request for no data source.
+async fn plain_caller(proxy: SocketAddr) -> usize {
+    let stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let mut h1 = h1_over(stream).await;
+    let upload = Bytes::from(vec![b'u'; UPLOAD_LEN]);
+    for _ in 0..ROUNDS {
+        for _ in 0..8 {
+            download(&mut h1, "/plain/1k", 1024).await;
+        }
+        download(&mut h1, "/plain/64k", 64 * 1024).await;
+        let post = request("POST", "/plain/upload", upload.clone());
+        let answer = exchange(&mut h1, post, StatusCode::OK).await;
+        assert_eq!(answer, UPLOAD_LEN.to_string(), "the upload arrived whole");
+        for _ in 0..2 {
+            download(&mut h1, "/secure/1k", 1024).await;
+        }
+        let unknown = request("GET", "/nowhere/x", Bytes::new());
+        let refusal = exchange(&mut h1, unknown, StatusCode::NOT_FOUND).await;
+        assert!(refusal.windows(18).any(|w| w == b"unknown_datasource"));
+    }
+    ROUNDS * 13
+}
+
+/// One TLS HTTP/1.1 caller connection of small downloads.
+async fn tls_caller(tls: SocketAddr, ca: &TestCa) -> usize {
+    let stream = tls_connect(tls, &[ca], None, &[b"http/1.1"])
+        .await
+        .expect("TLS to sealgate");
+    let mut h1 = h1_over(stream).await;
+    for _ in 0..ROUNDS * 4 {
+        download(&mut h1, "/plain/1k", 1024).await;
+    }
+    ROUNDS * 4
+}
+
+/// One TLS HTTP/2 caller connection with four streams at a time.
+async fn h2_caller(tls: SocketAddr, ca: &TestCa) -> usize {
+    let stream = tls_connect(tls, &[ca], None, &[b"h2"])
+        .await
+        .expect("TLS to sealgate");
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let url = format!("https://localhost:{}/plain/1k", tls.port());
+    for _ in 0..ROUNDS {
+        let mut streams = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let mut h2 = h2.clone();
+            let req = Request::get(&url).body(empty()).expect("request");
+            streams.spawn(async move {
+                let resp = h2.send_request(req).await.expect("h2 response");
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(body_bytes(resp).await.len(), 1024);
+            });
+        }
+        while let Some(done) = streams.join_next().await {
+            done.expect("h2 stream");
+        }
+    }
+    ROUNDS * 4
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_kept_alive_load_is_answered_injected_and_audited_request_by_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = Keys::new(dir.path());
+    std::fs::write(dir.path().join("sealgate.toml"), keys.toml("k1")).expect("keys config");
+    let config = dir.path().join("sealgate.toml");
+    let bearer = seal(&config, "plain", "token", BEARER);
+    let api_key = seal(&config, "secure", "value", API_KEY);
+
+    let upstream_ca = TestCa::new("workload upstream CA");
+    upstream_ca.write_pem(&dir.path().join("upstream-ca.pem"));
+    let plain = content_upstream("authorization", format!("Bearer {BEARER}"), None).await;
+    let secure = content_upstream(
+        "x-api-key",
+        API_KEY.to_string(),
+        Some(upstream_ca.server_config(&["localhost"])),
+    )
+    .await;
+
+    let callers_ca = TestCa::new("workload server CA");
+    let (cert, key) = callers_ca.issue(vec![dns("localhost")]);
+    std::fs::write(dir.path().join("server.pem"), cert).expect("server cert");
+    std::fs::write(dir.path().join("server-key.pem"), key).expect("server key");
+    let tls = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut sg = Sealgate::start_in(
+        dir,
+        &format!(
+            "{keys}\n[proxy.tls]\nlisten = [\"{tls}\"]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\n\
+             [datasources.plain]\nurl = \"http://{plain}\"\n\
+             credential = {{ kind = \"bearer\", token = \"{bearer}\" }}\n\
+             [datasources.secure]\nurl = \"https://localhost:{secure}\"\nca_file = \"upstream-ca.pem\"\n\
+             credential = {{ kind = \"header\", name = \"X-API-Key\", value = \"{api_key}\" }}\n",
+            keys = keys.toml("k1"),
+            plain = plain.addr,
+            secure = secure.addr.port(),
+        ),
+    );
+
+    let callers_ca = Arc::new(callers_ca);
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..PLAIN_CONNECTIONS {
+        load.spawn(plain_caller(sg.proxy));
+    }
+    for _ in 0..TLS_CONNECTIONS {
+        let ca = callers_ca.clone();
+        load.spawn(async move { tls_caller(tls, &ca).await });
+    }
+    let ca = callers_ca.clone();
+    load.spawn(async move { h2_caller(tls, &ca).await });
+    let mut answered = 0;
+    while let Some(requests) = load.join_next().await {
+        answered += requests.expect("caller task");
+    }
+
+    let records = sg.audit(answered);
+    assert_eq!(records.len(), answered, "one audit record per request");
+    let upstream_refusals = records.iter().filter(|r| r["status"] == 401).count();
+    assert_eq!(upstream_refusals, 0, "every request carried its credential");
+    sg.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = sg.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "a clean exit writes the training profile"
+    );
+    let audit = std::fs::read_to_string(sg.dir.path().join("audit.log")).unwrap_or_default();
+    let output = format!("{}{}{audit}", sg.stderr(), sg.stdout());
+    for secret in [BEARER, API_KEY] {
+        assert!(
+            !output.contains(secret),
+            "a credential reached sealgate's output"
+        );
+    }
+}
