@@ -10,6 +10,17 @@
 #
 # bench_workdir NAME makes $work, removed at exit, and $pids, whose
 # processes are ended at exit.
+# bench_binary: the build users ship (`./dev.sh release`, profile-guided),
+# or $SEALGATE_BIN, e.g. to compare a plain `cargo build --release`.
+bench_binary() {
+  if [[ -n ${SEALGATE_BIN:-} ]]; then
+    echo "$SEALGATE_BIN"
+    return
+  fi
+  ./dev.sh release >&2
+  echo "$PWD/target/pgo/optimized/release/sealgate"
+}
+
 bench_workdir() {
   work=$(mktemp -d "${TMPDIR:-/tmp}/sealgate-$1.XXXXXX")
   pids=()

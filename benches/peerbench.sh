@@ -14,11 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PEERBENCH=${PEERBENCH:-$PWD/../shared/tools/peerbench/run.sh}
 [[ -x $PEERBENCH || -f $PEERBENCH ]] || { echo "peerbench not found at $PEERBENCH" >&2; exit 1; }
-./dev.sh setup
-cargo build --release --quiet
-SG=$PWD/target/release/sealgate
-
 source benches/bench_setup.sh
+SG=$(bench_binary)
 bench_workdir peerbench
 bench_setup "$work" "$SG"
 

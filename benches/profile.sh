@@ -23,9 +23,8 @@ CALLGRIND=${CALLGRIND:-0}
 for tool in wrk nginx openssl taskset; do
   command -v "$tool" >/dev/null || { echo "profile.sh needs $tool" >&2; exit 1; }
 done
-cargo build --release --quiet
-SG=$PWD/target/release/sealgate
 source benches/bench_setup.sh
+SG=$(bench_binary)
 bench_workdir profile
 chmod 755 "$work" # nginx's workers read the content as another user
 bench_setup "$work" "$SG"

@@ -12,14 +12,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-BIN=${SEALGATE_BIN:-target/release/sealgate}
 SIZE_MIB=${SIZE_MIB:-256}
 SLOW_RATE=${SLOW_RATE:-32M}
 LIMIT_MIB=${LIMIT_MIB:-16}
 
-[[ -x $BIN ]] || { ./dev.sh setup; cargo build --release --quiet; }
-
 source benches/bench_setup.sh
+BIN=$(bench_binary)
 bench_workdir stream-rss
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

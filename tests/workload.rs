@@ -3,7 +3,13 @@
 //! plain and a verified-TLS data source each with a sealed credential,
 //! small and large bodies both ways, and requests sealgate refuses. CI also
 //! runs it against the release binary (`SEALGATE_TEST_BIN`), the build
-//! users ship, whose fat LTO and allocator the debug build never exercises.
+//! users ship, whose profile-guided optimisation, fat LTO and allocator the
+//! debug build never exercises.
+//!
+//! `./dev.sh release` trains that build on this test, so two settings
+//! scale it: `SEALGATE_WORKLOAD_ROUNDS` (default 4) and
+//! `SEALGATE_WORKLOAD_MIX`, `full` (the default) or `downloads`, which
+//! keeps only the plain and TLS HTTP/1.1 downloads the benchmarks measure.
 
 mod common;
 
@@ -23,8 +29,33 @@ const UPLOAD_LEN: usize = 16 * 1024;
 const PLAIN_CONNECTIONS: usize = 8;
 const TLS_CONNECTIONS: usize = 2;
 
-/// Rounds of each caller's request mix, per connection.
-const ROUNDS: usize = 4;
+#[derive(Clone, Copy, PartialEq)]
+enum Mix {
+    Full,
+    Downloads,
+}
+
+struct Load {
+    rounds: usize,
+    mix: Mix,
+}
+
+impl Load {
+    fn from_env() -> Load {
+        let rounds = match std::env::var("SEALGATE_WORKLOAD_ROUNDS") {
+            Ok(n) => n
+                .parse()
+                .expect("SEALGATE_WORKLOAD_ROUNDS is a number of rounds"),
+            Err(_) => 4,
+        };
+        let mix = match std::env::var("SEALGATE_WORKLOAD_MIX").as_deref() {
+            Err(_) | Ok("full") => Mix::Full,
+            Ok("downloads") => Mix::Downloads,
+            Ok(other) => panic!("SEALGATE_WORKLOAD_MIX is full or downloads, not {other:?}"),
+        };
+        Load { rounds, mix }
+    }
+}
 
 /// An upstream that serves `/1k` and `/64k`, answers an upload with its
 /// length, and refuses (401) any request without the credential sealgate
@@ -103,19 +134,23 @@ impl H1Caller {
     }
 }
 
-/// One plain HTTP/1.1 caller connection: small and large downloads, an
-/// upload, the TLS data source, and a request for no data source.
-async fn plain_caller(proxy: SocketAddr) -> usize {
+/// One plain HTTP/1.1 caller connection: small and large downloads and,
+/// in the full mix, an upload, the TLS data source, and a request for no
+/// data source.
+async fn plain_caller(proxy: SocketAddr, load: Arc<Load>) -> usize {
     let stream = tokio::net::TcpStream::connect(proxy)
         .await
         .expect("connect");
     let mut h1 = H1Caller::over(stream).await;
     let upload = Bytes::from(vec![b'u'; UPLOAD_LEN]);
-    for _ in 0..ROUNDS {
+    for _ in 0..load.rounds {
         for _ in 0..8 {
             h1.download("/plain/1k", 1024).await;
         }
         h1.download("/plain/64k", 64 * 1024).await;
+        if load.mix == Mix::Downloads {
+            continue;
+        }
         let answer = h1
             .send(request("POST", "/plain/upload", upload.clone()))
             .await;
@@ -135,19 +170,19 @@ async fn plain_caller(proxy: SocketAddr) -> usize {
 }
 
 /// One TLS HTTP/1.1 caller connection of small downloads.
-async fn tls_caller(tls: SocketAddr, ca: &TestCa) -> usize {
+async fn tls_caller(tls: SocketAddr, ca: &TestCa, load: &Load) -> usize {
     let stream = tls_connect(tls, &[ca], None, &[b"http/1.1"])
         .await
         .expect("TLS to sealgate");
     let mut h1 = H1Caller::over(stream).await;
-    for _ in 0..ROUNDS * 4 {
+    for _ in 0..load.rounds * 4 {
         h1.download("/plain/1k", 1024).await;
     }
     h1.sent
 }
 
 /// One TLS HTTP/2 caller connection with four streams at a time.
-async fn h2_caller(tls: SocketAddr, ca: &TestCa) -> usize {
+async fn h2_caller(tls: SocketAddr, ca: &TestCa, load: &Load) -> usize {
     let stream = tls_connect(tls, &[ca], None, &[b"h2"])
         .await
         .expect("TLS to sealgate");
@@ -158,7 +193,7 @@ async fn h2_caller(tls: SocketAddr, ca: &TestCa) -> usize {
     tokio::spawn(conn);
     let url = format!("https://localhost:{}/plain/1k", tls.port());
     let mut answered = 0;
-    for _ in 0..ROUNDS {
+    for _ in 0..load.rounds {
         let mut streams = tokio::task::JoinSet::new();
         for _ in 0..4 {
             let mut h2 = h2.clone();
@@ -216,18 +251,21 @@ async fn a_mixed_kept_alive_load_is_answered_injected_and_audited_request_by_req
     );
 
     let callers_ca = Arc::new(callers_ca);
-    let mut load = tokio::task::JoinSet::new();
+    let load = Arc::new(Load::from_env());
+    let mut callers = tokio::task::JoinSet::new();
     for _ in 0..PLAIN_CONNECTIONS {
-        load.spawn(plain_caller(sg.proxy));
+        callers.spawn(plain_caller(sg.proxy, load.clone()));
     }
     for _ in 0..TLS_CONNECTIONS {
-        let ca = callers_ca.clone();
-        load.spawn(async move { tls_caller(tls, &ca).await });
+        let (ca, load) = (callers_ca.clone(), load.clone());
+        callers.spawn(async move { tls_caller(tls, &ca, &load).await });
     }
-    let ca = callers_ca.clone();
-    load.spawn(async move { h2_caller(tls, &ca).await });
+    if load.mix == Mix::Full {
+        let (ca, load) = (callers_ca.clone(), load.clone());
+        callers.spawn(async move { h2_caller(tls, &ca, &load).await });
+    }
     let mut answered = 0;
-    while let Some(requests) = load.join_next().await {
+    while let Some(requests) = callers.join_next().await {
         answered += requests.expect("caller task");
     }
 
