@@ -38,6 +38,15 @@ profdata_tool() {
 # fat-LTO step run past 20 minutes (docs/BENCHMARKS.md).
 release_pgo() {
   local profdata pgo instrumented
+  # train MIX ROUNDS: the workload test against the instrumented build,
+  # its profile merged into $pgo/MIX.profdata.
+  train() {
+    rm -rf "${pgo:?}/$1"
+    LLVM_PROFILE_FILE="$pgo/$1/%p-%m.profraw" SEALGATE_TEST_BIN="$instrumented" \
+      SEALGATE_WORKLOAD_MIX=$1 SEALGATE_WORKLOAD_ROUNDS=$2 \
+      cargo test --locked --test workload -- --quiet
+    "$profdata" merge -o "$pgo/$1.profdata" "$pgo/$1"
+  }
   profdata=$(profdata_tool)
   pgo="$PWD/target/pgo"
   instrumented="$pgo/instrumented/release/sealgate"
@@ -46,13 +55,6 @@ release_pgo() {
   # rustc tracks the profile: a new one rebuilds every crate, so train
   # again only when the instrumented binary changed.
   if [[ ! $pgo/sealgate.profdata -nt $instrumented ]]; then
-    train() {
-      rm -rf "${pgo:?}/$1"
-      LLVM_PROFILE_FILE="$pgo/$1/%p-%m.profraw" SEALGATE_TEST_BIN="$instrumented" \
-        SEALGATE_WORKLOAD_MIX=$1 SEALGATE_WORKLOAD_ROUNDS=$2 \
-        cargo test --locked --test workload -- --quiet
-      "$profdata" merge -o "$pgo/$1.profdata" "$pgo/$1"
-    }
     train downloads 300
     train full 100
     "$profdata" merge -o "$pgo/sealgate.profdata" \
