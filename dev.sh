@@ -4,8 +4,9 @@
 #   ./dev.sh test   run the whole test suite
 # Both first install what a fresh machine lacks: pingora's zlib-ng build
 # needs cmake.
-#   ./dev.sh release  the build to ship, profile-guided (about 12 min on
-#                     2 cores): target/pgo/optimized/release/sealgate
+#   ./dev.sh release    the build to ship, profile-guided (about 5 min on
+#                       2 cores): target/pgo/optimized/release/sealgate
+#   ./dev.sh pgo-train  retrain pgo/sealgate.profdata (see pgo_train)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -29,40 +30,44 @@ profdata_tool() {
   echo "$tool"
 }
 
-# Profile-guided release build. An instrumented build runs tests/workload.rs
-# twice: the benchmarks' downloads, long, and every path the workload test
-# covers, short. The downloads profile is weighted 20 to 1, so LLVM
-# optimises the benchmarked request path hardest, lays it out together, and
-# still treats HTTP/2, TLS data sources, uploads and refusals as warm rather
-# than cold code to be optimised for size. A profile weighted evenly made the
-# fat-LTO step run past 20 minutes (docs/BENCHMARKS.md).
-release_pgo() {
+# The release build is profile-guided, from the profile committed in
+# pgo/sealgate.profdata, so that one commit always gives the same build in
+# the same time. Training on every build does not: two trainings of the
+# same code, 99.9% alike, built in 4.5 min and in over 25 min (LLVM's SLP
+# vectoriser, then register-allocation liveness, on one function;
+# docs/BENCHMARKS.md). CI's timeout catches a profile that does that.
+release_build() {
+  RUSTFLAGS="-Cprofile-use=$PWD/pgo/sealgate.profdata" \
+    cargo build --release --locked --bin sealgate --target-dir target/pgo/optimized
+  echo "dev.sh: profile-guided build: $PWD/target/pgo/optimized/release/sealgate" >&2
+}
+
+# Retrain after changing the request path: an instrumented build runs
+# tests/workload.rs twice, the benchmarks' downloads (long) and every path
+# the test covers (short), and the two profiles are merged 20 to 1. LLVM
+# then optimises the benchmarked path hardest and still treats HTTP/2, TLS
+# data sources, uploads and refusals as warm, not as cold code to be
+# optimised for size. A profile weighted evenly made the build run past
+# 20 minutes. Check that `./dev.sh release` still builds in minutes, and
+# measure before committing the new profile.
+pgo_train() {
   local profdata pgo instrumented
-  # train MIX ROUNDS: the workload test against the instrumented build,
-  # its profile merged into $pgo/MIX.profdata.
-  train() {
-    rm -rf "${pgo:?}/$1"
-    LLVM_PROFILE_FILE="$pgo/$1/%p-%m.profraw" SEALGATE_TEST_BIN="$instrumented" \
-      SEALGATE_WORKLOAD_MIX=$1 SEALGATE_WORKLOAD_ROUNDS=$2 \
-      cargo test --locked --test workload -- --quiet
-    "$profdata" merge -o "$pgo/$1.profdata" "$pgo/$1"
-  }
   profdata=$(profdata_tool)
   pgo="$PWD/target/pgo"
   instrumented="$pgo/instrumented/release/sealgate"
   RUSTFLAGS="-Cprofile-generate=$pgo/build-scripts" \
     cargo build --release --locked --bin sealgate --target-dir "$pgo/instrumented"
-  # rustc tracks the profile: a new one rebuilds every crate, so train
-  # again only when the instrumented binary changed.
-  if [[ ! $pgo/sealgate.profdata -nt $instrumented ]]; then
-    train downloads 300
-    train full 100
-    "$profdata" merge -o "$pgo/sealgate.profdata" \
-      --weighted-input=20,"$pgo/downloads.profdata" --weighted-input=1,"$pgo/full.profdata"
-  fi
-  RUSTFLAGS="-Cprofile-use=$pgo/sealgate.profdata" \
-    cargo build --release --locked --bin sealgate --target-dir "$pgo/optimized"
-  echo "dev.sh: profile-guided build: $pgo/optimized/release/sealgate" >&2
+  for run in downloads:300 full:100; do
+    local mix=${run%:*} rounds=${run#*:}
+    rm -rf "${pgo:?}/$mix"
+    LLVM_PROFILE_FILE="$pgo/$mix/%p-%m.profraw" SEALGATE_TEST_BIN="$instrumented" \
+      SEALGATE_WORKLOAD_MIX=$mix SEALGATE_WORKLOAD_ROUNDS=$rounds \
+      cargo test --locked --test workload -- --quiet
+    "$profdata" merge -o "$pgo/$mix.profdata" "$pgo/$mix"
+  done
+  "$profdata" merge -o pgo/sealgate.profdata \
+    --weighted-input=20,"$pgo/downloads.profdata" --weighted-input=1,"$pgo/full.profdata"
+  echo "dev.sh: new profile in pgo/sealgate.profdata; now ./dev.sh release" >&2
 }
 
 case "${1:-}" in
@@ -76,13 +81,17 @@ case "${1:-}" in
     ;;
   release)
     ensure_build_tools
-    release_pgo
+    release_build
+    ;;
+  pgo-train)
+    ensure_build_tools
+    pgo_train
     ;;
   setup)
     ensure_build_tools
     ;;
   *)
-    echo "usage: ./dev.sh demo | test | release | setup" >&2
+    echo "usage: ./dev.sh demo | test | release | pgo-train | setup" >&2
     exit 2
     ;;
 esac

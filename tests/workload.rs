@@ -6,8 +6,8 @@
 //! users ship, whose profile-guided optimisation, fat LTO and allocator the
 //! debug build never exercises.
 //!
-//! `./dev.sh release` trains that build on this test, so two settings
-//! scale it: `SEALGATE_WORKLOAD_ROUNDS` (default 4) and
+//! `./dev.sh pgo-train` trains that build's profile on this test, so two
+//! settings scale it: `SEALGATE_WORKLOAD_ROUNDS` (default 4) and
 //! `SEALGATE_WORKLOAD_MIX`, `full` (the default) or `downloads`, which
 //! keeps only the plain and TLS HTTP/1.1 downloads the benchmarks measure.
 
