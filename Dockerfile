@@ -12,7 +12,7 @@ COPY src ./src
 COPY benches ./benches
 COPY pgo ./pgo
 # Profile-guided, from the committed profile (about 5 min on 2 cores).
-RUN ./dev.sh release && cp target/pgo/optimized/release/sealgate /sealgate
+RUN cp "$(./dev.sh release)" /sealgate
 
 # distroless/cc: glibc, CA certificates, no shell, runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -5,7 +5,7 @@
 # Both first install what a fresh machine lacks: pingora's zlib-ng build
 # needs cmake.
 #   ./dev.sh release    the build to ship, profile-guided (about 5 min on
-#                       2 cores): target/pgo/optimized/release/sealgate
+#                       2 cores); prints the binary's path on stdout
 #   ./dev.sh pgo-train  retrain pgo/sealgate.profdata (see pgo_train)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -32,14 +32,15 @@ profdata_tool() {
 
 # The release build is profile-guided, from the profile committed in
 # pgo/sealgate.profdata, so that one commit always gives the same build in
-# the same time. Training on every build does not: two trainings of the
-# same code, 99.9% alike, built in 4.5 min and in over 25 min (LLVM's SLP
-# vectoriser, then register-allocation liveness, on one function;
-# docs/BENCHMARKS.md). CI's timeout catches a profile that does that.
+# the same time. Training on every build does not: of two trainings of the
+# same code, 99.9% alike, one built in 5 min and the other was still in
+# LLVM (SLP vectoriser, then register-allocation liveness, on one function)
+# after 10 (docs/BENCHMARKS.md). CI's timeout catches a profile like that.
+# cargo writes to stderr, so stdout carries only the binary's path.
 release_build() {
   RUSTFLAGS="-Cprofile-use=$PWD/pgo/sealgate.profdata" \
     cargo build --release --locked --bin sealgate --target-dir target/pgo/optimized
-  echo "dev.sh: profile-guided build: $PWD/target/pgo/optimized/release/sealgate" >&2
+  echo "$PWD/target/pgo/optimized/release/sealgate"
 }
 
 # Retrain after changing the request path: an instrumented build runs
@@ -47,8 +48,8 @@ release_build() {
 # the test covers (short), and the two profiles are merged 20 to 1. LLVM
 # then optimises the benchmarked path hardest and still treats HTTP/2, TLS
 # data sources, uploads and refusals as warm, not as cold code to be
-# optimised for size. A profile weighted evenly made the build run past
-# 20 minutes. Check that `./dev.sh release` still builds in minutes, and
+# optimised for size. A profile of the full mix alone made the build run
+# past 20 minutes. Check that `./dev.sh release` still builds in minutes, and
 # measure before committing the new profile.
 pgo_train() {
   local profdata pgo instrumented

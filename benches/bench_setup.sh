@@ -7,20 +7,19 @@
 # start.sh runs, is put before the sealgate command (e.g. valgrind).
 #   proxy 127.0.0.1:18083, TLS 127.0.0.1:18444, admin 127.0.0.1:18990,
 #   data source "bench" (paths /bench/...), upstream 127.0.0.1:18080.
-#
-# bench_workdir NAME makes $work, removed at exit, and $pids, whose
-# processes are ended at exit.
+
 # bench_binary: the build users ship (`./dev.sh release`, profile-guided),
 # or $SEALGATE_BIN, e.g. to compare a plain `cargo build --release`.
 bench_binary() {
   if [[ -n ${SEALGATE_BIN:-} ]]; then
     echo "$SEALGATE_BIN"
-    return
+  else
+    ./dev.sh release
   fi
-  ./dev.sh release >&2
-  echo "$PWD/target/pgo/optimized/release/sealgate"
 }
 
+# bench_workdir NAME makes $work, removed at exit, and $pids, whose
+# processes are ended at exit.
 bench_workdir() {
   work=$(mktemp -d "${TMPDIR:-/tmp}/sealgate-$1.XXXXXX")
   pids=()

@@ -35,6 +35,7 @@ enum Mix {
     Downloads,
 }
 
+#[derive(Clone, Copy)]
 struct Load {
     rounds: usize,
     mix: Mix,
@@ -137,7 +138,7 @@ impl H1Caller {
 /// One plain HTTP/1.1 caller connection: small and large downloads and,
 /// in the full mix, an upload, the TLS data source, and a request for no
 /// data source.
-async fn plain_caller(proxy: SocketAddr, load: Arc<Load>) -> usize {
+async fn plain_caller(proxy: SocketAddr, load: Load) -> usize {
     let stream = tokio::net::TcpStream::connect(proxy)
         .await
         .expect("connect");
@@ -170,7 +171,7 @@ async fn plain_caller(proxy: SocketAddr, load: Arc<Load>) -> usize {
 }
 
 /// One TLS HTTP/1.1 caller connection of small downloads.
-async fn tls_caller(tls: SocketAddr, ca: &TestCa, load: &Load) -> usize {
+async fn tls_caller(tls: SocketAddr, ca: &TestCa, load: Load) -> usize {
     let stream = tls_connect(tls, &[ca], None, &[b"http/1.1"])
         .await
         .expect("TLS to sealgate");
@@ -182,7 +183,7 @@ async fn tls_caller(tls: SocketAddr, ca: &TestCa, load: &Load) -> usize {
 }
 
 /// One TLS HTTP/2 caller connection with four streams at a time.
-async fn h2_caller(tls: SocketAddr, ca: &TestCa, load: &Load) -> usize {
+async fn h2_caller(tls: SocketAddr, ca: &TestCa, load: Load) -> usize {
     let stream = tls_connect(tls, &[ca], None, &[b"h2"])
         .await
         .expect("TLS to sealgate");
@@ -251,18 +252,18 @@ async fn a_mixed_kept_alive_load_is_answered_injected_and_audited_request_by_req
     );
 
     let callers_ca = Arc::new(callers_ca);
-    let load = Arc::new(Load::from_env());
+    let load = Load::from_env();
     let mut callers = tokio::task::JoinSet::new();
     for _ in 0..PLAIN_CONNECTIONS {
-        callers.spawn(plain_caller(sg.proxy, load.clone()));
+        callers.spawn(plain_caller(sg.proxy, load));
     }
     for _ in 0..TLS_CONNECTIONS {
-        let (ca, load) = (callers_ca.clone(), load.clone());
-        callers.spawn(async move { tls_caller(tls, &ca, &load).await });
+        let ca = callers_ca.clone();
+        callers.spawn(async move { tls_caller(tls, &ca, load).await });
     }
     if load.mix == Mix::Full {
-        let (ca, load) = (callers_ca.clone(), load.clone());
-        callers.spawn(async move { h2_caller(tls, &ca, &load).await });
+        let ca = callers_ca.clone();
+        callers.spawn(async move { h2_caller(tls, &ca, load).await });
     }
     let mut answered = 0;
     while let Some(requests) = callers.join_next().await {
