@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The two quick-start commands, and what CI runs.
-#   ./dev.sh demo   build sealgate and run its built-in demo (loopback only)
-#   ./dev.sh test   run the whole test suite
-# Both first install what a fresh machine lacks: pingora's zlib-ng build
-# needs cmake.
+#   ./dev.sh demo       build sealgate and run its built-in demo (loopback only)
+#   ./dev.sh test       run the whole test suite
 #   ./dev.sh release    the build to ship, profile-guided (about 5 min on
 #                       2 cores); prints the binary's path on stdout
 #   ./dev.sh pgo-train  retrain pgo/sealgate.profdata (see pgo_train)
+# Each first installs what a fresh machine lacks: pingora's zlib-ng build
+# needs cmake.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 

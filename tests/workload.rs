@@ -126,12 +126,19 @@ impl H1Caller {
         self.sender.send_request(req).await.expect("response")
     }
 
-    /// Checks status and length, and reads the body to the end, as a
-    /// kept-alive connection needs.
+    /// Checks the status and reads the body to the end, as a kept-alive
+    /// connection needs.
+    async fn exchange(&mut self, req: Request<BoxBody>, status: StatusCode) -> Bytes {
+        let target = req.uri().to_string();
+        let resp = self.send(req).await;
+        assert_eq!(resp.status(), status, "{target}");
+        body_bytes(resp).await
+    }
+
     async fn download(&mut self, path: &str, len: usize) {
-        let resp = self.send(request("GET", path, Bytes::new())).await;
-        assert_eq!(resp.status(), StatusCode::OK, "{path}");
-        assert_eq!(body_bytes(resp).await.len(), len, "{path}");
+        let get = request("GET", path, Bytes::new());
+        let body = self.exchange(get, StatusCode::OK).await;
+        assert_eq!(body.len(), len, "{path}");
     }
 }
 
@@ -152,15 +159,9 @@ async fn plain_caller(proxy: SocketAddr, load: Load) -> usize {
         if load.mix == Mix::Downloads {
             continue;
         }
-        let answer = h1
-            .send(request("POST", "/plain/upload", upload.clone()))
-            .await;
-        assert_eq!(answer.status(), StatusCode::OK);
-        assert_eq!(
-            body_bytes(answer).await,
-            UPLOAD_LEN.to_string(),
-            "the upload arrived whole"
-        );
+        let post = request("POST", "/plain/upload", upload.clone());
+        let answer = h1.exchange(post, StatusCode::OK).await;
+        assert_eq!(answer, UPLOAD_LEN.to_string(), "the upload arrived whole");
         for _ in 0..2 {
             h1.download("/secure/1k", 1024).await;
         }
