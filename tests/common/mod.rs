@@ -196,11 +196,9 @@ impl Sealgate {
     pub fn audit(&self, min: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let text =
-                std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
-            let records: Vec<serde_json::Value> = text
-                .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit line is JSON"))
+            let records: Vec<serde_json::Value> = self
+                .audit_trail()
+                .into_iter()
                 .filter(|r| r.get("event").is_none())
                 .collect();
             if records.len() >= min || Instant::now() > deadline {
@@ -212,11 +210,21 @@ impl Sealgate {
 
     /// The configuration events of the audit trail (start, reload, drain).
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("audit.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        self.audit_trail()
+            .into_iter()
             .filter(|r| r.get("event").is_some())
+            .collect()
+    }
+
+    /// Every complete line of the audit file, read while sealgate may still
+    /// be writing it. A large write reaches the page cache a page at a time,
+    /// so a reader can catch the last record half-written; like a log
+    /// shipper, this takes only the lines that already end in a newline.
+    fn audit_trail(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        text.split_inclusive('\n')
+            .filter_map(|line| line.strip_suffix('\n'))
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
             .collect()
     }
 
