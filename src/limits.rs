@@ -56,15 +56,16 @@ pub fn awaiting_next_head() {
 pub struct HeadDeadline<A> {
     inner: Arc<A>,
     timeout: Duration,
-    shared: Arc<Shared>,
+    /// `sealgate_downstream_closed_total{reason="head_timeout"}`.
+    closed: IntCounter,
 }
 
 impl<A> HeadDeadline<A> {
-    pub fn new(inner: A, timeout: Duration, shared: Arc<Shared>) -> Self {
+    pub fn new(inner: A, timeout: Duration, closed: IntCounter) -> Self {
         HeadDeadline {
             inner: Arc::new(inner),
             timeout,
-            shared,
+            closed,
         }
     }
 }
@@ -87,11 +88,13 @@ where
                 tokio::select! {
                     biased;
                     reused = self.inner.process_new(stream, shutdown) => reused,
-                    () = head_overdue(self.timeout) => {
-                        // Dropping the work closes the connection.
-                        self.shared.metrics.downstream_closed(CloseReason::HeadTimeout).inc();
-                        None
-                    }
+                    // Counted inside the branch: select drops the work, and
+                    // so closes the connection, before any handler runs,
+                    // and whoever sees the close must find it counted.
+                    () = async {
+                        head_overdue(self.timeout).await;
+                        self.closed.inc();
+                    } => None,
                 }
             })
             .await
@@ -395,5 +398,59 @@ impl AsyncWrite for Closed {
 impl VirtualSocket for Closed {
     fn set_socket_option(&self, _: VirtualSockOpt) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Never answers; when its work is dropped, which closes the
+    /// connection, it notes how many head timeouts had been counted.
+    struct NeverAnswers {
+        closed: IntCounter,
+        counted_at_close: Arc<Mutex<Option<u64>>>,
+    }
+
+    struct CloseProbe<'a>(&'a NeverAnswers);
+
+    impl Drop for CloseProbe<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut counted) = self.0.counted_at_close.lock() {
+                *counted = Some(self.0.closed.get());
+            }
+        }
+    }
+
+    #[async_trait]
+    impl ServerApp for NeverAnswers {
+        async fn process_new(
+            self: &Arc<Self>,
+            _stream: Stream,
+            _shutdown: &ShutdownWatch,
+        ) -> Option<Stream> {
+            let _probe = CloseProbe(self);
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_timeout_is_counted_before_the_connection_closes() {
+        let closed = IntCounter::new("head_timeouts", "test").unwrap();
+        let counted_at_close = Arc::new(Mutex::new(None));
+        let app = Arc::new(HeadDeadline::new(
+            NeverAnswers {
+                closed: closed.clone(),
+                counted_at_close: counted_at_close.clone(),
+            },
+            Duration::from_millis(20),
+            closed.clone(),
+        ));
+        let stream: Stream = Box::new(L4Stream::from(VirtualSocketStream::new(Box::new(Closed))));
+        let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
+
+        assert!(app.process_new(stream, &shutdown).await.is_none());
+        assert_eq!(*counted_at_close.lock().unwrap(), Some(1));
+        assert_eq!(closed.get(), 1);
     }
 }

@@ -17,7 +17,7 @@ use crate::admin::AdminService;
 use crate::audit::{AuditLog, Event};
 use crate::config::Config;
 use crate::limits::{ConnectionCap, HandshakeDeadline, Handshakes, HeadDeadline};
-use crate::metrics::Metrics;
+use crate::metrics::{CloseReason, Metrics};
 use crate::proxy::SealgateProxy;
 use crate::state::{Shared, TlsHandles};
 use crate::tls::IdentityCallback;
@@ -183,7 +183,14 @@ impl Limits {
         options.h2_idle_timeout = Some(self.idle_timeout);
         app.server_options = Some(options);
         ConnectionCap::new(
-            HeadDeadline::new(app, self.header_timeout, shared.clone()),
+            HeadDeadline::new(
+                app,
+                self.header_timeout,
+                shared
+                    .metrics
+                    .downstream_closed(CloseReason::HeadTimeout)
+                    .clone(),
+            ),
             self.permits.clone(),
             shared.clone(),
         )
