@@ -26,9 +26,6 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task;
 
-use crate::metrics::CloseReason;
-use crate::state::Shared;
-
 tokio::task_local! {
     /// Since when the connection has been waiting for a request head;
     /// `None` while one of its requests is being served.
@@ -129,15 +126,16 @@ async fn head_overdue(timeout: Duration) {
 pub struct ConnectionCap<A> {
     inner: Arc<A>,
     permits: Arc<tokio::sync::Semaphore>,
-    shared: Arc<Shared>,
+    /// `sealgate_downstream_closed_total{reason="connection_limit"}`.
+    closed: IntCounter,
 }
 
 impl<A> ConnectionCap<A> {
-    pub fn new(inner: A, permits: Arc<tokio::sync::Semaphore>, shared: Arc<Shared>) -> Self {
+    pub fn new(inner: A, permits: Arc<tokio::sync::Semaphore>, closed: IntCounter) -> Self {
         ConnectionCap {
             inner: Arc::new(inner),
             permits,
-            shared,
+            closed,
         }
     }
 }
@@ -153,10 +151,7 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
-            self.shared
-                .metrics
-                .downstream_closed(CloseReason::ConnectionLimit)
-                .inc();
+            self.closed.inc();
             return None;
         };
         self.inner.process_new(stream, shutdown).await
@@ -204,15 +199,16 @@ impl Handshakes {
 pub struct HandshakeDeadline {
     timeout: Duration,
     handshakes: Arc<Handshakes>,
-    shared: Arc<Shared>,
+    /// `sealgate_downstream_closed_total{reason="tls_handshake_timeout"}`.
+    closed: IntCounter,
 }
 
 impl HandshakeDeadline {
-    pub fn new(timeout: Duration, handshakes: Arc<Handshakes>, shared: Arc<Shared>) -> Self {
+    pub fn new(timeout: Duration, handshakes: Arc<Handshakes>, closed: IntCounter) -> Self {
         HandshakeDeadline {
             timeout,
             handshakes,
-            shared,
+            closed,
         }
     }
 }
@@ -234,11 +230,7 @@ impl PreTlsProcess for HandshakeDeadline {
             finished: self.handshakes.begin(task),
             task,
             handshakes: self.handshakes.clone(),
-            timeouts: self
-                .shared
-                .metrics
-                .downstream_closed(CloseReason::TlsHandshakeTimeout)
-                .clone(),
+            timeouts: self.closed.clone(),
         };
         let mut outer = L4Stream::from(VirtualSocketStream::new(Box::new(guarded)));
         // The peer address and the like are still read from the real socket,

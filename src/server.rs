@@ -131,7 +131,10 @@ pub fn serve(config: Config) -> Result<(), StartError> {
             .set_pre_tls_callback(Arc::new(HandshakeDeadline::new(
                 tls.handshake_timeout,
                 handshakes,
-                shared.clone(),
+                shared
+                    .metrics
+                    .downstream_closed(CloseReason::TlsHandshakeTimeout)
+                    .clone(),
             )));
     }
     server.add_service(proxy);
@@ -182,17 +185,11 @@ impl Limits {
         let mut options = HttpServerOptions::default();
         options.h2_idle_timeout = Some(self.idle_timeout);
         app.server_options = Some(options);
+        let closed = |reason| shared.metrics.downstream_closed(reason).clone();
         ConnectionCap::new(
-            HeadDeadline::new(
-                app,
-                self.header_timeout,
-                shared
-                    .metrics
-                    .downstream_closed(CloseReason::HeadTimeout)
-                    .clone(),
-            ),
+            HeadDeadline::new(app, self.header_timeout, closed(CloseReason::HeadTimeout)),
             self.permits.clone(),
-            shared.clone(),
+            closed(CloseReason::ConnectionLimit),
         )
     }
 }
