@@ -224,7 +224,7 @@ impl Sealgate {
         let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
         text.split_inclusive('\n')
             .filter_map(|line| line.strip_suffix('\n'))
-            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .map(|line| serde_json::from_str(line).expect("audit line is JSON"))
             .collect()
     }
 
