@@ -24,6 +24,15 @@ fn write_config(dir: &std::path::Path, text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The harness's ports, which every test here starts sealgate on: a port
+/// handed out twice puts two listeners on one port, a config error.
+#[test]
+fn the_harness_never_hands_out_a_port_twice() {
+    let ports: Vec<u16> = (0..1000).map(|_| free_port()).collect();
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+}
+
 #[test]
 fn run_exits_1_at_once_when_a_listener_port_is_taken() {
     let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();

@@ -2,11 +2,12 @@
 //! servers on loopback, and talks to it over real sockets.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,11 +29,22 @@ pub static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// unlike a port that was free a moment ago, no parallel test can take it.
 pub const REFUSING_PORT: u16 = 1;
 
+/// A loopback port free right now, and never the same one twice in a test
+/// binary. The kernel hands out ports it gave before once they are let go
+/// (38 repeats in 1,000 binds here), and two of sealgate's listeners on one
+/// port are a config error, which the launch retry rightly does not retry.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A running sealgate with its own temp dir, config and captured output.
@@ -531,8 +543,8 @@ pub async fn echo_upstream() -> Upstream {
 /// An upstream that keeps what it received (headers and target) for the
 /// test to inspect, and answers a fixed body: unlike the echo upstream it
 /// never sends a credential back.
-pub async fn recording_upstream() -> (Upstream, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+pub async fn recording_upstream() -> (Upstream, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
     let up = upstream(
         handler(move |req: Request<Incoming>| {
