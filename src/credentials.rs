@@ -1,6 +1,7 @@
 //! Credentials injected at the edge. Each is opened once at load; per
 //! request, injecting it is a reference-count bump (the header value shares
-//! zeroizing memory) and redacting responses is a substring scan.
+//! zeroizing memory) and redacting responses is a substring scan for the
+//! forms made at load (`echoes`).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -10,10 +11,8 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 use pingora::http::{RequestHeader, ResponseHeader};
 use zeroize::Zeroizing;
 
+use crate::echoes::Echoes;
 use crate::secrets::Secret;
-
-/// What a response header echoing the credential shows instead.
-pub const REDACTED: &str = "[redacted]";
 
 /// RFC 3986 unreserved characters stay as they are; everything else in a
 /// query name or value is percent-encoded.
@@ -97,8 +96,8 @@ pub struct Credential {
     pub username: Option<String>,
     pub name: Option<String>,
     injection: Injection,
-    /// Every form in which the secret could come back in a response header.
-    needles: Vec<Bytes>,
+    /// Every form in which the secret could come back in a response head.
+    echoes: Echoes,
 }
 
 impl std::fmt::Debug for Credential {
@@ -136,6 +135,7 @@ fn sensitive_header_value(bytes: Vec<u8>) -> Result<HeaderValue, String> {
 impl Credential {
     pub fn bearer(token: &Secret) -> Result<Credential, String> {
         let value = sensitive_header_value(joined(&[b"Bearer ", token.expose().as_bytes()]))?;
+        let echoes = Echoes::of(&[token.expose().as_bytes(), value.as_bytes()]);
         Ok(Credential {
             kind: CredentialKind::Bearer,
             username: None,
@@ -144,7 +144,7 @@ impl Credential {
                 name: Bytes::from_static(b"Authorization"),
                 value,
             },
-            needles: vec![zeroizing_bytes(token.expose().as_bytes().to_vec())],
+            echoes,
         })
     }
 
@@ -159,6 +159,12 @@ impl Credential {
         ]));
         let encoded = Zeroizing::new(STANDARD.encode(&*pair));
         let value = sensitive_header_value(joined(&[b"Basic ", encoded.as_bytes()]))?;
+        let echoes = Echoes::of(&[
+            password.expose().as_bytes(),
+            &pair,
+            encoded.as_bytes(),
+            value.as_bytes(),
+        ]);
         Ok(Credential {
             kind: CredentialKind::Basic,
             username: Some(username.to_string()),
@@ -167,10 +173,7 @@ impl Credential {
                 name: Bytes::from_static(b"Authorization"),
                 value,
             },
-            needles: vec![
-                zeroizing_bytes(password.expose().as_bytes().to_vec()),
-                zeroizing_bytes(encoded.as_bytes().to_vec()),
-            ],
+            echoes,
         })
     }
 
@@ -188,7 +191,7 @@ impl Credential {
                 name: Bytes::copy_from_slice(header_name.as_str().as_bytes()),
                 value: sensitive_header_value(value.expose().as_bytes().to_vec())?,
             },
-            needles: vec![zeroizing_bytes(value.expose().as_bytes().to_vec())],
+            echoes: Echoes::of(&[value.expose().as_bytes()]),
         })
     }
 
@@ -201,10 +204,7 @@ impl Credential {
         encoded_value.extend(utf8_percent_encode(value.expose(), QUERY_COMPONENT));
         let encoded_name = utf8_percent_encode(name, QUERY_COMPONENT).to_string();
         let pair = joined(&[encoded_name.as_bytes(), b"=", encoded_value.as_bytes()]);
-        let mut needles = vec![zeroizing_bytes(value.expose().as_bytes().to_vec())];
-        if encoded_value.as_str() != value.expose() {
-            needles.push(zeroizing_bytes(encoded_value.as_bytes().to_vec()));
-        }
+        let echoes = Echoes::of(&[value.expose().as_bytes(), &pair]);
         Ok(Credential {
             kind: CredentialKind::Query,
             username: None,
@@ -213,7 +213,7 @@ impl Credential {
                 name: name.to_string(),
                 pair: zeroizing_bytes(pair),
             },
-            needles,
+            echoes,
         })
     }
 
@@ -257,70 +257,22 @@ impl Credential {
         Some(query)
     }
 
-    fn reveals_secret(&self, value: &HeaderValue) -> bool {
-        self.needles.iter().any(|n| contains(value.as_bytes(), n))
+    /// Redacts every part of a response head that carries the secret
+    /// (`Echoes::redact_head`); returns how many did.
+    pub fn redact(&self, resp: &mut ResponseHeader) -> pingora::Result<u64> {
+        self.echoes.redact_head(resp)
     }
 
-    /// Replaces every response header value that contains the secret,
-    /// keeping the other values of a repeated header.
-    pub fn redact(&self, resp: &mut ResponseHeader) -> pingora::Result<()> {
-        let names: Vec<HeaderName> = resp
-            .headers
-            .iter()
-            .filter(|(_, v)| self.reveals_secret(v))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
-            let values: Vec<HeaderValue> = resp
-                .headers
-                .get_all(&name)
-                .iter()
-                .map(|v| {
-                    if self.reveals_secret(v) {
-                        HeaderValue::from_static(REDACTED)
-                    } else {
-                        v.clone()
-                    }
-                })
-                .collect();
-            resp.remove_header(&name);
-            for value in values {
-                resp.append_header(name.clone(), value)?;
-            }
-        }
-        Ok(())
+    /// The same for response trailers.
+    pub fn redact_trailers(&self, trailers: &mut http::HeaderMap) -> u64 {
+        self.echoes.redact_trailers(trailers)
     }
-}
-
-/// Whether `needle` occurs in `haystack`. Header values are short, and
-/// building a `memmem` searcher per value cost more than scanning them;
-/// a precomputed searcher would keep an unzeroised copy of the secret.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, _)) = needle.split_first() else {
-        return true;
-    };
-    let Some(last_start) = haystack.len().checked_sub(needle.len()) else {
-        return false;
-    };
-    memchr::memchr_iter(first, &haystack[..=last_start])
-        .any(|at| &haystack[at..at + needle.len()] == needle)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn contains_finds_the_needle_anywhere_and_nothing_else() {
-        assert!(contains(b"Bearer s3cret", b"s3cret"));
-        assert!(contains(b"s3cret; Path=/", b"s3cret"));
-        assert!(contains(b"ss3cret", b"s3cret"));
-        assert!(contains(b"s3cret", b"s3cret"));
-        assert!(!contains(b"s3cre", b"s3cret"));
-        assert!(!contains(b"s3cres3creT", b"s3cret"));
-        assert!(!contains(b"", b"s3cret"));
-        assert!(contains(b"anything", b""));
-    }
+    use crate::echoes::REDACTED;
 
     fn secret(s: &str) -> Secret {
         Secret::new(Zeroizing::new(s.to_string())).unwrap()
@@ -403,7 +355,7 @@ mod tests {
         resp.append_header("content-type", "text/plain").unwrap();
         resp.append_header("link", "<https://x/pw-123>").unwrap();
         resp.append_header("link", "<https://x/ok>").unwrap();
-        c.redact(&mut resp).unwrap();
+        assert_eq!(c.redact(&mut resp).unwrap(), 3);
         assert_eq!(resp.headers["location"], REDACTED);
         let links: Vec<_> = resp.headers.get_all("link").iter().collect();
         assert_eq!(links, [REDACTED, "<https://x/ok>"]);

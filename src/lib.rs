@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod demo;
+pub mod echoes;
 pub mod egress;
 pub mod errors;
 pub mod keytool;

@@ -115,6 +115,7 @@ pub struct Metrics {
     pub no_datasource: DataSourceSeries,
     pub audit_dropped: IntCounter,
     pub tls_cert_expiry: GaugeVec,
+    pub secrets_scrubbed: IntCounterVec,
 }
 
 impl Metrics {
@@ -201,6 +202,13 @@ impl Metrics {
             ),
             &["listener"],
         )?;
+        let secrets_scrubbed = IntCounterVec::new(
+            Opts::new(
+                "sealgate_secrets_scrubbed_total",
+                "Places a data source echoed its injected secret and sealgate removed it before the caller saw it, by data source and where (header: a response head's reason phrase, header names and values, trailers).",
+            ),
+            &["datasource", "where"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "sealgate_build_info",
@@ -216,6 +224,7 @@ impl Metrics {
         registry.register(Box::new(audit_dropped.clone()))?;
         registry.register(Box::new(tls_cert_expiry.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(secrets_scrubbed.clone()))?;
         registry.register(Box::new(egress_denied.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -240,6 +249,7 @@ impl Metrics {
             no_datasource,
             audit_dropped,
             tls_cert_expiry,
+            secrets_scrubbed,
         })
     }
 

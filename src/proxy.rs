@@ -14,7 +14,7 @@ use pingora::connectors::l4::BindTo;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::protocols::{TcpKeepalive, ALPN};
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::{H1UpgradePolicy, HttpPeer, HttpUpstreamRequestPolicy};
 use pingora::{Error, ErrorType, Result};
 use zeroize::Zeroizing;
@@ -421,10 +421,29 @@ impl ProxyHttp for SealgateProxy {
                 upstream_response.remove_header(&header::SET_COOKIE);
             }
             if let Some(credential) = ds.ready_credential() {
-                credential.redact(upstream_response)?;
+                let revealed = credential.redact(upstream_response)?;
+                self.count_scrubbed(&ds.name, revealed);
             }
         }
+        // The reason phrase is free text only the upstream chose: it may
+        // echo anything, and no client needs it.
+        upstream_response.set_reason_phrase(None)?;
         upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        upstream_trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(ds) = &ctx.datasource {
+            if let Some(credential) = ds.ready_credential() {
+                let revealed = credential.redact_trailers(upstream_trailers);
+                self.count_scrubbed(&ds.name, revealed);
+            }
+        }
         Ok(())
     }
 
@@ -458,10 +477,36 @@ impl ProxyHttp for SealgateProxy {
             }
         }
         ctx.refusal = refusal;
+        log_failure(e, ctx, error_code);
         FailToProxy {
             error_code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// pingora's own line prints the error with its context, which for a
+    /// malformed upstream head is the raw head: `fail_to_proxy` logs what
+    /// on-call needs instead.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+
+    /// The same for a failed attempt that is retried.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        error: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        tracing::warn!(
+            request_id = %ctx.request_id,
+            datasource = ctx.datasource.as_ref().map_or("-", |d| d.name.as_str()),
+            error = error.etype().as_str(),
+            source = error.esource().as_str(),
+            "attempt failed; retrying"
+        );
+        true
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -579,12 +624,49 @@ impl SealgateProxy {
         Refusal::new(ErrorCode::EgressDenied, denial.reason.clone())
     }
 
+    fn count_scrubbed(&self, datasource: &str, revealed: u64) {
+        if revealed > 0 {
+            self.shared
+                .metrics
+                .secrets_scrubbed
+                .with_label_values(&[datasource, "header"])
+                .inc_by(revealed);
+        }
+    }
+
     fn count_upstream_error(&self, datasource: &str, kind: &str) {
         self.shared
             .metrics
             .upstream_errors
             .with_label_values(&[datasource, kind])
             .inc();
+    }
+}
+
+/// One line per failed request: the error's kind and side, never its
+/// context (which may quote wire bytes). A caller that went away is routine.
+fn log_failure(e: &Error, ctx: &RequestCtx, status: u16) {
+    let datasource = ctx.datasource.as_ref().map_or("-", |d| d.name.as_str());
+    let (error, source) = (e.etype().as_str(), e.esource().as_str());
+    let request_id = ctx.request_id.as_str();
+    if e.esource() == &pingora::ErrorSource::Downstream {
+        tracing::info!(
+            request_id,
+            datasource,
+            error,
+            source,
+            status,
+            "request failed"
+        );
+    } else {
+        tracing::error!(
+            request_id,
+            datasource,
+            error,
+            source,
+            status,
+            "request failed"
+        );
     }
 }
 

@@ -788,3 +788,57 @@ pub fn sample_value(metrics: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.parse().ok())
 }
+
+// ---------------------------------------------------------------- leaks --
+
+/// Every form in which a client could read `secret` back: as it is, in
+/// either letter case, hex, base64 (standard and URL-safe, padded or not)
+/// of it and of each value that carries it, and percent-encoded (either
+/// hex case, `+` for space). Compared without regard to case.
+pub fn secret_forms(secret: &str, carriers: &[&str]) -> Vec<String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let mut forms = vec![
+        secret.to_string(),
+        secret.bytes().map(|b| format!("{b:02x}")).collect(),
+        secret.bytes().map(|b| format!("%{b:02x}")).collect(),
+        secret.replace('+', "%2B").replace(' ', "+"),
+    ];
+    for value in std::iter::once(secret).chain(carriers.iter().copied()) {
+        for engine in [&STANDARD, &URL_SAFE, &STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            forms.push(engine.encode(value));
+        }
+    }
+    forms
+}
+
+/// Fails naming where and in which form `emitted` shows the secret.
+pub fn assert_no_secret(what: &str, emitted: &[u8], forms: &[String]) {
+    let text = String::from_utf8_lossy(emitted).to_lowercase();
+    for form in forms {
+        let form_lower = form.to_lowercase();
+        if let Some(at) = text.find(&form_lower) {
+            let start = text[..at]
+                .char_indices()
+                .rev()
+                .nth(200)
+                .map_or(0, |(i, _)| i);
+            let end = (at + form.len() + 100).min(text.len());
+            panic!(
+                "{what} shows the secret as `{form}`:\n{}",
+                text.get(start..end).unwrap_or(&text)
+            );
+        }
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads until the peer closes
+/// (or 5 s pass): every byte a caller would see.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write request");
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut seen)).await;
+    seen
+}
