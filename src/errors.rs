@@ -12,6 +12,13 @@ pub enum ErrorCode {
     CallerForbidden,
     EgressDenied,
     UnknownDatasource,
+    /// A method that makes the upstream reflect the request, credential
+    /// included.
+    MethodNotAllowed,
+    /// A request target longer than `route::MAX_TARGET`.
+    TargetTooLong,
+    /// Too many failed identifications from one peer.
+    CallerThrottled,
     UpstreamUnreachable,
     UpstreamTls,
     CredentialUnavailable,
@@ -27,6 +34,9 @@ impl ErrorCode {
             ErrorCode::CallerUnauthenticated => 401,
             ErrorCode::CallerForbidden | ErrorCode::EgressDenied => 403,
             ErrorCode::UnknownDatasource => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::TargetTooLong => 414,
+            ErrorCode::CallerThrottled => 429,
             ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls => 502,
             ErrorCode::CredentialUnavailable => 503,
             ErrorCode::UpstreamTimeout => 504,
@@ -36,7 +46,9 @@ impl ErrorCode {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BadRequest | ErrorCode::TargetTooLong => "bad_request",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::CallerThrottled => "caller_throttled",
             ErrorCode::CallerUnauthenticated => "caller_unauthenticated",
             ErrorCode::CallerForbidden => "caller_forbidden",
             ErrorCode::EgressDenied => "egress_denied",

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod echoes;
 pub mod egress;
 pub mod errors;
+pub mod hygiene;
 pub mod keytool;
 pub mod limits;
 pub mod logging;

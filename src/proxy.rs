@@ -160,6 +160,9 @@ impl ProxyHttp for SealgateProxy {
         let idle = Some(self.idle_timeout);
         session.set_read_timeout(idle);
         session.set_write_timeout(idle);
+        // Requests a client sends before reading the answer to the last
+        // one are answered in order, not dropped on a kept-alive connection.
+        session.set_pipelining_enabled(true);
         Ok(())
     }
 
@@ -197,6 +200,14 @@ impl ProxyHttp for SealgateProxy {
                 ctx.refusal = Some(refusal);
                 return Ok(true);
             }
+        }
+        if let Err(unfit) = crate::hygiene::check(session.req_header()) {
+            if unfit.close {
+                session.set_keepalive(None);
+            }
+            respond(session, ctx, &unfit.refusal).await?;
+            ctx.refusal = Some(unfit.refusal);
+            return Ok(true);
         }
         let uri = &session.req_header().uri;
         let routed = match route::split(uri.path()) {
@@ -396,6 +407,7 @@ impl ProxyHttp for SealgateProxy {
         upstream_request.set_uri(uri);
         upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
         strip_caller_credentials(upstream_request);
+        crate::hygiene::strip_overrides(upstream_request);
         match &ds.credential {
             Some(CredentialState::Ready(credential)) => {
                 credential.inject_header(upstream_request)?
@@ -549,7 +561,7 @@ impl ProxyHttp for SealgateProxy {
             caller: ctx.caller_name(),
             datasource,
             method: req.method.as_str(),
-            path: req.uri.path(),
+            path: route::bounded(req.uri.path()),
             upstream: ctx.upstream_addr,
             egress_ip: ctx.egress_ip,
             region: ctx

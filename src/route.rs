@@ -1,13 +1,31 @@
 //! `/<datasource>/<rest>` → the data source and the path below its base.
 //!
 //! The rest is forwarded as the caller encoded it (re-encoding could change
-//! what the upstream sees), so it is judged in its decoded form: any segment
-//! that would decode to a dot segment, a slash, a backslash or a NUL could
-//! climb out of the data source's base path on some upstream, and is refused.
+//! what the upstream sees), so it is judged in every form an upstream
+//! framework may turn it into: percent-decoded once and again (double
+//! encoding), `%uXXXX` as IIS reads it, `;` path parameters stripped as
+//! Tomcat, Jetty and Spring do, overlong UTF-8 and the Unicode look-alikes
+//! that normalisation folds into `.`, `/` or `\`. Any segment that could
+//! become a dot segment, a slash, a backslash or a control character in one
+//! of those forms could climb out of the data source's base path on some
+//! upstream, and is refused.
 
 use std::borrow::Cow;
 
-use percent_encoding::percent_decode;
+/// The longest request target sealgate passes on (414 beyond it); it also
+/// bounds the path an audit record carries.
+pub const MAX_TARGET: usize = 8 * 1024;
+
+/// How many layers of percent-encoding are undone before a segment that
+/// still decodes further is refused outright.
+const DECODE_LAYERS: usize = 3;
+
+/// Characters that Unicode normalisation (NFKC) folds into `.`, `..`, `/`
+/// or `\`: one and two dot leaders, small and fullwidth full stops,
+/// fullwidth solidus and reverse solidus, small reverse solidus.
+const LOOKALIKES: [char; 7] = [
+    '\u{2024}', '\u{2025}', '\u{FE52}', '\u{FF0E}', '\u{FF0F}', '\u{FF3C}', '\u{FE68}',
+];
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Route<'a> {
@@ -37,26 +55,118 @@ pub fn split(path: &str) -> Result<Route<'_>, RouteError> {
     Ok(Route { datasource, rest })
 }
 
+/// `path` cut to at most `MAX_TARGET` bytes, on a character boundary.
+pub fn bounded(path: &str) -> &str {
+    if path.len() <= MAX_TARGET {
+        return path;
+    }
+    let end = (0..=MAX_TARGET)
+        .rev()
+        .find(|&i| path.is_char_boundary(i))
+        .unwrap_or(0);
+    &path[..end]
+}
+
 fn check_rest(rest: &str) -> Result<(), RouteError> {
     let rest = rest.as_bytes();
     if memchr::memchr(b'\\', rest).is_some() {
         return Err(RouteError::Escape("a backslash in the path"));
     }
-    for segment in rest.split(|&b| b == b'/') {
-        // Borrowed unless the segment holds an escape: the common path
-        // allocates nothing.
-        let decoded: Cow<'_, [u8]> = percent_decode(segment).into();
-        if *decoded == *b"." || *decoded == *b".." {
-            return Err(RouteError::Escape("a dot segment in the path"));
+    rest.split(|&b| b == b'/').try_for_each(check_segment)
+}
+
+/// Judges a segment as sent and in each decoded form. Borrowed unless the
+/// segment holds an escape: the common path allocates nothing.
+fn check_segment(raw: &[u8]) -> Result<(), RouteError> {
+    let mut layer: Cow<'_, [u8]> = Cow::Borrowed(raw);
+    for _ in 0..=DECODE_LAYERS {
+        judge(&layer)?;
+        if memchr::memchr(b'%', &layer).is_none() {
+            return Ok(());
         }
-        if decoded.contains(&b'/') || decoded.contains(&b'\\') {
-            return Err(RouteError::Escape("an encoded slash in the path"));
+        let decoded = decode_layer(&layer);
+        if decoded == *layer {
+            return Ok(());
         }
-        if decoded.contains(&0) {
-            return Err(RouteError::Escape("a NUL byte in the path"));
+        layer = Cow::Owned(decoded);
+    }
+    Err(RouteError::Escape(
+        "percent-encoding nested more than three deep in the path",
+    ))
+}
+
+fn judge(segment: &[u8]) -> Result<(), RouteError> {
+    // A path parameter does not change which resource a segment names to
+    // Tomcat, Jetty or Spring: `..;x` is `..` to them.
+    let name = segment.split(|&b| b == b';').next().unwrap_or_default();
+    if !name.is_empty() && name.iter().all(|&b| b == b'.' || b == b' ') {
+        return Err(RouteError::Escape("a dot segment in the path"));
+    }
+    if segment.iter().any(|&b| b == b'/' || b == b'\\') {
+        return Err(RouteError::Escape("an encoded slash in the path"));
+    }
+    if segment.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err(RouteError::Escape("a control character in the path"));
+    }
+    if has_overlong_utf8(segment) {
+        return Err(RouteError::Escape("an overlong UTF-8 sequence in the path"));
+    }
+    if segment.iter().any(|&b| b >= 0x80) {
+        let text = String::from_utf8_lossy(segment);
+        if text.contains(LOOKALIKES) {
+            return Err(RouteError::Escape(
+                "a character that normalises to a dot or slash in the path",
+            ));
         }
     }
     Ok(())
+}
+
+/// Lenient decoders read these as ASCII (`%c0%ae` as `.`): lead bytes
+/// C0 and C1 are always overlong, E0 and F0 are with a low second byte.
+fn has_overlong_utf8(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|pair| {
+        matches!(
+            pair,
+            [0xc0 | 0xc1, _] | [0xe0, 0x80..=0x9f] | [0xf0, 0x80..=0x8f]
+        )
+    }) || bytes.last().is_some_and(|&b| b == 0xc0 || b == 0xc1)
+}
+
+/// One layer of decoding: `%XX`, and `%uXXXX` as IIS reads it; anything
+/// malformed stays as it is.
+fn decode_layer(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let Some(b) = bytes.get(i + 1..i + 3).and_then(hex_byte) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            let wide = bytes
+                .get(i + 1..i + 6)
+                .filter(|u| u[0].eq_ignore_ascii_case(&b'u'))
+                .and_then(|u| {
+                    Some(u32::from(hex_byte(&u[1..3])?) << 8 | u32::from(hex_byte(&u[3..5])?))
+                })
+                .and_then(char::from_u32);
+            if let Some(c) = wide {
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+                i += 6;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+fn hex_byte(pair: &[u8]) -> Option<u8> {
+    let digit = |d: u8| (d as char).to_digit(16);
+    Some((digit(*pair.first()?)? << 4 | digit(*pair.get(1)?)?) as u8)
 }
 
 /// The request target sent upstream: base path, the caller's rest, the
@@ -124,6 +234,37 @@ mod tests {
             "/pay/a%5cb",
             "/pay/a\\b",
             "/pay/a%00",
+            // Path parameters on dot segments (Tomcat, Jetty, Spring).
+            "/pay/..;/x",
+            "/pay/..;jsessionid=1/x",
+            "/pay/%2e%2e;x",
+            "/pay/.;/x",
+            // Double and triple percent-encoding.
+            "/pay/%252e%252e/x",
+            "/pay/a%252fb",
+            "/pay/a%255cb",
+            "/pay/%25252e%25252e/x",
+            // IIS's %u form.
+            "/pay/%u002e%u002e/x",
+            "/pay/a%u002fb",
+            // Overlong UTF-8 for '.', '/' and '\\'.
+            "/pay/%c0%ae%c0%ae/x",
+            "/pay/a%c0%afb",
+            "/pay/a%c1%9cb",
+            "/pay/%e0%80%ae%e0%80%ae",
+            "/pay/%f0%80%80%ae",
+            // Look-alikes NFKC folds into '.', '..', '/' and '\\'.
+            "/pay/%ef%bc%8e%ef%bc%8e/x",
+            "/pay/%e2%80%a5/x",
+            "/pay/a%ef%bc%8fb",
+            "/pay/a%ef%bc%bcb",
+            // Windows drops trailing dots and spaces; URL parsers drop tabs.
+            "/pay/.../x",
+            "/pay/..%20/x",
+            "/pay/.%09./x",
+            "/pay/%2e%0a%2e/x",
+            // Nested deeper than sealgate decodes.
+            "/pay/%2525252e",
         ] {
             assert!(matches!(split(path), Err(RouteError::Escape(_))), "{path}");
         }
@@ -137,9 +278,25 @@ mod tests {
             "/pay/a%20b",
             "/pay/v1//x",
             "/pay/%2e%2ex",
+            "/pay/a;b=c/x",
+            "/pay/;../x",
+            "/pay/%25",
+            "/pay/100%25sure",
+            "/pay/caf%c3%a9",
+            "/pay/%u00e9t%u00e9",
+            "/pay/%zz",
         ] {
             assert!(split(path).is_ok(), "{path}");
         }
+    }
+
+    #[test]
+    fn bounds_a_path_on_a_character_boundary() {
+        assert_eq!(bounded("/a/b"), "/a/b");
+        let long = format!("/{}", "é".repeat(MAX_TARGET));
+        let cut = bounded(&long);
+        assert!(cut.len() <= MAX_TARGET && cut.len() >= MAX_TARGET - 1);
+        assert!(long.starts_with(cut));
     }
 
     #[test]
