@@ -142,6 +142,11 @@ fn handle<B>(shared: &Shared, req: &Request<B>, peer: SocketAddr) -> Response<Fu
         "/readyz" if shared.lifecycle.is_draining() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
         }
+        "/readyz" if shared.lifecycle.is_ready() && !shared.audit.is_writable() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the audit output is not taking writes\n",
+        ),
         "/readyz" if shared.lifecycle.is_ready() => text(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n"),
         "/metrics" => text(

@@ -1,12 +1,17 @@
 //! The audit trail: one JSON line per request, written by a dedicated
-//! thread so request tasks never do file I/O. The queue is bounded and a
-//! full queue makes requests wait: audit records are never silently lost.
+//! thread so request tasks never do file I/O. The queue is bounded. An
+//! output that cannot keep up, or that fails (a full disk, an I/O error, a
+//! FIFO nobody reads), makes new requests wait and `/readyz` say 503 until
+//! writes succeed again; with `on_full = "drop"` every record lost is
+//! counted instead. A record reaches the output whole or not at all.
 
-use std::fs::OpenOptions;
-use std::io::{self, BufWriter, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
@@ -18,6 +23,13 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// How long the writer gathers records, after the first, before writing
 /// them out.
 const WRITE_INTERVAL: Duration = Duration::from_millis(10);
+/// A write that has not returned after this long counts as a failing
+/// output (a pipe or terminal nobody reads blocks rather than fails).
+const STUCK_AFTER: Duration = Duration::from_secs(1);
+/// Retries of a failed write back off up to this.
+const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a request waiting for a failing output looks again.
+const WAIT_POLL: Duration = Duration::from_millis(50);
 
 /// SPEC section 7. Every key is always present; `None` is written as null.
 #[derive(Debug)]
@@ -159,11 +171,38 @@ pub struct AuditLog {
     tx: mpsc::Sender<Message>,
     on_full: OnFull,
     dropped: prometheus::IntCounter,
+    health: Arc<Health>,
+}
+
+/// What the writer thread tells the rest of sealgate about the output.
+struct Health {
+    failing: AtomicBool,
+    /// When the write under way started, in ms since `epoch` plus one;
+    /// 0 while no write is under way.
+    write_started: AtomicU64,
+    epoch: Instant,
+    /// Records queued and neither written nor counted as dropped. Counted
+    /// up once queued, so the writer may count one down first: negative
+    /// for a moment, never for long.
+    unwritten: AtomicI64,
+}
+
+impl Health {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn writable(&self) -> bool {
+        let started = self.write_started.load(Ordering::Relaxed);
+        !self.failing.load(Ordering::Relaxed)
+            && (started == 0
+                || self.now_ms().saturating_sub(started) < STUCK_AFTER.as_millis() as u64)
+    }
 }
 
 impl AuditLog {
-    /// Opens the output (a file is created or appended, mode 0640) and
-    /// starts the writer thread.
+    /// Opens the output (a file is created or appended, mode 0640; a FIFO
+    /// must have a reader already) and starts the writer thread.
     pub fn open(
         output: &AuditOutput,
         on_full: OnFull,
@@ -171,15 +210,44 @@ impl AuditLog {
     ) -> io::Result<AuditLog> {
         let sink = open_output(output)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let output = output.clone();
+        let health = Arc::new(Health {
+            failing: AtomicBool::new(false),
+            write_started: AtomicU64::new(0),
+            epoch: Instant::now(),
+            unwritten: AtomicI64::new(0),
+        });
+        let writer = Writer {
+            sink,
+            output: output.clone(),
+            batch: Vec::with_capacity(WRITE_BUFFER),
+            begun: false,
+            on_full,
+            dropped: dropped.clone(),
+            health: health.clone(),
+        };
         std::thread::Builder::new()
             .name("sealgate-audit".into())
-            .spawn(move || write_loop(rx, BufWriter::with_capacity(WRITE_BUFFER, sink), output))?;
+            .spawn(move || writer.run(rx))?;
         Ok(AuditLog {
             tx,
             on_full,
             dropped,
+            health,
         })
+    }
+
+    /// Whether the output is taking writes; `/readyz` says 503 while not.
+    pub fn is_writable(&self) -> bool {
+        self.health.writable()
+    }
+
+    /// Before a request is let through: while the output fails, a request
+    /// waits here, so nothing reaches a data source that the trail could
+    /// not record. With `on_full = "drop"` requests go on.
+    pub async fn wait_writable(&self) {
+        while self.on_full == OnFull::Block && !self.health.writable() {
+            tokio::time::sleep(WAIT_POLL).await;
+        }
     }
 
     /// Queues a record. While the writer is behind, the request waits, or
@@ -188,17 +256,29 @@ impl AuditLog {
         let line = Message::Line(encode(record));
         let sent = match self.on_full {
             OnFull::Block => self.tx.send(line).await.is_ok(),
-            OnFull::Drop => match self.tx.try_send(line) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.dropped.inc();
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            },
+            OnFull::Drop => self.tx.try_send(line).is_ok(),
         };
+        self.queued(sent);
+    }
+
+    fn queued(&self, sent: bool) {
+        if sent {
+            self.health.unwritten.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.dropped.inc();
+        }
+    }
+
+    /// Queues a record from where waiting is impossible (a request's state
+    /// being dropped); a full queue drops it, counted and logged.
+    pub fn record_now(&self, record: &AuditRecord<'_>) {
+        let sent = self.tx.try_send(Message::Line(encode(record))).is_ok();
+        self.queued(sent);
         if !sent {
-            tracing::error!("audit writer has stopped; a record was not written");
+            tracing::error!(
+                request_id = record.request_id,
+                "the audit queue is full; the record of a request cut off was not written"
+            );
         }
     }
 
@@ -207,7 +287,9 @@ impl AuditLog {
     /// logged instead, never silently lost.
     pub fn event(&self, event: Event, result: &str, message: &str, key_ids: Option<&[String]>) {
         let line = encode_event(SystemTime::now(), event, result, message, key_ids);
-        if self.tx.try_send(Message::Line(line)).is_err() {
+        let sent = self.tx.try_send(Message::Line(line)).is_ok();
+        self.queued(sent);
+        if !sent {
             tracing::error!(
                 ?event,
                 result,
@@ -224,33 +306,227 @@ impl AuditLog {
         }
     }
 
-    /// Writes out everything queued so far; for shutdown, from a plain thread.
+    /// Writes out everything queued so far, for shutdown, from a plain
+    /// thread; never waits past `timeout`, however stuck the output. What
+    /// could not be written by then is counted as dropped and logged.
     pub fn flush_blocking(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         let (done_tx, done_rx) = std_mpsc::sync_channel(1);
-        if self.tx.blocking_send(Message::Flush(done_tx)).is_ok()
-            && done_rx.recv_timeout(timeout).is_err()
-        {
-            tracing::error!("audit records may not all have been written before exit");
+        let mut flush = Message::Flush(done_tx);
+        let flushed = loop {
+            match self.tx.try_send(flush) {
+                Ok(()) => {
+                    break done_rx
+                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                        .is_ok()
+                }
+                Err(mpsc::error::TrySendError::Full(back)) if Instant::now() < deadline => {
+                    flush = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break false,
+            }
+        };
+        let unwritten = self.health.unwritten.swap(0, Ordering::Relaxed).max(0) as u64;
+        if !flushed && unwritten > 0 {
+            self.dropped.inc_by(unwritten);
+            tracing::error!(
+                records = unwritten,
+                "the audit output did not take these records before exit; they are lost"
+            );
         }
     }
 }
 
-fn open_output(output: &AuditOutput) -> io::Result<Box<dyn Write + Send>> {
+/// Where records go: a file can be cut back to its last whole line after a
+/// failed write; a stream (stdout, a FIFO) cannot, so the line it began is
+/// finished first.
+enum Sink {
+    Stdout(io::Stdout),
+    File(File),
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Stdout(out) => out.write(bytes).and_then(|n| out.flush().map(|()| n)),
+            Sink::File(file) => file.write(bytes),
+        }
+    }
+
+    /// Removes the last `bytes` written, if this output can.
+    fn cut_back(&mut self, bytes: u64) -> bool {
+        let Sink::File(file) = self else {
+            return false;
+        };
+        match file.metadata() {
+            Ok(meta) if meta.is_file() => file.set_len(meta.len().saturating_sub(bytes)).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+fn open_output(output: &AuditOutput) -> io::Result<Sink> {
     Ok(match output {
-        AuditOutput::Stdout => Box::new(io::stdout()),
+        AuditOutput::Stdout => Sink::Stdout(io::stdout()),
         AuditOutput::File(path) => {
             use std::os::unix::fs::OpenOptionsExt;
+            // Without O_NONBLOCK, opening a FIFO waits for a reader, and a
+            // write to one whose reader stopped never returns.
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o640)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
                 .open(path)
                 .map_err(|e| {
-                    io::Error::new(e.kind(), format!("audit output {}: {e}", path.display()))
+                    let why = if e.raw_os_error() == Some(nix::libc::ENXIO) {
+                        "it is a FIFO that no process is reading".to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    io::Error::new(e.kind(), format!("audit output {}: {why}", path.display()))
                 })?;
-            Box::new(file)
+            Sink::File(file)
         }
     })
+}
+
+struct Writer {
+    sink: Sink,
+    output: AuditOutput,
+    /// Whole lines waiting to be written.
+    batch: Vec<u8>,
+    /// Whether the batch's first line is the rest of one a stream has
+    /// begun: it must be finished, or the line before it is cut.
+    begun: bool,
+    on_full: OnFull,
+    dropped: prometheus::IntCounter,
+    health: Arc<Health>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        // The writer gathers instead of being woken for every record: a
+        // wake-up per request costs a context switch on the proxy's own
+        // core, which is most of what auditing would otherwise cost. It
+        // sleeps in `blocking_recv` while nothing is queued, so an idle
+        // sidecar's writer never wakes; once a record arrives it waits one
+        // interval for the rest, and writes them all.
+        while let Some(first) = rx.blocking_recv() {
+            self.handle(first);
+            std::thread::sleep(WRITE_INTERVAL);
+            while let Ok(message) = rx.try_recv() {
+                self.handle(message);
+            }
+            self.write_batch();
+        }
+        self.write_batch();
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Line(line) => {
+                self.batch.extend_from_slice(&line);
+                if self.batch.len() >= WRITE_BUFFER {
+                    self.write_batch();
+                }
+            }
+            Message::Flush(done) => {
+                self.write_batch();
+                let _ = done.send(());
+            }
+            Message::Reopen => {
+                self.write_batch();
+                match open_output(&self.output) {
+                    Ok(sink) => self.sink = sink,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reopening the audit output failed; still writing to the old one")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the batch whole. On failure a file is cut back to its last
+    /// whole line; then, by default, the same lines are tried again (new
+    /// requests wait meanwhile), or with `on_full = "drop"` they are
+    /// counted as dropped, all but a line a stream has begun.
+    fn write_batch(&mut self) {
+        let mut retry_in = Duration::from_millis(10);
+        let mut reported = false;
+        while !self.batch.is_empty() {
+            self.health
+                .write_started
+                .store(self.health.now_ms(), Ordering::Relaxed);
+            let result = self.sink.write(&self.batch);
+            self.health.write_started.store(0, Ordering::Relaxed);
+            let error = match result {
+                Ok(0) => io::Error::new(io::ErrorKind::WriteZero, "the output took no bytes"),
+                Ok(n) if self.done(n) => continue,
+                // A full disk takes what fits in the file's last page and
+                // fails only on the next write: what was taken was cut back.
+                Ok(_) => io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "the output took only part of a record",
+                ),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => e,
+            };
+            self.health.failing.store(true, Ordering::Relaxed);
+            if !reported {
+                tracing::error!(error = %error, "writing the audit output failed; requests wait until it works again (on_full = \"drop\": records are dropped and counted)");
+                reported = true;
+            }
+            if self.on_full == OnFull::Drop {
+                let keep = match self.begun {
+                    true => memchr::memchr(b'\n', &self.batch).map_or(0, |i| i + 1),
+                    false => 0,
+                };
+                let lost = count_lines(&self.batch[keep..]);
+                self.batch.truncate(keep);
+                self.health
+                    .unwritten
+                    .fetch_sub(lost as i64, Ordering::Relaxed);
+                self.dropped.inc_by(lost);
+                if keep == 0 {
+                    return;
+                }
+            }
+            std::thread::sleep(retry_in);
+            retry_in = (retry_in * 2).min(MAX_RETRY_INTERVAL);
+        }
+        if self.health.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("the audit output takes writes again");
+        }
+    }
+
+    /// `n` bytes of the batch went out: whole lines are done; a line cut
+    /// short is removed again from a file, or left to finish on a stream.
+    /// False if nothing remains written.
+    fn done(&mut self, n: usize) -> bool {
+        let whole = self.batch[..n]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let cut_short = n > whole;
+        let finished = if cut_short && self.sink.cut_back((n - whole) as u64) {
+            whole
+        } else {
+            n
+        };
+        self.begun = finished > whole;
+        let lines = count_lines(&self.batch[..finished]);
+        self.health
+            .unwritten
+            .fetch_sub(lines as i64, Ordering::Relaxed);
+        self.batch.drain(..finished);
+        finished > 0
+    }
+}
+
+fn count_lines(bytes: &[u8]) -> u64 {
+    memchr::memchr_iter(b'\n', bytes).count() as u64
 }
 
 /// One JSON line. Written by hand because it runs once per request on the
@@ -427,62 +703,6 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
-}
-
-fn write_loop(
-    mut rx: mpsc::Receiver<Message>,
-    mut out: BufWriter<Box<dyn Write + Send>>,
-    output: AuditOutput,
-) {
-    // The writer gathers instead of being woken for every record: a
-    // wake-up per request costs a context switch on the proxy's own core,
-    // which is most of what auditing would otherwise cost. It sleeps in
-    // `blocking_recv` while nothing is queued, so an idle sidecar's writer
-    // never wakes; once a record arrives it waits one interval for the
-    // rest, writes them all, and goes back to sleep. A record reaches the
-    // output within one interval; a full queue still makes requests wait
-    // (or drop) exactly as before.
-    while let Some(first) = rx.blocking_recv() {
-        handle(first, &mut out, &output);
-        std::thread::sleep(WRITE_INTERVAL);
-        loop {
-            match rx.try_recv() {
-                Ok(message) => handle(message, &mut out, &output),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    let _ = out.flush();
-                    return;
-                }
-            }
-        }
-        if let Err(e) = out.flush() {
-            tracing::error!(error = %e, "flushing the audit output failed");
-        }
-    }
-    let _ = out.flush();
-}
-
-fn handle(message: Message, out: &mut BufWriter<Box<dyn Write + Send>>, output: &AuditOutput) {
-    match message {
-        Message::Line(line) => {
-            if let Err(e) = out.write_all(&line) {
-                tracing::error!(error = %e, "writing the audit record failed");
-            }
-        }
-        Message::Flush(done) => {
-            let _ = out.flush();
-            let _ = done.send(());
-        }
-        Message::Reopen => {
-            let _ = out.flush();
-            match open_output(output) {
-                Ok(sink) => *out = BufWriter::with_capacity(WRITE_BUFFER, sink),
-                Err(e) => {
-                    tracing::error!(error = %e, "reopening the audit output failed; still writing to the old one")
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

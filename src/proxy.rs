@@ -86,11 +86,47 @@ pub struct RequestCtx {
     egress_start: Option<usize>,
     egress_ip: Option<IpAddr>,
     refusal: Option<Refusal>,
+    /// Set once the request reached `request_filter`, with what its audit
+    /// record needs should the request be cut off before `logging` runs.
+    started_request: Option<StartedRequest>,
+    /// The status of the response head the caller was sent, if any.
+    status_sent: u16,
 }
 
+struct StartedRequest {
+    method: http::Method,
+    /// Bounded by `route::MAX_TARGET`.
+    path: String,
+}
+
+impl StartedRequest {
+    fn of(req: &RequestHeader) -> StartedRequest {
+        StartedRequest {
+            method: req.method.clone(),
+            path: route::bounded(req.uri.path()).to_owned(),
+        }
+    }
+}
+
+/// What stands in `error` for a request cut off before it finished: by the
+/// end of the drain's grace period, or otherwise (its task ended).
+const CUT_BY_DRAIN: &str = "cut_by_drain";
+const CUT_OFF: &str = "cut_off";
+
 impl Drop for RequestCtx {
+    /// A request that reached sealgate's logic and was cut off (the grace
+    /// period ended, its task was dropped) still leaves its one record.
     fn drop(&mut self) {
         self.shared.metrics.active_requests.dec();
+        if let Some(started) = self.started_request.take() {
+            let error = if self.shared.lifecycle.is_draining() {
+                CUT_BY_DRAIN
+            } else {
+                CUT_OFF
+            };
+            let record = self.audit_record(&started, self.status_sent, (0, 0), Some(error));
+            self.shared.audit.record_now(&record);
+        }
     }
 }
 
@@ -104,10 +140,52 @@ impl RequestCtx {
             (None, _) => Some(callers::LOCAL),
         }
     }
+
+    /// The request's audit record (SPEC section 7).
+    fn audit_record<'a>(
+        &'a self,
+        started: &'a StartedRequest,
+        status: u16,
+        (request_bytes, response_bytes): (u64, u64),
+        error: Option<&'static str>,
+    ) -> AuditRecord<'a> {
+        let refused_here = self.refusal.as_ref().filter(|r| !r.code.is_upstream());
+        let allowed_by = match (refused_here, self.datasource.as_ref().map(|d| &d.egress)) {
+            (None, Some(Ok(rule))) => Some(rule.reason()),
+            _ => None,
+        };
+        AuditRecord {
+            ts: std::time::SystemTime::now(),
+            request_id: self.request_id.as_str(),
+            caller: self.caller_name(),
+            datasource: self.datasource.as_ref().map(|d| d.name.as_str()),
+            method: started.method.as_str(),
+            path: &started.path,
+            upstream: self.upstream_addr,
+            egress_ip: self.egress_ip,
+            region: self
+                .datasource
+                .as_ref()
+                .and_then(|d| d.region.as_ref())
+                .map(|r| r.name.as_str()),
+            decision: if refused_here.is_some() {
+                Decision::Deny
+            } else {
+                Decision::Allow
+            },
+            reason: refused_here.map(|r| r.message.as_str()).or(allowed_by),
+            status,
+            request_bytes,
+            response_bytes,
+            duration: self.started.elapsed(),
+            error: error.or(self.refusal.as_ref().map(|r| r.code.as_str())),
+        }
+    }
 }
 
 /// Writes sealgate's own JSON error response.
-async fn respond(session: &mut Session, ctx: &RequestCtx, refusal: &Refusal) -> Result<()> {
+async fn respond(session: &mut Session, ctx: &mut RequestCtx, refusal: &Refusal) -> Result<()> {
+    ctx.status_sent = refusal.code.status();
     let body = refusal.body();
     let mut resp = ResponseHeader::build(refusal.code.status(), Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
@@ -147,6 +225,8 @@ impl ProxyHttp for SealgateProxy {
             egress_start: None,
             egress_ip: None,
             refusal: None,
+            started_request: None,
+            status_sent: 0,
         }
     }
 
@@ -167,6 +247,9 @@ impl ProxyHttp for SealgateProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.started_request = Some(StartedRequest::of(session.req_header()));
+        // Nothing goes out that the audit trail could not record.
+        self.shared.audit.wait_writable().await;
         // Who is asking comes first, so an unknown caller learns nothing,
         // not even which data sources exist.
         let peer_is_loopback = session
@@ -441,6 +524,7 @@ impl ProxyHttp for SealgateProxy {
         // echo anything, and no client needs it.
         upstream_response.set_reason_phrase(None)?;
         upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        ctx.status_sent = upstream_response.status.as_u16();
         Ok(())
     }
 
@@ -526,7 +610,6 @@ impl ProxyHttp for SealgateProxy {
             || ctx.refusal.as_ref().map_or(0, |r| r.code.status()),
             |r| r.status.as_u16(),
         );
-        let datasource = ctx.datasource.as_ref().map(|d| d.name.as_str());
         let elapsed = ctx.started.elapsed();
         let metrics = &self.shared.metrics;
         let (request_bytes, response_bytes) = (
@@ -549,39 +632,16 @@ impl ProxyHttp for SealgateProxy {
         series.request_bytes.inc_by(request_bytes);
         series.response_bytes.inc_by(response_bytes);
 
-        let refused_here = ctx.refusal.as_ref().filter(|r| !r.code.is_upstream());
-        let allowed_by = match (refused_here, ctx.datasource.as_ref().map(|d| &d.egress)) {
-            (None, Some(Ok(rule))) => Some(rule.reason()),
-            _ => None,
-        };
-        let req = session.req_header();
-        let record = AuditRecord {
-            ts: std::time::SystemTime::now(),
-            request_id: ctx.request_id.as_str(),
-            caller: ctx.caller_name(),
-            datasource,
-            method: req.method.as_str(),
-            path: route::bounded(req.uri.path()),
-            upstream: ctx.upstream_addr,
-            egress_ip: ctx.egress_ip,
-            region: ctx
-                .datasource
-                .as_ref()
-                .and_then(|d| d.region.as_ref())
-                .map(|r| r.name.as_str()),
-            decision: if refused_here.is_some() {
-                Decision::Deny
-            } else {
-                Decision::Allow
-            },
-            reason: refused_here.map(|r| r.message.as_str()).or(allowed_by),
-            status,
-            request_bytes,
-            response_bytes,
-            duration: elapsed,
-            error: ctx.refusal.as_ref().map(|r| r.code.as_str()),
-        };
-        self.shared.audit.record(&record).await;
+        if ctx.started_request.is_none() {
+            ctx.started_request = Some(StartedRequest::of(session.req_header()));
+        }
+        if let Some(started) = &ctx.started_request {
+            let record = ctx.audit_record(started, status, (request_bytes, response_bytes), None);
+            self.shared.audit.record(&record).await;
+        }
+        // Only once queued: a request cut off while it waits for the queue
+        // is recorded when its state is dropped.
+        ctx.started_request = None;
         // Only now, with the record queued: a connection closed for its
         // next head's deadline must not drop this request's record.
         crate::limits::awaiting_next_head();

@@ -27,8 +27,11 @@ use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::HttpProxy;
 use pingora::services::listening::Service;
 
-/// After a drain ends, how long the audit writer gets to write what is queued.
-const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Once the grace period is over, how long the audit writer still gets to
+/// write what is queued (the records of requests cut off among it): the
+/// process exits within the grace period plus pingora's one-second runtime
+/// shutdown plus this, however stuck the audit output is.
+const AUDIT_FLUSH_AFTER_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -159,7 +162,7 @@ pub fn serve(config: Config) -> Result<(), StartError> {
             grace_period,
         }),
     });
-    shared.audit.flush_blocking(AUDIT_FLUSH_TIMEOUT);
+    shared.audit.flush_blocking(AUDIT_FLUSH_AFTER_GRACE);
     tracing::info!("sealgate stopped");
     Ok(())
 }
@@ -316,7 +319,8 @@ fn exit_when_drained(shared: Arc<Shared>, grace_period: Duration) {
             std::thread::sleep(Duration::from_millis(100));
             while Instant::now() < deadline {
                 if shared.metrics.active_requests.get() <= 0 {
-                    shared.audit.flush_blocking(AUDIT_FLUSH_TIMEOUT);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    shared.audit.flush_blocking(left + AUDIT_FLUSH_AFTER_GRACE);
                     tracing::info!("drained; exiting");
                     std::process::exit(0);
                 }

@@ -234,3 +234,239 @@ async fn every_audit_field_is_right_for_allowed_and_refused_requests() {
         "no token or query string in the trail"
     );
 }
+
+// ------------------------------------------------- a failing audit output --
+
+/// A tmpfs of `size` mounted at `path` for one test: a disk that fills up.
+/// Mounting needs root (CI runs as root) or CAP_SYS_ADMIN.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs for the full-disk test needs root or CAP_SYS_ADMIN"
+        );
+        Tmpfs(path.to_path_buf())
+    }
+
+    /// Writes a filler file until the disk is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = File::create(self.0.join("filler")).unwrap();
+        let chunk = [0u8; 4096];
+        while filler.write_all(&chunk).is_ok() {}
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// `n` requests at once, each on its own connection; the handles finish
+/// as their answers arrive.
+fn burst(sg: &Sealgate, n: usize) -> Vec<tokio::task::JoinHandle<u16>> {
+    (0..n)
+        .map(|_| {
+            let proxy = sg.proxy;
+            tokio::spawn(async move { get(proxy, "/echo/x").await.status().as_u16() })
+        })
+        .collect()
+}
+
+fn readyz(sg: &Sealgate) -> u16 {
+    http_get_blocking(sg.admin, "/readyz").map_or(0, |(code, _)| code)
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every line of the trail is whole JSON; returns the request records.
+fn whole_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.is_empty() || text.ends_with('\n'), "a line was cut");
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a whole JSON line"))
+        .filter(|r| r.get("event").is_none())
+        .collect()
+}
+
+fn start_on_small_disk(on_full: &str) -> (Sealgate, Tmpfs, std::path::PathBuf, Upstream) {
+    let up = futures_block_on(echo_upstream());
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "64k");
+    let sg = Sealgate::start_in(
+        dir,
+        &format!(
+            "[audit]\noutput = \"disk/audit.log\"\non_full = \"{on_full}\"\n\
+             [datasources.echo]\nurl = \"http://{}\"\n",
+            up.addr
+        ),
+    );
+    let trail = sg.dir.path().join("disk/audit.log");
+    wait_for("the start event is written", Duration::from_secs(5), || {
+        std::fs::metadata(&trail).is_ok_and(|m| m.len() > 0)
+    });
+    (sg, disk, trail, up)
+}
+
+fn futures_block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_makes_requests_wait_and_cuts_no_line() {
+    let (sg, disk, trail, _up) = start_on_small_disk("block");
+    disk.fill();
+    // More records than the last page of the trail holds: the write that
+    // fills it is cut short and must be taken back to its last whole line.
+    for handle in burst(&sg, 30) {
+        assert_eq!(handle.await.unwrap(), 200);
+    }
+    wait_for("/readyz says 503", Duration::from_secs(5), || {
+        readyz(&sg) == 503
+    });
+    let written_while_full = whole_lines(&trail).len();
+    assert!(written_while_full < 30, "the disk was full");
+    let waiting = burst(&sg, 10);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        waiting.iter().all(|h| !h.is_finished()),
+        "new requests wait while no record can be written"
+    );
+    disk.free();
+    for handle in waiting {
+        assert_eq!(handle.await.unwrap(), 200);
+    }
+    wait_for("every record written", Duration::from_secs(5), || {
+        whole_lines(&trail).len() == 40
+    });
+    assert_eq!(readyz(&sg), 200);
+    sg.assert_metrics(&["sealgate_audit_dropped_total 0"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_with_on_full_drop_counts_every_lost_record() {
+    let (sg, disk, trail, _up) = start_on_small_disk("drop");
+    disk.fill();
+    for handle in burst(&sg, 30) {
+        assert_eq!(handle.await.unwrap(), 200);
+    }
+    wait_for("/readyz says 503", Duration::from_secs(5), || {
+        readyz(&sg) == 503
+    });
+    for handle in burst(&sg, 10) {
+        assert_eq!(handle.await.unwrap(), 200, "requests go on");
+    }
+    disk.free();
+    for handle in burst(&sg, 1) {
+        assert_eq!(handle.await.unwrap(), 200);
+    }
+    wait_for("the output works again", Duration::from_secs(5), || {
+        readyz(&sg) == 200
+    });
+    let written = whole_lines(&trail).len() as f64;
+    let dropped = sample_value(&sg.metrics(), "sealgate_audit_dropped_total").unwrap_or(0.0);
+    assert!(dropped > 0.0, "the full disk cost records");
+    assert_eq!(written + dropped, 41.0, "every record written or counted");
+}
+
+#[test]
+fn a_fifo_nobody_reads_fails_the_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    write_loopback_policy(dir.path());
+    let config = dir.path().join("sealgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = [\"127.0.0.1:{}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n\
+             [audit]\noutput = \"audit.fifo\"\n[policy]\ndir = \"policies\"\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_sealgate(&["run", "-c", config.to_str().unwrap()], dir.path());
+    let status = wait_child(&mut child, Duration::from_secs(5));
+    let _ = child.kill();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "exits 1 at once");
+    let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert!(
+        stderr.contains("audit.fifo") && stderr.contains("no process is reading"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_ends_the_process_within_the_grace_period_though_the_audit_output_is_stuck() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let _reader = stalled_fifo(dir.path());
+    let mut sg = start(dir, "block", up.addr);
+    assert!(!flood(&sg, Duration::from_secs(2)).await, "stuck");
+    assert_eq!(readyz(&sg), 503, "the stuck output shows in /readyz");
+    let started = std::time::Instant::now();
+    sg.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = sg.wait_exit(Duration::from_secs(12));
+    // The harness's grace period is 5 s; then one for pingora's runtimes
+    // and one for the audit output.
+    assert!(status.is_some(), "still running after SIGTERM");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let stderr = sg.stderr();
+    assert!(stderr.contains("they are lost"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_cut_off_at_the_end_of_the_grace_period_is_recorded() {
+    let reached = std::sync::Arc::new(tokio::sync::Notify::new());
+    let seen = reached.clone();
+    let hanging = raw_upstream(move |mut stream| {
+        let seen = seen.clone();
+        async move {
+            read_head(&mut stream).await;
+            seen.notify_one();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(stream);
+        }
+    })
+    .await;
+    let mut sg = Sealgate::start(&format!(
+        "[datasources.slow]\nurl = \"http://{hanging}\"\ntimeout_ms = 60000\n"
+    ));
+    let proxy = sg.proxy;
+    let _request = tokio::spawn(async move { get(proxy, "/slow/report").await.status() });
+    reached.notified().await;
+    sg.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sg.wait_exit(Duration::from_secs(12)).is_some(), "exited");
+    let records = whole_lines(&sg.dir.path().join("audit.log"));
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["path"], "/slow/report");
+    assert_eq!(records[0]["error"], "cut_by_drain");
+    assert_eq!(records[0]["datasource"], "slow");
+}
