@@ -201,15 +201,22 @@ fn sealed_value_mut<'d>(
 
 /// Replaces `path` with `contents` so that a crash leaves either the old or
 /// the new file, never half of one; the file keeps its permissions.
-fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), KeytoolError> {
+/// Replaces the file `path` names, through any symlinks (a config linked
+/// from a deployment's checkout stays linked, and its target is what
+/// changes), keeping the target's owner and mode.
+fn write_atomically(link: &Path, contents: &[u8]) -> Result<(), KeytoolError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = &std::fs::canonicalize(link).map_err(|e| file_error(link, e))?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mode = std::fs::metadata(path)
-        .map_err(|e| file_error(path, e))?
-        .permissions()
-        .mode();
+    let meta = std::fs::metadata(path).map_err(|e| file_error(path, e))?;
+    let mode = meta.permissions().mode();
+    let owner = (
+        Some(nix::unistd::Uid::from_raw(meta.uid())),
+        Some(nix::unistd::Gid::from_raw(meta.gid())),
+    );
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -221,6 +228,9 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), KeytoolError> {
             .create_new(true)
             .mode(mode & 0o777)
             .open(&tmp)?;
+        nix::unistd::fchown(std::os::fd::AsRawFd::as_raw_fd(&file), owner.0, owner.1)?;
+        // The umask may have taken bits away at creation.
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
         file.write_all(contents)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;

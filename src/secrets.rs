@@ -26,6 +26,10 @@ const DATA_KEY_INFO: &[u8] = b"sealgate v1 data key";
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const MIN_SALT_LEN: usize = 16;
+/// A salt with fewer distinct byte values than this was not drawn at
+/// random (all zeros, one byte repeated, a short pattern): 16 random bytes
+/// have fewer than 8 distinct values with odds below one in 10^9.
+const MIN_SALT_DISTINCT_BYTES: usize = 8;
 pub const KEY_LEN: usize = 32;
 /// The secret fields a credential can have; `seal --field` takes one.
 pub const SECRET_FIELDS: [&str; 3] = ["token", "password", "value"];
@@ -65,12 +69,20 @@ pub enum KeyringError {
         "salt is {0} bytes; at least {MIN_SALT_LEN} are required (make one with `sealgate salt`)"
     )]
     SaltTooShort(usize),
+    #[error("salt has only {0} distinct byte values: it was not made at random (make one with `sealgate salt`)")]
+    SaltDegenerate(usize),
     #[error("cannot read key directory {0}: {1}")]
     Dir(PathBuf, String),
     #[error("cannot read key file {0}: {1}")]
     File(PathBuf, String),
     #[error("key file {0} is readable or writable by others, or writable by its group (mode {1:o}); chmod 600 (or 640)")]
     Permissions(PathBuf, u32),
+    #[error("key file {0} is not a regular file")]
+    NotAFile(PathBuf),
+    #[error("{0} is owned by uid {1}, neither root nor the user sealgate runs as: its owner could replace the keys")]
+    Owner(PathBuf, u32),
+    #[error("key directory {0} is writable by its group or others (mode {1:o}), who could replace a key; chmod go-w, or mount it read-only")]
+    DirPermissions(PathBuf, u32),
     #[error("key file {0} must hold {KEY_LEN} bytes in base64; it holds {1}")]
     KeyLength(PathBuf, usize),
     #[error("key file {0} is not valid base64")]
@@ -117,6 +129,11 @@ impl Keyring {
         if salt.len() < MIN_SALT_LEN {
             return Err(KeyringError::SaltTooShort(salt.len()));
         }
+        let distinct = salt.iter().collect::<std::collections::BTreeSet<_>>().len();
+        if distinct < MIN_SALT_DISTINCT_BYTES {
+            return Err(KeyringError::SaltDegenerate(distinct));
+        }
+        check_key_dir(dir)?;
         let entries = std::fs::read_dir(dir)
             .map_err(|e| KeyringError::Dir(dir.to_path_buf(), e.to_string()))?;
         let mut ciphers = BTreeMap::new();
@@ -248,17 +265,77 @@ fn cipher_for(master: &[u8; KEY_LEN], salt: &[u8]) -> Aes256Gcm {
     Aes256Gcm::new(data_key.as_ref().into())
 }
 
+/// Whoever owns or may write to a key directory can replace a key before
+/// the next `reseal` and then open every credential: only root or the
+/// user sealgate runs as may own it, and no one else may write to it
+/// (unless it is on a read-only mount, as a Kubernetes Secret volume is).
+fn check_key_dir(dir: &Path) -> Result<(), KeyringError> {
+    let meta =
+        std::fs::metadata(dir).map_err(|e| KeyringError::Dir(dir.to_path_buf(), e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(KeyringError::Dir(
+            dir.to_path_buf(),
+            "not a directory".to_string(),
+        ));
+    }
+    check_owner(dir, &meta)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 && !on_read_only_mount(dir) {
+        return Err(KeyringError::DirPermissions(dir.to_path_buf(), mode));
+    }
+    Ok(())
+}
+
+fn check_owner(path: &Path, meta: &std::fs::Metadata) -> Result<(), KeyringError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = meta.uid();
+    if uid != 0 && uid != nix::unistd::geteuid().as_raw() {
+        return Err(KeyringError::Owner(path.to_path_buf(), uid));
+    }
+    Ok(())
+}
+
+fn on_read_only_mount(path: &Path) -> bool {
+    nix::sys::statvfs::statvfs(path)
+        .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+}
+
+/// Opened without blocking and judged by what was opened: a FIFO named like
+/// a key would make the read wait forever, and a file swapped between a
+/// check and the open would escape the check. A symlink (as in a Secret
+/// volume) is judged by its target, and the target's directory like the
+/// key directory.
 fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyringError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| KeyringError::File(path.to_path_buf(), e.to_string()))?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file_error = |e: std::io::Error| KeyringError::File(path.to_path_buf(), e.to_string());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(file_error)?;
+    let meta = file.metadata().map_err(file_error)?;
+    if !meta.is_file() {
+        return Err(KeyringError::NotAFile(path.to_path_buf()));
+    }
+    check_owner(path, &meta)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o027 != 0 {
         return Err(KeyringError::Permissions(path.to_path_buf(), mode));
     }
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| KeyringError::File(path.to_path_buf(), e.to_string()))?,
-    );
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        let target = std::fs::canonicalize(path).map_err(file_error)?;
+        if let Some(target_dir) = target.parent() {
+            check_key_dir(target_dir)?;
+        }
+    }
+    // Sized up front so the text never moves and leaves an unwiped copy;
+    // a key is 44 characters of base64, so anything near the cap is wrong.
+    const MAX_KEY_FILE: u64 = 1024;
+    let mut text = Zeroizing::new(String::with_capacity(MAX_KEY_FILE as usize + 1));
+    file.take(MAX_KEY_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(file_error)?;
     let bytes = Zeroizing::new(
         STANDARD
             .decode(text.trim())
