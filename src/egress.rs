@@ -32,8 +32,9 @@ impl Rule {
     }
 }
 
-/// Ranges no data source may reach unless `allow_private` names them
-/// (SPEC section 3).
+/// Kinds of address no data source may reach unless `allow_private`
+/// names them (SPEC section 3): the bounded `reason` label of
+/// `sealgate_egress_denied_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blocked {
     Loopback,
@@ -45,6 +46,10 @@ pub enum Blocked {
     Unspecified,
     Broadcast,
     Documentation,
+    Benchmarking,
+    /// IANA's special-purpose rows that fit none of the above: protocol
+    /// assignments, translation and discard prefixes, deprecated blocks.
+    SpecialPurpose,
     Reserved,
 }
 
@@ -60,6 +65,8 @@ impl Blocked {
             Blocked::Unspecified => "unspecified",
             Blocked::Broadcast => "broadcast",
             Blocked::Documentation => "documentation",
+            Blocked::Benchmarking => "benchmarking",
+            Blocked::SpecialPurpose => "special_purpose",
             Blocked::Reserved => "reserved",
         }
     }
@@ -67,65 +74,220 @@ impl Blocked {
     fn describe(self) -> &'static str {
         match self {
             Blocked::Loopback => "a loopback address",
-            Blocked::Private => "a private address (RFC 1918)",
-            Blocked::Cgnat => "a carrier-grade NAT address (100.64.0.0/10)",
+            Blocked::Private => "a private address",
+            Blocked::Cgnat => "a carrier-grade NAT address",
             Blocked::LinkLocal => "a link-local address (cloud metadata lives here)",
-            Blocked::UniqueLocal => "a unique local IPv6 address (fc00::/7)",
+            Blocked::UniqueLocal => "a unique local IPv6 address",
             Blocked::Multicast => "a multicast address",
             Blocked::Unspecified => "an unspecified address",
             Blocked::Broadcast => "the broadcast address",
             Blocked::Documentation => "a documentation address",
+            Blocked::Benchmarking => "a benchmarking address",
+            Blocked::SpecialPurpose => "a special-purpose address that is not globally reachable",
             Blocked::Reserved => "a reserved address",
         }
     }
 }
 
-/// Judges an address by the built-in deny list; IPv6 forms that carry an
-/// IPv4 address are judged by the address they carry.
+/// One row of IANA's IPv4 or IPv6 Special-Purpose Address Registry (or,
+/// for multicast, the multicast registries): `blocked` is `None` for the
+/// rows marked globally reachable, which carve exceptions out of larger
+/// blocks that are not.
+struct SpecialRange {
+    range: &'static str,
+    name: &'static str,
+    blocked: Option<Blocked>,
+}
+
+const fn row(range: &'static str, name: &'static str, blocked: Option<Blocked>) -> SpecialRange {
+    SpecialRange {
+        range,
+        name,
+        blocked,
+    }
+}
+
+use Blocked::*;
+
+/// The IPv4 Special-Purpose Address Registry's rows, as published.
+const SPECIAL_V4: [SpecialRange; 26] = [
+    row("0.0.0.0/8", "\"This network\"", Some(Unspecified)),
+    row(
+        "0.0.0.0/32",
+        "\"This host on this network\"",
+        Some(Unspecified),
+    ),
+    row("10.0.0.0/8", "Private-Use", Some(Private)),
+    row("100.64.0.0/10", "Shared Address Space", Some(Cgnat)),
+    row("127.0.0.0/8", "Loopback", Some(Loopback)),
+    row("169.254.0.0/16", "Link Local", Some(LinkLocal)),
+    row("172.16.0.0/12", "Private-Use", Some(Private)),
+    row(
+        "192.0.0.0/24",
+        "IETF Protocol Assignments",
+        Some(SpecialPurpose),
+    ),
+    row(
+        "192.0.0.0/29",
+        "IPv4 Service Continuity Prefix",
+        Some(SpecialPurpose),
+    ),
+    row("192.0.0.8/32", "IPv4 dummy address", Some(SpecialPurpose)),
+    row("192.0.0.9/32", "Port Control Protocol Anycast", None),
+    row(
+        "192.0.0.10/32",
+        "Traversal Using Relays around NAT Anycast",
+        None,
+    ),
+    row(
+        "192.0.0.170/32",
+        "NAT64/DNS64 Discovery",
+        Some(SpecialPurpose),
+    ),
+    row(
+        "192.0.0.171/32",
+        "NAT64/DNS64 Discovery",
+        Some(SpecialPurpose),
+    ),
+    row(
+        "192.0.2.0/24",
+        "Documentation (TEST-NET-1)",
+        Some(Documentation),
+    ),
+    row("192.31.196.0/24", "AS112-v4", None),
+    row("192.52.193.0/24", "AMT", None),
+    row(
+        "192.88.99.0/24",
+        "Deprecated (6to4 Relay Anycast)",
+        Some(SpecialPurpose),
+    ),
+    row("192.168.0.0/16", "Private-Use", Some(Private)),
+    row("192.175.48.0/24", "Direct Delegation AS112 Service", None),
+    row("198.18.0.0/15", "Benchmarking", Some(Benchmarking)),
+    row(
+        "198.51.100.0/24",
+        "Documentation (TEST-NET-2)",
+        Some(Documentation),
+    ),
+    row(
+        "203.0.113.0/24",
+        "Documentation (TEST-NET-3)",
+        Some(Documentation),
+    ),
+    row("224.0.0.0/4", "Multicast", Some(Multicast)),
+    row("240.0.0.0/4", "Reserved", Some(Reserved)),
+    row("255.255.255.255/32", "Limited Broadcast", Some(Broadcast)),
+];
+
+/// The IPv6 Special-Purpose Address Registry's rows. Forms that carry an
+/// IPv4 address a packet is really sent to (IPv4-mapped, IPv4-compatible,
+/// the well-known NAT64 prefix, 6to4) are judged by that address instead
+/// (`embedded_v4`); Teredo lies inside 2001::/23 and is refused with it.
+const SPECIAL_V6: [SpecialRange; 25] = [
+    row("::1/128", "Loopback Address", Some(Loopback)),
+    row("::/128", "Unspecified Address", Some(Unspecified)),
+    row(
+        "::ffff:0:0:0/96",
+        "IPv4-translated Address",
+        Some(SpecialPurpose),
+    ),
+    row(
+        "64:ff9b:1::/48",
+        "IPv4-IPv6 Translat. (local use)",
+        Some(SpecialPurpose),
+    ),
+    row(
+        "100::/64",
+        "Discard-Only Address Block",
+        Some(SpecialPurpose),
+    ),
+    row("100:0:0:1::/64", "Dummy IPv6 Prefix", Some(SpecialPurpose)),
+    row(
+        "2001::/23",
+        "IETF Protocol Assignments",
+        Some(SpecialPurpose),
+    ),
+    row("2001::/32", "TEREDO", Some(SpecialPurpose)),
+    row("2001:1::1/128", "Port Control Protocol Anycast", None),
+    row(
+        "2001:1::2/128",
+        "Traversal Using Relays around NAT Anycast",
+        None,
+    ),
+    row(
+        "2001:1::3/128",
+        "DNS-SD Service Registration Protocol Anycast",
+        None,
+    ),
+    row("2001:2::/48", "Benchmarking", Some(Benchmarking)),
+    row("2001:3::/32", "AMT", None),
+    row("2001:4:112::/48", "AS112-v6", None),
+    row(
+        "2001:10::/28",
+        "Deprecated (previously ORCHID)",
+        Some(SpecialPurpose),
+    ),
+    row("2001:20::/28", "ORCHIDv2", None),
+    row(
+        "2001:30::/28",
+        "Drone Remote ID Protocol Entity Tags (DETs) Prefix",
+        None,
+    ),
+    row("2001:db8::/32", "Documentation", Some(Documentation)),
+    row("2620:4f:8000::/48", "Direct Delegation AS112 Service", None),
+    row("3fff::/20", "Documentation", Some(Documentation)),
+    row(
+        "5f00::/16",
+        "Segment Routing (SRv6) SIDs",
+        Some(SpecialPurpose),
+    ),
+    row("fc00::/7", "Unique-Local", Some(UniqueLocal)),
+    row("fe80::/10", "Link-Local Unicast", Some(LinkLocal)),
+    row("fec0::/10", "Site-Local (deprecated)", Some(Private)),
+    row("ff00::/8", "Multicast", Some(Multicast)),
+];
+
+/// The rows parsed once; the most specific row that holds an address
+/// decides.
+static SPECIAL_NETS: std::sync::LazyLock<Vec<(ipnet::IpNet, &'static SpecialRange)>> =
+    std::sync::LazyLock::new(|| {
+        SPECIAL_V4
+            .iter()
+            .chain(SPECIAL_V6.iter())
+            .filter_map(|r| Some((r.range.parse().ok()?, r)))
+            .collect()
+    });
+
+fn special_range(ip: IpAddr) -> Option<&'static SpecialRange> {
+    SPECIAL_NETS
+        .iter()
+        .filter(|(net, _)| net.contains(&ip))
+        .max_by_key(|(net, _)| net.prefix_len())
+        .map(|(_, row)| *row)
+}
+
+/// Judges an address by the built-in deny list: the registry rows that are
+/// not globally reachable. IPv6 forms that carry an IPv4 address are
+/// judged by the address they carry.
 pub fn classify(ip: IpAddr) -> Option<Blocked> {
-    match ip {
-        IpAddr::V4(v4) => classify_v4(v4),
-        IpAddr::V6(v6) => classify_v6(v6),
-    }
+    blocked_by(ip).map(|(kind, _)| kind)
 }
 
-fn classify_v4(ip: Ipv4Addr) -> Option<Blocked> {
-    let [a, b, c, _] = ip.octets();
-    Some(match (a, b, c) {
-        (0, _, _) => Blocked::Unspecified,
-        (127, _, _) => Blocked::Loopback,
-        (10, _, _) | (172, 16..=31, _) | (192, 168, _) => Blocked::Private,
-        (100, 64..=127, _) => Blocked::Cgnat,
-        (169, 254, _) => Blocked::LinkLocal,
-        (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => Blocked::Documentation,
-        (224..=239, _, _) => Blocked::Multicast,
-        (255, 255, 255) if ip == Ipv4Addr::BROADCAST => Blocked::Broadcast,
-        (240..=255, _, _) => Blocked::Reserved,
-        _ => return None,
-    })
-}
-
-fn classify_v6(ip: Ipv6Addr) -> Option<Blocked> {
-    if let Some((first, second)) = embedded_v4(ip) {
-        return classify_v4(first).or_else(|| second.and_then(classify_v4));
+/// The kind and the registry row (range and name) that block `ip`.
+fn blocked_by(ip: IpAddr) -> Option<(Blocked, &'static SpecialRange)> {
+    if let Some(row) = special_range(ip) {
+        return row.blocked.map(|kind| (kind, row));
     }
-    let s = ip.segments();
-    Some(match s[0] {
-        _ if ip.is_unspecified() => Blocked::Unspecified,
-        _ if ip.is_loopback() => Blocked::Loopback,
-        0xfe80..=0xfebf => Blocked::LinkLocal,
-        // Site-local (deprecated), routed like private space where it still exists.
-        0xfec0..=0xfeff => Blocked::Private,
-        0xfc00..=0xfdff => Blocked::UniqueLocal,
-        0xff00..=0xffff => Blocked::Multicast,
-        0x2001 if s[1] == 0x0db8 => Blocked::Documentation,
-        _ => return None,
-    })
+    let IpAddr::V6(v6) = ip else {
+        return None;
+    };
+    let (first, second) = embedded_v4(v6)?;
+    blocked_by(IpAddr::V4(first)).or_else(|| second.and_then(|s| blocked_by(IpAddr::V4(s))))
 }
 
 /// The IPv4 addresses an IPv6 address carries: IPv4-mapped, IPv4-compatible,
-/// NAT64 (well-known and local-use prefixes), 6to4, and Teredo (both the
-/// server and the de-obfuscated client address, hence a possible second).
+/// the well-known NAT64 prefix, 6to4, and Teredo (both the server and the
+/// de-obfuscated client address, hence a possible second).
 fn embedded_v4(ip: Ipv6Addr) -> Option<(Ipv4Addr, Option<Ipv4Addr>)> {
     let s = ip.segments();
     let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
@@ -136,7 +298,6 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<(Ipv4Addr, Option<Ipv4Addr>)> {
             Some((low32, None))
         }
         [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some((low32, None)),
-        [0x64, 0xff9b, 1, _, _, _, _, _] => Some((low32, None)),
         [0x2002, hi, lo, _, _, _, _, _] => Some((v4(hi, lo), None)),
         [0x2001, 0, server_hi, server_lo, _, _, client_hi, client_lo] => Some((
             v4(server_hi, server_lo),
@@ -280,9 +441,9 @@ impl EgressPolicy {
         let mut clean = 0;
         for addr in addrs {
             let ip = addr.ip().to_canonical();
-            match classify(ip) {
-                Some(kind) if !self.private_admitted(host, ip, addr.port()) => {
-                    blocked.get_or_insert((ip, kind));
+            match blocked_by(ip) {
+                Some(why) if !self.private_admitted(host, ip, addr.port()) => {
+                    blocked.get_or_insert((ip, why));
                 }
                 _ => clean += 1,
             }
@@ -296,9 +457,14 @@ impl EgressPolicy {
                     display_destination(host, addrs[0].port())
                 ),
             }),
-            Some((ip, kind)) => Err(Denial {
+            Some((ip, (kind, row))) => Err(Denial {
                 label: kind.label(),
-                reason: format!("{ip} is {} and no allow_private entry admits it", kind.describe()),
+                reason: format!(
+                    "{ip} is {} ({} {}, IANA special-purpose registry) and no allow_private entry admits it",
+                    kind.describe(),
+                    row.range,
+                    row.name
+                ),
             }),
         }
     }
@@ -497,23 +663,158 @@ mod tests {
             ("::8.8.8.8", None),
             ("64:ff9b::10.0.0.1", Some(Blocked::Private)),
             ("64:ff9b::8.8.8.8", None),
-            ("64:ff9b:1::192.168.1.1", Some(Blocked::Private)),
             ("2002:a9fe:a9fe::1", Some(Blocked::LinkLocal)),
             ("2002:0808:0808::1", None),
-            // Teredo: server 65.54.227.120, client 127.0.0.1 obfuscated (0x80ff_fffe).
-            (
-                "2001:0:4136:e378:8000:63bf:80ff:fffe",
-                Some(Blocked::Loopback),
-            ),
-            ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", None),
-            (
-                "2001:0:0a00:0001:8000:63bf:f7f7:f7f7",
-                Some(Blocked::Private),
-            ),
         ];
         for (addr, want) in table {
             assert_eq!(classify(ip(addr)), *want, "{addr}");
         }
+    }
+
+    /// Every row of IANA's IPv4 and IPv6 Special-Purpose Address Registries
+    /// (and multicast), written out here from the registries rather than
+    /// from the table the code uses: an address at each end of the block,
+    /// and for rows marked globally reachable, that they stay reachable.
+    #[test]
+    fn every_special_purpose_registry_row_is_judged_as_published() {
+        use Blocked::*;
+        let rows: &[(&str, &str, Option<Blocked>)] = &[
+            ("0.0.0.0", "0.255.255.255", Some(Unspecified)),
+            ("10.0.0.0", "10.255.255.255", Some(Private)),
+            ("100.64.0.0", "100.127.255.255", Some(Cgnat)),
+            ("127.0.0.0", "127.255.255.255", Some(Loopback)),
+            ("169.254.0.0", "169.254.255.255", Some(LinkLocal)),
+            ("172.16.0.0", "172.31.255.255", Some(Private)),
+            ("192.0.0.0", "192.0.0.255", Some(SpecialPurpose)),
+            ("192.0.0.1", "192.0.0.7", Some(SpecialPurpose)),
+            ("192.0.0.8", "192.0.0.8", Some(SpecialPurpose)),
+            ("192.0.0.9", "192.0.0.9", None),
+            ("192.0.0.10", "192.0.0.10", None),
+            ("192.0.0.170", "192.0.0.171", Some(SpecialPurpose)),
+            ("192.0.2.0", "192.0.2.255", Some(Documentation)),
+            ("192.31.196.0", "192.31.196.255", None),
+            ("192.52.193.0", "192.52.193.255", None),
+            ("192.88.99.0", "192.88.99.255", Some(SpecialPurpose)),
+            ("192.168.0.0", "192.168.255.255", Some(Private)),
+            ("192.175.48.0", "192.175.48.255", None),
+            ("198.18.0.0", "198.19.255.255", Some(Benchmarking)),
+            ("198.51.100.0", "198.51.100.255", Some(Documentation)),
+            ("203.0.113.0", "203.0.113.255", Some(Documentation)),
+            ("224.0.0.0", "239.255.255.255", Some(Multicast)),
+            ("240.0.0.0", "255.255.255.254", Some(Reserved)),
+            ("255.255.255.255", "255.255.255.255", Some(Broadcast)),
+            ("::1", "::1", Some(Loopback)),
+            ("::", "::", Some(Unspecified)),
+            ("::ffff:0:0:0", "::ffff:0:ffff:ffff", Some(SpecialPurpose)),
+            (
+                "64:ff9b:1::",
+                "64:ff9b:1:ffff:ffff:ffff:ffff:ffff",
+                Some(SpecialPurpose),
+            ),
+            ("100::", "100::ffff:ffff:ffff:ffff", Some(SpecialPurpose)),
+            (
+                "100:0:0:1::",
+                "100:0:0:1:ffff:ffff:ffff:ffff",
+                Some(SpecialPurpose),
+            ),
+            (
+                "2001::",
+                "2001:1ff:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some(SpecialPurpose),
+            ),
+            (
+                "2001:0:4136:e378:8000:63bf:f7f7:f7f7",
+                "2001::ffff",
+                Some(SpecialPurpose),
+            ),
+            ("2001:1::1", "2001:1::1", None),
+            ("2001:1::2", "2001:1::2", None),
+            ("2001:1::3", "2001:1::3", None),
+            (
+                "2001:2::",
+                "2001:2:0:ffff:ffff:ffff:ffff:ffff",
+                Some(Benchmarking),
+            ),
+            ("2001:3::", "2001:3:ffff:ffff:ffff:ffff:ffff:ffff", None),
+            ("2001:4:112::", "2001:4:112:ffff:ffff:ffff:ffff:ffff", None),
+            (
+                "2001:10::",
+                "2001:1f:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some(SpecialPurpose),
+            ),
+            ("2001:20::", "2001:2f:ffff:ffff:ffff:ffff:ffff:ffff", None),
+            ("2001:30::", "2001:3f:ffff:ffff:ffff:ffff:ffff:ffff", None),
+            (
+                "2001:db8::",
+                "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some(Documentation),
+            ),
+            (
+                "2620:4f:8000::",
+                "2620:4f:8000:ffff:ffff:ffff:ffff:ffff",
+                None,
+            ),
+            (
+                "3fff::",
+                "3fff:fff:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some(Documentation),
+            ),
+            (
+                "5f00::",
+                "5f00:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some(SpecialPurpose),
+            ),
+            (
+                "fc00::",
+                "fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some(UniqueLocal),
+            ),
+            (
+                "fe80::",
+                "febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some(LinkLocal),
+            ),
+            (
+                "ff00::",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                Some(Multicast),
+            ),
+        ];
+        for (first, last, want) in rows {
+            assert_eq!(classify(ip(first)), *want, "{first}");
+            assert_eq!(classify(ip(last)), *want, "{last}");
+        }
+        // Just outside some blocks.
+        for outside in [
+            "192.0.1.255",
+            "198.17.255.255",
+            "198.20.0.0",
+            "2001:200::",
+            "3fff:1000::",
+            "5eff::1",
+        ] {
+            assert_eq!(classify(ip(outside)), None, "{outside}");
+        }
+        assert_eq!(
+            SPECIAL_NETS.len(),
+            SPECIAL_V4.len() + SPECIAL_V6.len(),
+            "every row parses"
+        );
+    }
+
+    #[test]
+    fn a_denial_names_the_registry_row() {
+        let p = policy(&["198.18.0.0/15"], &[]);
+        let host = UpstreamHost::Ip(ip("198.18.0.7"));
+        let denial = p
+            .addresses(&host, &["198.18.0.7:443".parse().unwrap()])
+            .unwrap_err();
+        assert_eq!(denial.label, "benchmarking");
+        assert!(
+            denial.reason.contains("198.18.0.0/15 Benchmarking"),
+            "{}",
+            denial.reason
+        );
     }
 
     fn policy(allow: &[&str], private: &[&str]) -> EgressPolicy {
