@@ -22,6 +22,7 @@ pub mod route;
 pub mod secrets;
 pub mod server;
 pub mod state;
+pub mod throttle;
 pub mod tls;
 pub mod unix_listener;
 pub mod upstream;

@@ -116,6 +116,9 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     pub tls_cert_expiry: GaugeVec,
     pub secrets_scrubbed: IntCounterVec,
+    /// Requests whose caller was not identified (`refused`, 401) and those
+    /// answered 429 for it (`throttled`).
+    pub caller_identification_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -209,6 +212,13 @@ impl Metrics {
             ),
             &["datasource", "where"],
         )?;
+        let caller_identification_failures = IntCounterVec::new(
+            Opts::new(
+                "sealgate_caller_identification_failures_total",
+                "Requests whose caller could not be identified, by outcome: refused (401) or throttled (429, after repeated failures from the same peer).",
+            ),
+            &["outcome"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "sealgate_build_info",
@@ -225,6 +235,7 @@ impl Metrics {
         registry.register(Box::new(tls_cert_expiry.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(secrets_scrubbed.clone()))?;
+        registry.register(Box::new(caller_identification_failures.clone()))?;
         registry.register(Box::new(egress_denied.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -250,6 +261,7 @@ impl Metrics {
             audit_dropped,
             tls_cert_expiry,
             secrets_scrubbed,
+            caller_identification_failures,
         })
     }
 

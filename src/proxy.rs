@@ -27,6 +27,7 @@ use crate::errors::{classify, ErrorCode, Refusal};
 use crate::metrics::CloseReason;
 use crate::route;
 use crate::state::{RequestId, Shared};
+use crate::throttle::Peer;
 use crate::tls::TlsIdentity;
 
 /// The `caller` label of requests whose caller could not be identified;
@@ -136,7 +137,14 @@ impl RequestCtx {
     fn caller_name(&self) -> Option<&str> {
         match (&self.caller, &self.refusal) {
             (Some(caller), _) => Some(caller.name.as_str()),
-            (None, Some(r)) if r.code == ErrorCode::CallerUnauthenticated => None,
+            (None, Some(r))
+                if matches!(
+                    r.code,
+                    ErrorCode::CallerUnauthenticated | ErrorCode::CallerThrottled
+                ) =>
+            {
+                None
+            }
             (None, _) => Some(callers::LOCAL),
         }
     }
@@ -192,6 +200,9 @@ async fn respond(session: &mut Session, ctx: &mut RequestCtx, refusal: &Refusal)
     resp.insert_header(header::CONTENT_LENGTH, body.len())?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
     resp.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+    if refusal.code == ErrorCode::CallerThrottled {
+        resp.insert_header(header::RETRY_AFTER, crate::throttle::BLOCK.as_secs())?;
+    }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -252,11 +263,12 @@ impl ProxyHttp for SealgateProxy {
         self.shared.audit.wait_writable().await;
         // Who is asking comes first, so an unknown caller learns nothing,
         // not even which data sources exist.
-        let peer_is_loopback = session
+        let client_ip = session
             .as_downstream()
             .client_addr()
             .and_then(|a| a.as_inet())
-            .is_some_and(|a| a.ip().to_canonical().is_loopback());
+            .map(|a| a.ip());
+        let peer_is_loopback = client_ip.is_some_and(|ip| ip.to_canonical().is_loopback());
         let token = session
             .req_header()
             .headers
@@ -268,6 +280,18 @@ impl ProxyHttp for SealgateProxy {
             .and_then(|tls| tls.extension.get::<TlsIdentity>())
             .map(|id| id.0.as_str());
         let unix_uid = crate::unix_listener::peer_uid();
+        let peer = unix_uid.map(Peer::Uid).or(client_ip.map(Peer::of_ip));
+        let throttle = &self.shared.throttle;
+        if peer.is_some_and(|p| throttle.is_blocked(p, ctx.started)) {
+            self.count_identification_failure("throttled");
+            let refusal = Refusal::new(
+                ErrorCode::CallerThrottled,
+                "too many failed caller identifications from this peer; retry later",
+            );
+            respond(session, ctx, &refusal).await?;
+            ctx.refusal = Some(refusal);
+            return Ok(true);
+        }
         let presented = Presented {
             tls_identity,
             unix_uid,
@@ -278,6 +302,10 @@ impl ProxyHttp for SealgateProxy {
             Identified::Caller(caller) => ctx.caller = Some(caller),
             Identified::Local => {}
             Identified::Unauthenticated(why) => {
+                if let Some(peer) = peer {
+                    throttle.failed(peer, Instant::now());
+                }
+                self.count_identification_failure("refused");
                 let refusal = Refusal::new(ErrorCode::CallerUnauthenticated, why);
                 respond(session, ctx, &refusal).await?;
                 ctx.refusal = Some(refusal);
@@ -694,6 +722,14 @@ impl SealgateProxy {
             .with_label_values(&[datasource, denial.label])
             .inc();
         Refusal::new(ErrorCode::EgressDenied, denial.reason.clone())
+    }
+
+    fn count_identification_failure(&self, outcome: &str) {
+        self.shared
+            .metrics
+            .caller_identification_failures
+            .with_label_values(&[outcome])
+            .inc();
     }
 
     fn count_scrubbed(&self, datasource: &str, revealed: u64) {

@@ -20,6 +20,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub audit: AuditLog,
     pub lifecycle: Lifecycle,
+    /// Failed caller identifications by peer.
+    pub throttle: crate::throttle::Throttle,
     /// The TLS listeners' certificate and client CAs, swapped on reload.
     pub tls: Option<TlsHandles>,
     request_ids: RequestIds,
@@ -52,6 +54,7 @@ impl Shared {
             metrics,
             audit,
             lifecycle: Lifecycle::default(),
+            throttle: Default::default(),
             request_ids: RequestIds::new(),
         })
     }

@@ -250,3 +250,79 @@ async fn unix_socket_callers_are_known_by_their_peer_uid() {
         "another uid is no caller"
     );
 }
+
+/// A request from a chosen loopback source address, so one test can be
+/// two peers.
+async fn from(source: &str, proxy: std::net::SocketAddr, token: &str) -> (u16, Option<String>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    let stream = socket.connect(proxy).await.unwrap();
+    let mut sender = h1_over(stream).await;
+    let resp = sender
+        .send_request(with_token("/pay/x", Some(token)))
+        .await
+        .unwrap();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (resp.status().as_u16(), retry_after)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_guessing_tokens_is_throttled_and_other_peers_are_not() {
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_loopback_policy(dir.path());
+    std::fs::write(
+        dir.path().join("policies/callers.toml"),
+        format!(
+            "[callers.billing]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n",
+            sha256_hex("tok-good")
+        ),
+    )
+    .unwrap();
+    let sg = Sealgate::start_in(
+        dir,
+        &format!(
+            "[policy]\ndir = \"policies\"\n[datasources.pay]\nurl = \"http://{}\"\n",
+            up.addr
+        ),
+    );
+    let mut statuses = Vec::new();
+    for i in 0..600 {
+        statuses.push(from("127.0.0.1", sg.proxy, &format!("guess-{i}")).await);
+    }
+    let refused = statuses.iter().filter(|(s, _)| *s == 401).count();
+    let throttled: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
+    assert_eq!(refused, 10, "ten failures, then throttled");
+    assert_eq!(throttled.len(), 590);
+    assert!(
+        throttled.iter().all(|(_, r)| r.as_deref() == Some("10")),
+        "Retry-After"
+    );
+    assert_eq!(
+        from("127.0.0.1", sg.proxy, "tok-good").await.0,
+        429,
+        "the peer is held back whatever it presents"
+    );
+    assert_eq!(
+        from("127.0.0.2", sg.proxy, "tok-good").await.0,
+        200,
+        "another peer is not"
+    );
+    sg.assert_metrics(&[
+        r#"sealgate_caller_identification_failures_total{outcome="refused"} 10"#,
+        r#"sealgate_caller_identification_failures_total{outcome="throttled"} 591"#,
+    ]);
+    let records = sg.audit(602);
+    let throttled_record = records
+        .iter()
+        .find(|r| r["status"] == 429)
+        .expect("a throttled request's record");
+    assert_eq!(throttled_record["error"], "caller_throttled");
+    assert!(throttled_record["caller"].is_null());
+}
