@@ -99,7 +99,7 @@ impl<'a> ErrorSink<'a> {
     /// A TOML syntax or schema error, located by its span; the key is
     /// recovered from the surrounding text because the parser reports only
     /// a message and a span.
-    pub fn toml_error(&mut self, err: &toml::de::Error) {
+    fn toml_error(&mut self, err: &toml::de::Error) {
         let message = without_offending_value(err.message().trim());
         match err.span() {
             Some(span) => {
@@ -107,6 +107,36 @@ impl<'a> ErrorSink<'a> {
                 self.at(span, key, message);
             }
             None => self.without_line("(file)", message),
+        }
+    }
+
+    /// Reports `first`, a schema error (a wrong type, an unknown key) in
+    /// `text`, and every further one: serde stops at the first, so each is
+    /// taken out of the text (its line blanked, offsets kept) and the text
+    /// parsed again as `T`. Stops at a syntax error, at a missing field
+    /// (which a blanked line may have caused), or after `MAX_REPORTED`.
+    pub fn schema_errors<T: serde::de::DeserializeOwned>(&mut self, first: &toml::de::Error) {
+        const MAX_REPORTED: usize = 50;
+        self.toml_error(first);
+        if self.text.parse::<toml::Table>().is_err() {
+            return;
+        }
+        let mut text = self.text.to_string();
+        let mut error = first.clone();
+        for _ in 1..MAX_REPORTED {
+            let Some(span) = error.span() else { return };
+            blank_entry(&mut text, span.start);
+            if text.parse::<toml::Table>().is_err() {
+                return;
+            }
+            match toml::from_str::<T>(&text) {
+                Ok(_) => return,
+                Err(next) if next.message().starts_with("missing field") => return,
+                Err(next) => {
+                    self.toml_error(&next);
+                    error = next;
+                }
+            }
         }
     }
 
@@ -154,6 +184,36 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// The dotted key a span belongs to: the enclosing `[table]` header plus the
 /// key on the span's line (or the spanned text itself when it is a key).
+/// Blanks the line at `at` with spaces; a table header is blanked with
+/// every line up to the next header, so its keys do not fall into the
+/// table before it.
+fn blank_entry(text: &mut String, at: usize) {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let mut end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    if text[start..end].trim_start().starts_with('[') {
+        while end < text.len() {
+            let next_start = end + 1;
+            let next_end = text[next_start..]
+                .find('\n')
+                .map_or(text.len(), |i| next_start + i);
+            if text[next_start..next_end].trim_start().starts_with('[') {
+                break;
+            }
+            end = next_end;
+        }
+    }
+    // Byte for byte, so every later span still points where it did.
+    let blanked: String = text[start..end]
+        .chars()
+        .flat_map(|c| {
+            let width = if c == '\n' { 0 } else { c.len_utf8() };
+            std::iter::repeat_n(' ', width).chain((c == '\n').then_some('\n'))
+        })
+        .collect();
+    text.replace_range(start..end, &blanked);
+}
+
 fn key_at(text: &str, span: Range<usize>) -> String {
     let start = span.start.min(text.len());
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);

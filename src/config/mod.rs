@@ -305,12 +305,14 @@ fn parse_with(
         .keys()
         .map(|n| n.get_ref().as_str())
         .collect();
+    let mut policy_loaded = true;
     let policy::Policy { egress, callers } = match &raw.policy {
         None => policy::Policy::default(),
         Some(p) => match policy::load(&v.relative(p.dir.get_ref()), &names) {
             Ok(policy) => policy,
             Err(errors) => {
                 errors.into_iter().for_each(|e| v.sink.push(e));
+                policy_loaded = false;
                 policy::Policy::default()
             }
         },
@@ -332,8 +334,13 @@ fn parse_with(
         .as_ref()
         .map(|p| v.relative(p.get_ref()));
     let context = DataSourceContext {
-        keyring: keyring.as_ref(),
+        keys: match (&raw.keys, &keyring) {
+            (None, _) => Keys::Missing,
+            (Some(_), None) => Keys::Failed,
+            (Some(_), Some(keyring)) => Keys::Loaded(keyring),
+        },
         egress: &egress,
+        policy_loaded,
         regions: &regions,
     };
     // Every place an envelope could have been sealed for, so that one
@@ -458,7 +465,7 @@ fn start<'a>(path: &'a Path, text: &'a str) -> Result<(RawConfig, Validator<'a>)
             },
         )),
         Err(e) => {
-            sink.toml_error(&e);
+            sink.schema_errors::<RawConfig>(&e);
             Err(sink.into_errors())
         }
     }
@@ -490,9 +497,24 @@ struct Validator<'a> {
 
 /// What validating a data source needs from the rest of the config.
 struct DataSourceContext<'a> {
-    keyring: Option<&'a Keyring>,
+    keys: Keys<'a>,
     egress: &'a EgressPolicy,
+    /// False when a policy file had errors: what the policy would have
+    /// admitted is unknown, so nothing is judged by it (its own errors are
+    /// reported).
+    policy_loaded: bool,
     regions: &'a HashMap<String, Arc<Region>>,
+}
+
+/// What sealed values can be opened with.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    /// No `[keys]` section.
+    Missing,
+    /// A `[keys]` section whose keys did not load; that error is reported
+    /// once, not again for every sealed value.
+    Failed,
+    Loaded(&'a Keyring),
 }
 
 impl Validator<'_> {
@@ -634,11 +656,10 @@ impl Validator<'_> {
     fn credential(
         &mut self,
         ds: &str,
-        raw: &Spanned<RawCredential>,
-        keyring: Option<&Keyring>,
+        c: &RawCredential,
+        keys: Keys<'_>,
         places: &[(&str, &str)],
     ) -> Option<CredentialState> {
-        let c = raw.get_ref();
         let key = |field: &str| format!("datasources.{ds}.credential.{field}");
         let Some(kind) = CredentialKind::parse(c.kind.get_ref()) else {
             self.sink.at(
@@ -676,7 +697,7 @@ impl Validator<'_> {
                 }
                 (true, None) => {
                     self.sink.at(
-                        raw.span(),
+                        c.kind.span(),
                         key(field),
                         format!("missing: a {} credential needs it", kind.as_str()),
                     );
@@ -690,7 +711,7 @@ impl Validator<'_> {
             .iter()
             .find(|(f, _)| *f == secret_field)
             .and_then(|(_, v)| v.as_ref())?;
-        let opened = self.open(ds, secret_field, sealed, keyring, places)?;
+        let opened = self.open(ds, secret_field, sealed, keys, places)?;
         if !complete {
             return None;
         }
@@ -710,7 +731,7 @@ impl Validator<'_> {
         built
             .map_err(|msg| {
                 self.sink
-                    .at(raw.span(), format!("datasources.{ds}.credential"), msg)
+                    .at(c.kind.span(), format!("datasources.{ds}.credential"), msg)
             })
             .ok()
             .map(CredentialState::Ready)
@@ -721,20 +742,23 @@ impl Validator<'_> {
         ds: &str,
         field: &str,
         sealed: &Spanned<String>,
-        keyring: Option<&Keyring>,
+        keys: Keys<'_>,
         places: &[(&str, &str)],
     ) -> Option<Result<Secret, String>> {
         let key = format!("datasources.{ds}.credential.{field}");
-        let Some(keyring) =
-            keyring.filter(|_| sealed.get_ref().starts_with(crate::secrets::SEALED_PREFIX))
-        else {
-            let message = if sealed.get_ref().starts_with(crate::secrets::SEALED_PREFIX) {
-                "a sealed value needs a [keys] section to open it".to_string()
-            } else {
-                crate::secrets::OpenError::Plaintext.to_string()
-            };
+        if !sealed.get_ref().starts_with(crate::secrets::SEALED_PREFIX) {
+            let message = crate::secrets::OpenError::Plaintext.to_string();
             self.sink.at(sealed.span(), key, message);
             return None;
+        }
+        let keyring = match keys {
+            Keys::Loaded(keyring) => keyring,
+            Keys::Failed => return None,
+            Keys::Missing => {
+                let message = "a sealed value needs a [keys] section to open it";
+                self.sink.at(sealed.span(), key, message);
+                return None;
+            }
         };
         match keyring.open(ds, field, sealed.get_ref(), places) {
             Ok(secret) => Some(Ok(secret)),
@@ -846,7 +870,6 @@ impl Validator<'_> {
         context: &DataSourceContext<'_>,
         places: &[(&str, &str)],
     ) -> Option<DataSource> {
-        let keyring = context.keyring;
         let key = |field: &str| format!("datasources.{}.{field}", name.get_ref());
         if !valid_datasource_name(name.get_ref()) {
             self.sink.at(
@@ -910,28 +933,30 @@ impl Validator<'_> {
                 .hash(&mut h);
             h.finish()
         };
+        // Every field is judged, whatever failed before it, so that one
+        // run of `check` reports all there is to fix.
         let credential = raw
             .credential
             .as_ref()
-            .and_then(|c| self.credential(name.get_ref(), c, keyring, places));
-        if raw.credential.is_some() && credential.is_none() {
-            return None;
-        }
+            .and_then(|c| self.credential(name.get_ref(), c, context.keys, places));
         let region = match &raw.region {
-            None => None,
+            None => Some(None),
             Some(r) => match context.regions.get(r.get_ref()) {
-                Some(region) => Some(region.clone()),
+                Some(region) => Some(Some(region.clone())),
                 None => {
                     self.sink.at(
                         r.span(),
                         key("region"),
                         format!("no [regions.{}] is defined", r.get_ref()),
                     );
-                    return None;
+                    None
                 }
             },
         };
         let upstream = upstream?;
+        if !context.policy_loaded {
+            return None;
+        }
         let egress = context
             .egress
             .destination(&upstream.host, upstream.port)
@@ -954,7 +979,7 @@ impl Validator<'_> {
             );
             self.egress_problems.push(problem);
         }
-        if credential.is_some()
+        if raw.credential.is_some()
             && !upstream.tls
             && !context
                 .egress
@@ -967,9 +992,12 @@ impl Validator<'_> {
             );
             return None;
         }
+        if raw.credential.is_some() && credential.is_none() {
+            return None;
+        }
         Some(DataSource {
             credential,
-            region,
+            region: region?,
             egress,
             pool_key,
             name: name.get_ref().clone(),
@@ -1061,6 +1089,130 @@ mod tests {
             "{e:?}"
         );
         assert!(e[2].contains(":7: datasources.bad.timeout_ms"), "{e:?}");
+    }
+
+    /// One run of `check` names everything wrong with a data source, not
+    /// just the first field that failed.
+    #[test]
+    fn every_field_of_a_data_source_is_judged_whatever_failed_first() {
+        let e = errors(concat!(
+            "[datasources.bad]\n",
+            "url = \"http://exa mple.com\"\n",
+            "region = \"nowhere\"\n",
+            "timeout_ms = 0\n",
+            "credential = { kind = \"bearer\", token = \"plaintext\" }\n",
+        ));
+        for (line, key) in [
+            (2, "datasources.bad.url"),
+            (3, "datasources.bad.region"),
+            (4, "datasources.bad.timeout_ms"),
+            (5, "datasources.bad.credential.token"),
+        ] {
+            assert!(
+                e.iter().any(|m| m.contains(&format!(":{line}: {key}:"))),
+                "{key} in {e:?}"
+            );
+        }
+    }
+
+    /// serde stops at the first wrong type or unknown key; `check` goes on
+    /// to the next.
+    #[test]
+    fn every_schema_error_is_reported_not_just_the_first() {
+        let e = errors(concat!(
+            "[proxy]\n",
+            "threads = \"two\"\n",
+            "bogus = 1\n",
+            "[unknown_table]\n",
+            "x = 1\n",
+            "[datasources.a]\n",
+            "url = \"https://example.com\"\n",
+            "timeout_ms = \"5000\"\n",
+            "[datasources.b]\n",
+            "url = \"https://example.com\"\n",
+            "pass_set_cookie = \"yes\"\n",
+            "[datasources.c]\n",
+            "url = 5\n",
+        ));
+        for line in [2, 3, 4, 8, 11, 13] {
+            assert!(
+                e.iter().any(|m| m.contains(&format!("test.toml:{line}:"))),
+                "line {line} in {e:?}"
+            );
+        }
+        assert!(
+            !e.iter().any(|m| m.contains(":5:")),
+            "no error follows from a blanked table: {e:?}"
+        );
+    }
+
+    #[test]
+    fn dotted_keys_are_tables_like_any_other() {
+        let e = errors(concat!(
+            "[datasources.pay]\n",
+            "url = \"https://example.com\"\n",
+            "credential.kind = \"basic\"\n",
+            "credential.username = \"svc\"\n",
+            "credential.password = \"plaintext\"\n",
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains(":5: datasources.pay.credential.password: holds a plaintext secret"),
+            "{e:?}"
+        );
+    }
+
+    /// A policy file that fails to load is reported; what it would have
+    /// allowed is not guessed at, so no error follows from its absence.
+    #[test]
+    fn a_broken_policy_file_is_reported_without_errors_that_follow_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(
+            dir.path().join("policies/p.toml"),
+            "[egress]\nallow_private = [\"127.0.0.1/32:8080\"]\nbogus = 1\n",
+        )
+        .unwrap();
+        let config = dir.path().join("sealgate.toml");
+        let text = "[policy]\ndir = \"policies\"\n[datasources.local]\n\
+                    url = \"http://127.0.0.1:8080\"\n\
+                    credential = { kind = \"bearer\", token = \"plaintext\" }\n";
+        let e: Vec<String> = match parse(&config, text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        };
+        assert!(
+            e.iter()
+                .any(|m| m.contains("p.toml") && m.contains("bogus")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|m| m.contains("plaintext secret")), "{e:?}");
+        assert!(
+            !e.iter().any(|m| m.contains("only sent over https")),
+            "{e:?}"
+        );
+    }
+
+    /// Keys that fail to load are one error, not one more per sealed value.
+    #[test]
+    fn keys_that_fail_to_load_are_reported_once() {
+        let e = errors(concat!(
+            "[keys]\n",
+            "dir = \"/nonexistent/keys\"\n",
+            "primary = \"k1\"\n",
+            "salt = \"c2VhbGdhdGUtdGVzdC1zYWx0LTEyMzQ1Njc4OTA=\"\n",
+            "[datasources.a]\n",
+            "url = \"https://example.com\"\n",
+            "credential = { kind = \"bearer\", token = \"sealed:v1:k1:AAAA\" }\n",
+            "[datasources.b]\n",
+            "url = \"https://example.com\"\n",
+            "credential = { kind = \"bearer\", token = \"sealed:v1:k1:AAAA\" }\n",
+        ));
+        assert!(e.iter().any(|m| m.contains("keys.dir")), "{e:?}");
+        assert!(
+            !e.iter().any(|m| m.contains("needs a [keys] section")),
+            "{e:?}"
+        );
     }
 
     #[test]

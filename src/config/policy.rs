@@ -46,7 +46,7 @@ pub fn load(dir: &Path, datasources: &HashSet<&str>) -> Result<Policy, Vec<Confi
         };
         let mut sink = ErrorSink::new(&file, &text);
         match toml::from_str::<RawPolicyFile>(&text) {
-            Err(e) => sink.toml_error(&e),
+            Err(e) => sink.schema_errors::<RawPolicyFile>(&e),
             Ok(raw) => {
                 let egress = raw.egress.as_ref();
                 for (key, entries, into_private) in [

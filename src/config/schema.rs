@@ -144,5 +144,9 @@ pub struct RawDataSource {
     pub ca_file: Option<Spanned<String>>,
     #[serde(default)]
     pub pass_set_cookie: bool,
-    pub credential: Option<Spanned<RawCredential>>,
+    /// Not `Spanned`: a table written with dotted keys
+    /// (`credential.kind = "basic"`) has no span of its own, and a
+    /// `Spanned` table refuses it; errors about the whole credential are
+    /// placed at its `kind`.
+    pub credential: Option<RawCredential>,
 }
