@@ -97,17 +97,78 @@ impl BackgroundService for AdminService {
     }
 }
 
-/// Ready once every proxy listener accepts a connection: that is the moment
-/// traffic sent here would be served.
+/// Ready once every proxy listener is listening: that is the moment traffic
+/// sent here would be served.
 async fn mark_ready_when_listening(shared: Arc<Shared>, addrs: Vec<SocketAddr>) {
     for addr in addrs {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+        while !listening(addr) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     shared.lifecycle.set_ready();
     crate::notify::ready();
     tracing::info!("sealgate is ready");
+}
+
+/// Whether this process holds a socket listening on `addr`, read from
+/// /proc rather than by connecting: a probe that connects and hangs up
+/// shows in pingora's log as a failed TLS handshake on every start.
+fn listening(addr: SocketAddr) -> bool {
+    let ours = own_socket_inodes();
+    let table = if addr.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
+    let Ok(text) = std::fs::read_to_string(table) else {
+        return false;
+    };
+    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+    text.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        const LISTEN: &str = "0A";
+        fields.len() > 9
+            && fields[3] == LISTEN
+            && parse_proc_addr(fields[1]) == Some(addr)
+            && fields[9]
+                .parse::<u64>()
+                .is_ok_and(|inode| ours.contains(&inode))
+    })
+}
+
+/// The inodes of this process's sockets (`/proc/self/fd/N -> socket:[inode]`).
+fn own_socket_inodes() -> std::collections::HashSet<u64> {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return Default::default();
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): the kernel
+/// prints each 32-bit word of the address as a native-endian number.
+fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
+    let (ip_hex, port_hex) = text.split_once(':')?;
+    let port = u16::from_str_radix(port_hex, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in 0..ip_hex.len() / 8 {
+        let value = u32::from_str_radix(ip_hex.get(word * 8..word * 8 + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&value.to_ne_bytes());
+    }
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
+        16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 fn text(
@@ -257,6 +318,19 @@ mod tests {
             StatusCode::OK,
             "metrics may be scraped remotely"
         );
+    }
+
+    #[test]
+    fn a_listener_of_this_process_is_found_without_connecting() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(listening(addr));
+        let v6 = std::net::TcpListener::bind("[::1]:0");
+        if let Ok(v6) = &v6 {
+            assert!(listening(v6.local_addr().unwrap()));
+        }
+        drop(listener);
+        assert!(!listening(addr));
     }
 
     #[test]

@@ -341,3 +341,28 @@ async fn a_stalled_tls_handshake_is_closed_at_its_deadline() {
     );
     sg.assert_metrics(&[r#"sealgate_downstream_closed_total{reason="tls_handshake_timeout"} 1"#]);
 }
+
+/// sealgate's readiness check of its own listeners makes no connection, so
+/// a clean start with a TLS listener logs no handshake error, nor any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_start_with_a_tls_listener_logs_no_error() {
+    let (pki, tls, sg) = start_tls_in_front_of_echo().await;
+    let stream = tls_connect(tls, &[&pki.server_ca], None, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let resp = h1_over(stream)
+        .await
+        .send_request(get_req("/echo/x"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let stderr = sg.stderr();
+    assert!(stderr.contains("sealgate is ready"), "{stderr}");
+    assert!(
+        !stderr
+            .lines()
+            .any(|l| l.contains("ERROR") || l.contains("WARN")),
+        "{stderr}"
+    );
+}
