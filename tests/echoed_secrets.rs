@@ -277,3 +277,94 @@ async fn an_h2_upstream_echoing_in_header_names_and_trailers_is_redacted() {
     assert_eq!(scrubbed, Some(4.0));
     assert_nothing_written(&sg, &forms);
 }
+
+/// An upstream that sends back everything it was sent: the request target
+/// as its reason phrase, and every request header value and the target in
+/// every encoding as response headers. It does not know which of them
+/// carries the credential.
+async fn reflecting_upstream() -> SocketAddr {
+    raw_upstream(|mut stream| async move {
+        let head = read_head(&mut stream).await;
+        let target = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let mut carried: Vec<String> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':').map(|(_, v)| v.trim().to_string()))
+            .collect();
+        carried.push(target.clone());
+        let mut answer = format!("HTTP/1.1 200 {target}\r\n");
+        for (i, value) in carried.iter().enumerate() {
+            for (j, shown) in [
+                value.to_uppercase(),
+                value.to_lowercase(),
+                STANDARD.encode(value),
+                URL_SAFE_NO_PAD.encode(value),
+                percent(value, true),
+                value.bytes().map(|b| format!("{b:02x}")).collect(),
+            ]
+            .iter()
+            .enumerate()
+            {
+                answer.push_str(&format!("X-Reflect-{i}-{j}: {shown}\r\n"));
+            }
+        }
+        answer.push_str("Content-Length: 2\r\n\r\nok");
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await
+}
+
+/// Every credential kind, its secret reflected in every form: none reaches
+/// the caller or anything sealgate writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_kind_of_credential_comes_back_through_a_reflecting_upstream() {
+    let upstream = reflecting_upstream().await;
+    const SECRET: &str = "Kd7~sgTok+9Qz x_";
+    let kinds: [(&str, &str, &str, Vec<String>); 4] = [
+        ("bearer", "token", "", vec![format!("Bearer {SECRET}")]),
+        (
+            "basic",
+            "password",
+            "username = \"svc\", ",
+            vec![
+                format!("svc:{SECRET}"),
+                STANDARD.encode(format!("svc:{SECRET}")),
+                format!("Basic {}", STANDARD.encode(format!("svc:{SECRET}"))),
+            ],
+        ),
+        ("header", "value", "name = \"X-API-Key\", ", vec![]),
+        ("query", "value", "name = \"api_key\", ", vec![]),
+    ];
+    for (kind, field, public, carriers) in kinds {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = Keys::new(dir.path());
+        let config = dir.path().join("sealgate.toml");
+        std::fs::write(&config, keys.toml("k1")).expect("config");
+        let sealed = seal(&config, "echo", field, SECRET);
+        let sg = Sealgate::start_logging(
+            dir,
+            &format!(
+                "{}\n[datasources.echo]\nurl = \"http://{upstream}\"\n\
+                 credential = {{ kind = \"{kind}\", {public}{field} = \"{sealed}\" }}\n",
+                keys.toml("k1")
+            ),
+            "trace",
+        );
+        let carriers: Vec<&str> = carriers.iter().map(String::as_str).collect();
+        let forms = secret_forms(SECRET, &carriers);
+        let seen = raw_exchange(
+            sg.proxy,
+            b"GET /echo/x?a=1 HTTP/1.1\r\nHost: sealgate\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_no_secret(&format!("the {kind} answer"), &seen, &forms);
+        let answer = String::from_utf8_lossy(&seen);
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{kind}: {answer}"
+        );
+        assert!(answer.contains("[redacted]"), "{kind}: {answer}");
+        assert_nothing_written(&sg, &forms);
+    }
+}
