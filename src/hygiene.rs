@@ -76,12 +76,20 @@ pub fn check(req: &RequestHeader) -> Result<(), Unfit> {
     Ok(())
 }
 
-/// Removes the routing and method overrides before the request goes out.
-pub fn strip_overrides(req: &mut RequestHeader) {
+/// The caller's own credentials, which never reach a data source.
+const CALLER_CREDENTIALS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::PROXY_AUTHORIZATION,
+    header::COOKIE,
+];
+
+/// Removes, in one pass, what the caller sent that must not go out: its
+/// own credentials, and the routing and method overrides.
+pub fn strip_for_upstream(req: &mut RequestHeader) {
     let present: Vec<HeaderName> = req
         .headers
         .keys()
-        .filter(|name| OVERRIDES.contains(&name.as_str()))
+        .filter(|name| CALLER_CREDENTIALS.contains(name) || OVERRIDES.contains(&name.as_str()))
         .cloned()
         .collect();
     for name in present {
@@ -127,12 +135,15 @@ mod tests {
     }
 
     #[test]
-    fn strips_every_override() {
+    fn strips_every_override_and_caller_credential() {
         let mut headers: Vec<(&str, &str)> = OVERRIDES.iter().map(|h| (*h, "/admin")).collect();
         headers.push(("X-Original-URL", "/admin"));
         headers.push(("x-kept", "1"));
+        headers.push(("authorization", "Bearer mine"));
+        headers.push(("Proxy-Authorization", "Bearer mine"));
+        headers.push(("cookie", "s=1"));
         let mut req = request("GET", "/a/b", &headers);
-        strip_overrides(&mut req);
+        strip_for_upstream(&mut req);
         let left: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
     }

@@ -517,8 +517,7 @@ impl ProxyHttp for SealgateProxy {
             .map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "request target"))?;
         upstream_request.set_uri(uri);
         upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
-        strip_caller_credentials(upstream_request);
-        crate::hygiene::strip_overrides(upstream_request);
+        crate::hygiene::strip_for_upstream(upstream_request);
         match &ds.credential {
             Some(CredentialState::Ready(credential)) => {
                 credential.inject_header(upstream_request)?
@@ -757,24 +756,23 @@ fn log_failure(e: &Error, ctx: &RequestCtx, status: u16) {
     let datasource = ctx.datasource.as_ref().map_or("-", |d| d.name.as_str());
     let (error, source) = (e.etype().as_str(), e.esource().as_str());
     let request_id = ctx.request_id.as_str();
+    macro_rules! failed {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                request_id,
+                datasource,
+                error,
+                source,
+                status,
+                "request failed"
+            )
+        };
+    }
     if e.esource() == &pingora::ErrorSource::Downstream {
-        tracing::info!(
-            request_id,
-            datasource,
-            error,
-            source,
-            status,
-            "request failed"
-        );
+        failed!(tracing::Level::INFO);
     } else {
-        tracing::error!(
-            request_id,
-            datasource,
-            error,
-            source,
-            status,
-            "request failed"
-        );
+        failed!(tracing::Level::ERROR);
     }
 }
 
@@ -814,24 +812,6 @@ fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
     }
     for name in doomed {
         resp.remove_header(&name);
-    }
-}
-
-/// The caller's own credentials never reach a data source.
-fn strip_caller_credentials(req: &mut RequestHeader) {
-    const CALLER_CREDENTIALS: [HeaderName; 3] = [
-        header::AUTHORIZATION,
-        header::PROXY_AUTHORIZATION,
-        header::COOKIE,
-    ];
-    let present: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|name| CALLER_CREDENTIALS.contains(name))
-        .cloned()
-        .collect();
-    for name in present {
-        req.remove_header(&name);
     }
 }
 
