@@ -107,145 +107,149 @@ const fn row(range: &'static str, name: &'static str, blocked: Option<Blocked>) 
     }
 }
 
-use Blocked::*;
-
 /// The IPv4 Special-Purpose Address Registry's rows, as published.
-const SPECIAL_V4: [SpecialRange; 26] = [
-    row("0.0.0.0/8", "\"This network\"", Some(Unspecified)),
-    row(
-        "0.0.0.0/32",
-        "\"This host on this network\"",
-        Some(Unspecified),
-    ),
-    row("10.0.0.0/8", "Private-Use", Some(Private)),
-    row("100.64.0.0/10", "Shared Address Space", Some(Cgnat)),
-    row("127.0.0.0/8", "Loopback", Some(Loopback)),
-    row("169.254.0.0/16", "Link Local", Some(LinkLocal)),
-    row("172.16.0.0/12", "Private-Use", Some(Private)),
-    row(
-        "192.0.0.0/24",
-        "IETF Protocol Assignments",
-        Some(SpecialPurpose),
-    ),
-    row(
-        "192.0.0.0/29",
-        "IPv4 Service Continuity Prefix",
-        Some(SpecialPurpose),
-    ),
-    row("192.0.0.8/32", "IPv4 dummy address", Some(SpecialPurpose)),
-    row("192.0.0.9/32", "Port Control Protocol Anycast", None),
-    row(
-        "192.0.0.10/32",
-        "Traversal Using Relays around NAT Anycast",
-        None,
-    ),
-    row(
-        "192.0.0.170/32",
-        "NAT64/DNS64 Discovery",
-        Some(SpecialPurpose),
-    ),
-    row(
-        "192.0.0.171/32",
-        "NAT64/DNS64 Discovery",
-        Some(SpecialPurpose),
-    ),
-    row(
-        "192.0.2.0/24",
-        "Documentation (TEST-NET-1)",
-        Some(Documentation),
-    ),
-    row("192.31.196.0/24", "AS112-v4", None),
-    row("192.52.193.0/24", "AMT", None),
-    row(
-        "192.88.99.0/24",
-        "Deprecated (6to4 Relay Anycast)",
-        Some(SpecialPurpose),
-    ),
-    row("192.168.0.0/16", "Private-Use", Some(Private)),
-    row("192.175.48.0/24", "Direct Delegation AS112 Service", None),
-    row("198.18.0.0/15", "Benchmarking", Some(Benchmarking)),
-    row(
-        "198.51.100.0/24",
-        "Documentation (TEST-NET-2)",
-        Some(Documentation),
-    ),
-    row(
-        "203.0.113.0/24",
-        "Documentation (TEST-NET-3)",
-        Some(Documentation),
-    ),
-    row("224.0.0.0/4", "Multicast", Some(Multicast)),
-    row("240.0.0.0/4", "Reserved", Some(Reserved)),
-    row("255.255.255.255/32", "Limited Broadcast", Some(Broadcast)),
-];
+const SPECIAL_V4: [SpecialRange; 26] = {
+    use Blocked::*;
+    [
+        row("0.0.0.0/8", "\"This network\"", Some(Unspecified)),
+        row(
+            "0.0.0.0/32",
+            "\"This host on this network\"",
+            Some(Unspecified),
+        ),
+        row("10.0.0.0/8", "Private-Use", Some(Private)),
+        row("100.64.0.0/10", "Shared Address Space", Some(Cgnat)),
+        row("127.0.0.0/8", "Loopback", Some(Loopback)),
+        row("169.254.0.0/16", "Link Local", Some(LinkLocal)),
+        row("172.16.0.0/12", "Private-Use", Some(Private)),
+        row(
+            "192.0.0.0/24",
+            "IETF Protocol Assignments",
+            Some(SpecialPurpose),
+        ),
+        row(
+            "192.0.0.0/29",
+            "IPv4 Service Continuity Prefix",
+            Some(SpecialPurpose),
+        ),
+        row("192.0.0.8/32", "IPv4 dummy address", Some(SpecialPurpose)),
+        row("192.0.0.9/32", "Port Control Protocol Anycast", None),
+        row(
+            "192.0.0.10/32",
+            "Traversal Using Relays around NAT Anycast",
+            None,
+        ),
+        row(
+            "192.0.0.170/32",
+            "NAT64/DNS64 Discovery",
+            Some(SpecialPurpose),
+        ),
+        row(
+            "192.0.0.171/32",
+            "NAT64/DNS64 Discovery",
+            Some(SpecialPurpose),
+        ),
+        row(
+            "192.0.2.0/24",
+            "Documentation (TEST-NET-1)",
+            Some(Documentation),
+        ),
+        row("192.31.196.0/24", "AS112-v4", None),
+        row("192.52.193.0/24", "AMT", None),
+        row(
+            "192.88.99.0/24",
+            "Deprecated (6to4 Relay Anycast)",
+            Some(SpecialPurpose),
+        ),
+        row("192.168.0.0/16", "Private-Use", Some(Private)),
+        row("192.175.48.0/24", "Direct Delegation AS112 Service", None),
+        row("198.18.0.0/15", "Benchmarking", Some(Benchmarking)),
+        row(
+            "198.51.100.0/24",
+            "Documentation (TEST-NET-2)",
+            Some(Documentation),
+        ),
+        row(
+            "203.0.113.0/24",
+            "Documentation (TEST-NET-3)",
+            Some(Documentation),
+        ),
+        row("224.0.0.0/4", "Multicast", Some(Multicast)),
+        row("240.0.0.0/4", "Reserved", Some(Reserved)),
+        row("255.255.255.255/32", "Limited Broadcast", Some(Broadcast)),
+    ]
+};
 
 /// The IPv6 Special-Purpose Address Registry's rows. Forms that carry an
 /// IPv4 address a packet is really sent to (IPv4-mapped, IPv4-compatible,
 /// the well-known NAT64 prefix, 6to4) are judged by that address instead
 /// (`embedded_v4`); Teredo lies inside 2001::/23 and is refused with it.
-const SPECIAL_V6: [SpecialRange; 25] = [
-    row("::1/128", "Loopback Address", Some(Loopback)),
-    row("::/128", "Unspecified Address", Some(Unspecified)),
-    row(
-        "::ffff:0:0:0/96",
-        "IPv4-translated Address",
-        Some(SpecialPurpose),
-    ),
-    row(
-        "64:ff9b:1::/48",
-        "IPv4-IPv6 Translat. (local use)",
-        Some(SpecialPurpose),
-    ),
-    row(
-        "100::/64",
-        "Discard-Only Address Block",
-        Some(SpecialPurpose),
-    ),
-    row("100:0:0:1::/64", "Dummy IPv6 Prefix", Some(SpecialPurpose)),
-    row(
-        "2001::/23",
-        "IETF Protocol Assignments",
-        Some(SpecialPurpose),
-    ),
-    row("2001::/32", "TEREDO", Some(SpecialPurpose)),
-    row("2001:1::1/128", "Port Control Protocol Anycast", None),
-    row(
-        "2001:1::2/128",
-        "Traversal Using Relays around NAT Anycast",
-        None,
-    ),
-    row(
-        "2001:1::3/128",
-        "DNS-SD Service Registration Protocol Anycast",
-        None,
-    ),
-    row("2001:2::/48", "Benchmarking", Some(Benchmarking)),
-    row("2001:3::/32", "AMT", None),
-    row("2001:4:112::/48", "AS112-v6", None),
-    row(
-        "2001:10::/28",
-        "Deprecated (previously ORCHID)",
-        Some(SpecialPurpose),
-    ),
-    row("2001:20::/28", "ORCHIDv2", None),
-    row(
-        "2001:30::/28",
-        "Drone Remote ID Protocol Entity Tags (DETs) Prefix",
-        None,
-    ),
-    row("2001:db8::/32", "Documentation", Some(Documentation)),
-    row("2620:4f:8000::/48", "Direct Delegation AS112 Service", None),
-    row("3fff::/20", "Documentation", Some(Documentation)),
-    row(
-        "5f00::/16",
-        "Segment Routing (SRv6) SIDs",
-        Some(SpecialPurpose),
-    ),
-    row("fc00::/7", "Unique-Local", Some(UniqueLocal)),
-    row("fe80::/10", "Link-Local Unicast", Some(LinkLocal)),
-    row("fec0::/10", "Site-Local (deprecated)", Some(Private)),
-    row("ff00::/8", "Multicast", Some(Multicast)),
-];
+const SPECIAL_V6: [SpecialRange; 25] = {
+    use Blocked::*;
+    [
+        row("::1/128", "Loopback Address", Some(Loopback)),
+        row("::/128", "Unspecified Address", Some(Unspecified)),
+        row(
+            "::ffff:0:0:0/96",
+            "IPv4-translated Address",
+            Some(SpecialPurpose),
+        ),
+        row(
+            "64:ff9b:1::/48",
+            "IPv4-IPv6 Translat. (local use)",
+            Some(SpecialPurpose),
+        ),
+        row(
+            "100::/64",
+            "Discard-Only Address Block",
+            Some(SpecialPurpose),
+        ),
+        row("100:0:0:1::/64", "Dummy IPv6 Prefix", Some(SpecialPurpose)),
+        row(
+            "2001::/23",
+            "IETF Protocol Assignments",
+            Some(SpecialPurpose),
+        ),
+        row("2001::/32", "TEREDO", Some(SpecialPurpose)),
+        row("2001:1::1/128", "Port Control Protocol Anycast", None),
+        row(
+            "2001:1::2/128",
+            "Traversal Using Relays around NAT Anycast",
+            None,
+        ),
+        row(
+            "2001:1::3/128",
+            "DNS-SD Service Registration Protocol Anycast",
+            None,
+        ),
+        row("2001:2::/48", "Benchmarking", Some(Benchmarking)),
+        row("2001:3::/32", "AMT", None),
+        row("2001:4:112::/48", "AS112-v6", None),
+        row(
+            "2001:10::/28",
+            "Deprecated (previously ORCHID)",
+            Some(SpecialPurpose),
+        ),
+        row("2001:20::/28", "ORCHIDv2", None),
+        row(
+            "2001:30::/28",
+            "Drone Remote ID Protocol Entity Tags (DETs) Prefix",
+            None,
+        ),
+        row("2001:db8::/32", "Documentation", Some(Documentation)),
+        row("2620:4f:8000::/48", "Direct Delegation AS112 Service", None),
+        row("3fff::/20", "Documentation", Some(Documentation)),
+        row(
+            "5f00::/16",
+            "Segment Routing (SRv6) SIDs",
+            Some(SpecialPurpose),
+        ),
+        row("fc00::/7", "Unique-Local", Some(UniqueLocal)),
+        row("fe80::/10", "Link-Local Unicast", Some(LinkLocal)),
+        row("fec0::/10", "Site-Local (deprecated)", Some(Private)),
+        row("ff00::/8", "Multicast", Some(Multicast)),
+    ]
+};
 
 /// The rows parsed once; the most specific row that holds an address
 /// decides.
