@@ -62,7 +62,9 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Json => tracing::subscriber::set_global_default(builder.json().finish()),
     };
     if installed.is_ok() && log::set_boxed_logger(Box::new(WireSafeLog)).is_ok() {
-        log::set_max_level(log::LevelFilter::Trace);
+        // `log`'s own level check comes first and costs nothing: the
+        // debug and trace lines on pingora's request path stop there.
+        log::set_max_level(tracing_log::AsLog::as_log(&LevelFilter::current()));
     }
 }
 
