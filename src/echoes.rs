@@ -26,6 +26,35 @@ const PERCENT_LAYERS: usize = 3;
 
 pub struct Echoes {
     forms: Vec<Zeroizing<Vec<u8>>>,
+    /// The pair index of each form's first two bytes, beside `forms`, so a
+    /// hit compares whole forms only where the pair is theirs.
+    form_pairs: Vec<usize>,
+    /// One bit for each case-folded byte pair that begins a form: a head is
+    /// scanned once, and only where a form could begin is any compared.
+    /// It holds two bytes of each form, never more.
+    starts: Box<Zeroizing<[u64; PAIR_WORDS]>>,
+    /// Forms of one byte (a one-character secret), which have no pair.
+    single_bytes: Vec<u8>,
+}
+
+/// Words of 64 bits in `Echoes::starts`: one bit per byte pair.
+const PAIR_WORDS: usize = 65536 / 64;
+
+/// Each byte, ASCII letters folded to lower case: one load per byte in
+/// the scan instead of a compare and add.
+const FOLD: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).to_ascii_lowercase();
+        b += 1;
+    }
+    table
+};
+
+/// A byte pair, case-folded, as an index into `Echoes::starts`' bits.
+fn pair_index(first: u8, second: u8) -> usize {
+    usize::from(FOLD[usize::from(first)]) << 8 | usize::from(FOLD[usize::from(second)])
 }
 
 impl std::fmt::Debug for Echoes {
@@ -63,37 +92,92 @@ impl Echoes {
                 add(url_safe, true);
             }
         }
-        Echoes { forms }
+        let mut starts = Box::new(Zeroizing::new([0u64; PAIR_WORDS]));
+        let mut single_bytes = Vec::new();
+        let mut form_pairs = Vec::with_capacity(forms.len());
+        for form in &forms {
+            match form.as_slice() {
+                [only] => {
+                    single_bytes.push(only.to_ascii_lowercase());
+                    form_pairs.push(usize::MAX);
+                }
+                [first, second, ..] => {
+                    let pair = pair_index(*first, *second);
+                    starts[pair / 64] |= 1 << (pair % 64);
+                    form_pairs.push(pair);
+                }
+                [] => form_pairs.push(usize::MAX),
+            }
+        }
+        Echoes {
+            forms,
+            form_pairs,
+            starts,
+            single_bytes,
+        }
     }
 
     /// Whether `bytes`, as they are or percent-decoded, carry any form of
     /// the secret, in any letter case.
     pub fn found_in(&self, bytes: &[u8]) -> bool {
-        if self.any_form_in(bytes) {
-            return true;
-        }
+        let mut scan = self.scan(bytes);
         let mut decoded: Option<Zeroizing<Vec<u8>>> = None;
         for _ in 0..PERCENT_LAYERS {
-            let current = decoded.as_deref().map_or(bytes, Vec::as_slice);
-            if !current.iter().any(|&b| b == b'%' || b == b'+') {
-                return false;
+            match scan {
+                Scan::Found => return true,
+                Scan::Clean => return false,
+                Scan::Escaped => {}
             }
+            let current = decoded.as_deref().map_or(bytes, Vec::as_slice);
             let next = percent_decode_form(current);
             if next.as_slice() == current {
                 return false;
             }
-            if self.any_form_in(&next) {
-                return true;
-            }
+            scan = self.scan(&next);
             decoded = Some(next);
         }
-        false
+        scan == Scan::Found
     }
 
-    fn any_form_in(&self, haystack: &[u8]) -> bool {
+    /// Runs on every response header name and value: one pass, a bit test
+    /// per byte, forms compared only where their first two bytes stand;
+    /// the same pass notes whether there is anything to percent-decode.
+    fn scan(&self, haystack: &[u8]) -> Scan {
+        if !self.single_bytes.is_empty()
+            && haystack
+                .iter()
+                .any(|b| self.single_bytes.contains(&b.to_ascii_lowercase()))
+        {
+            return Scan::Found;
+        }
+        let starts: &[u64; PAIR_WORDS] = &self.starts;
+        let Some((&first, rest)) = haystack.split_first() else {
+            return Scan::Clean;
+        };
+        let escape = |b: u8| (b == b'%') | (b == b'+');
+        let mut escaped = escape(first);
+        let mut previous = usize::from(FOLD[usize::from(first)]);
+        for (at, &byte) in rest.iter().enumerate() {
+            let folded = usize::from(FOLD[usize::from(byte)]);
+            let pair = previous << 8 | folded;
+            if starts[pair / 64] >> (pair % 64) & 1 != 0 && self.form_at(&haystack[at..], pair) {
+                return Scan::Found;
+            }
+            escaped |= escape(byte);
+            previous = folded;
+        }
+        if escaped {
+            Scan::Escaped
+        } else {
+            Scan::Clean
+        }
+    }
+
+    fn form_at(&self, haystack: &[u8], pair: usize) -> bool {
         self.forms
             .iter()
-            .any(|form| contains_ignoring_case(haystack, form))
+            .zip(&self.form_pairs)
+            .any(|(form, &form_pair)| form_pair == pair && starts_ignoring_case(haystack, form))
     }
 
     /// Redacts a response head: the reason phrase is the standard one for
@@ -160,6 +244,15 @@ impl Echoes {
         }
         plan
     }
+}
+
+/// What one pass over a header found.
+#[derive(PartialEq, Eq)]
+enum Scan {
+    Found,
+    /// Not as it stands, but it holds `%` or `+`: decode and look again.
+    Escaped,
+    Clean,
 }
 
 #[derive(Default)]
@@ -234,23 +327,12 @@ fn hex_value(digit: u8) -> Option<u8> {
     (digit as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Whether `needle` occurs in `haystack`, ASCII letters matched without
-/// regard to case. Header values are short, and building a searcher per
-/// value cost more than scanning them; a precomputed searcher would keep an
-/// unzeroised copy of the secret.
-fn contains_ignoring_case(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, _)) = needle.split_first() else {
-        return false;
-    };
-    let Some(last_start) = haystack.len().checked_sub(needle.len()) else {
-        return false;
-    };
-    memchr::memchr2_iter(
-        first.to_ascii_lowercase(),
-        first.to_ascii_uppercase(),
-        &haystack[..=last_start],
-    )
-    .any(|at| haystack[at..at + needle.len()].eq_ignore_ascii_case(needle))
+/// Whether `haystack` begins with `form`, ASCII letters matched without
+/// regard to case.
+fn starts_ignoring_case(haystack: &[u8], form: &[u8]) -> bool {
+    haystack
+        .get(..form.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(form))
 }
 
 #[cfg(test)]
@@ -259,14 +341,17 @@ mod tests {
     use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 
     #[test]
-    fn finds_the_needle_anywhere_in_any_case_and_nothing_else() {
-        assert!(contains_ignoring_case(b"Bearer s3cret", b"s3cret"));
-        assert!(contains_ignoring_case(b"S3CRET; Path=/", b"s3cret"));
-        assert!(contains_ignoring_case(b"ss3cret", b"s3cret"));
-        assert!(!contains_ignoring_case(b"s3cre", b"s3cret"));
-        assert!(!contains_ignoring_case(b"s3cres3cre", b"s3cret"));
-        assert!(!contains_ignoring_case(b"", b"s3cret"));
-        assert!(!contains_ignoring_case(b"anything", b""));
+    fn finds_a_form_anywhere_in_any_case_and_nothing_else() {
+        let echoes = Echoes::of(&[b"s3cret"]);
+        assert!(echoes.found_in(b"Bearer s3cret"));
+        assert!(echoes.found_in(b"S3CRET; Path=/"));
+        assert!(echoes.found_in(b"ss3cret"));
+        assert!(!echoes.found_in(b"s3cre"));
+        assert!(!echoes.found_in(b"s3cres3cre"));
+        assert!(!echoes.found_in(b""));
+        let one = Echoes::of(&[b"Q"]);
+        assert!(one.found_in(b"a q b"));
+        assert!(!one.found_in(b"abc"));
     }
 
     /// Every encoding a client could decode, of the secret and of a longer
