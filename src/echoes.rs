@@ -28,13 +28,13 @@ pub struct Echoes {
     forms: Vec<Zeroizing<Vec<u8>>>,
     /// The pair index of each form's first two bytes, beside `forms`, so a
     /// hit compares whole forms only where the pair is theirs.
-    form_pairs: Vec<usize>,
+    form_pairs: Zeroizing<Vec<usize>>,
     /// One bit for each case-folded byte pair that begins a form: a head is
     /// scanned once, and only where a form could begin is any compared.
     /// It holds two bytes of each form, never more.
     starts: Box<Zeroizing<[u64; PAIR_WORDS]>>,
     /// Forms of one byte (a one-character secret), which have no pair.
-    single_bytes: Vec<u8>,
+    single_bytes: Zeroizing<Vec<u8>>,
 }
 
 /// Words of 64 bits in `Echoes::starts`: one bit per byte pair.
@@ -93,8 +93,8 @@ impl Echoes {
             }
         }
         let mut starts = Box::new(Zeroizing::new([0u64; PAIR_WORDS]));
-        let mut single_bytes = Vec::new();
-        let mut form_pairs = Vec::with_capacity(forms.len());
+        let mut single_bytes = Zeroizing::new(Vec::new());
+        let mut form_pairs = Zeroizing::new(Vec::with_capacity(forms.len()));
         for form in &forms {
             match form.as_slice() {
                 [only] => {
@@ -176,7 +176,7 @@ impl Echoes {
     fn form_at(&self, haystack: &[u8], pair: usize) -> bool {
         self.forms
             .iter()
-            .zip(&self.form_pairs)
+            .zip(self.form_pairs.iter())
             .any(|(form, &form_pair)| form_pair == pair && starts_ignoring_case(haystack, form))
     }
 
@@ -217,16 +217,24 @@ impl Echoes {
         plan.revealed
     }
 
+    /// One pass over every name and value; only the names that carried
+    /// the secret are looked up again, so a clean head (nearly every one)
+    /// costs no lookup and no allocation.
     fn plan(&self, headers: &HeaderMap) -> Plan {
-        let mut plan = Plan::default();
-        for name in headers.keys() {
-            if self.found_in(name.as_str().as_bytes()) {
-                plan.revealed += headers.get_all(name).iter().count() as u64;
-                plan.dropped.push(name.clone());
-                continue;
+        let mut carrying: Vec<&HeaderName> = Vec::new();
+        for (name, value) in headers {
+            let seen = carrying.last() == Some(&name);
+            if !seen && (self.found_in(name.as_str().as_bytes()) || self.found_in(value.as_bytes()))
+            {
+                carrying.push(name);
             }
+        }
+        let mut plan = Plan::default();
+        for name in carrying {
             let values = headers.get_all(name);
-            if !values.iter().any(|v| self.found_in(v.as_bytes())) {
+            if self.found_in(name.as_str().as_bytes()) {
+                plan.revealed += values.iter().count() as u64;
+                plan.dropped.push(name.clone());
                 continue;
             }
             let kept = values
