@@ -78,8 +78,9 @@ impl Throttle {
             .is_some_and(|until| now < until)
     }
 
-    /// Counts one failed identification; true if it blocks the peer.
-    pub fn failed(&self, peer: Peer, now: Instant) -> bool {
+    /// Counts one failed identification, and blocks the peer at the
+    /// `MAX_FAILURES`th within a window.
+    pub fn failed(&self, peer: Peer, now: Instant) {
         self.last_failure.store(self.ms(now), Ordering::Relaxed);
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
@@ -97,9 +98,7 @@ impl Throttle {
         attempts.failures += 1;
         if attempts.failures >= MAX_FAILURES && attempts.blocked_until.is_none_or(|u| u <= now) {
             attempts.blocked_until = Some(now + BLOCK);
-            return true;
         }
-        false
     }
 
     fn ms(&self, at: Instant) -> u64 {
@@ -134,10 +133,11 @@ mod tests {
         let start = Instant::now();
         assert!(!t.is_blocked(peer, start));
         for i in 1..MAX_FAILURES {
-            assert!(!t.failed(peer, start), "failure {i}");
-            assert!(!t.is_blocked(peer, start));
+            t.failed(peer, start);
+            assert!(!t.is_blocked(peer, start), "failure {i}");
         }
-        assert!(t.failed(peer, start), "the tenth blocks");
+        t.failed(peer, start);
+        assert!(t.is_blocked(peer, start), "the tenth blocks");
         assert!(t.is_blocked(peer, start + Duration::from_secs(9)));
         assert!(!t.is_blocked(other, start), "only that peer");
         assert!(!t.is_blocked(peer, start + BLOCK + Duration::from_millis(1)));
@@ -149,7 +149,8 @@ mod tests {
         let peer = Peer::Uid(7);
         let mut at = Instant::now();
         for _ in 0..30 {
-            assert!(!t.failed(peer, at));
+            t.failed(peer, at);
+            assert!(!t.is_blocked(peer, at));
             at += WINDOW / 5 + Duration::from_millis(1);
         }
     }

@@ -311,8 +311,12 @@ fn whole_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn start_on_small_disk(on_full: &str) -> (Sealgate, Tmpfs, std::path::PathBuf, Upstream) {
-    let up = futures_block_on(echo_upstream());
+/// sealgate writing its trail to a 64 KiB tmpfs, which is then filled up
+/// and written to until the output fails. More records than the trail's
+/// last page holds: the write that fills it is cut short and must be taken
+/// back to its last whole line.
+async fn on_a_disk_gone_full(on_full: &str) -> (Sealgate, Tmpfs, std::path::PathBuf, Upstream) {
+    let up = echo_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "64k");
     let sg = Sealgate::start_in(
@@ -327,25 +331,19 @@ fn start_on_small_disk(on_full: &str) -> (Sealgate, Tmpfs, std::path::PathBuf, U
     wait_for("the start event is written", Duration::from_secs(5), || {
         std::fs::metadata(&trail).is_ok_and(|m| m.len() > 0)
     });
-    (sg, disk, trail, up)
-}
-
-fn futures_block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_disk_makes_requests_wait_and_cuts_no_line() {
-    let (sg, disk, trail, _up) = start_on_small_disk("block");
     disk.fill();
-    // More records than the last page of the trail holds: the write that
-    // fills it is cut short and must be taken back to its last whole line.
     for handle in burst(&sg, 30) {
         assert_eq!(handle.await.unwrap(), 200);
     }
     wait_for("/readyz says 503", Duration::from_secs(5), || {
         readyz(&sg) == 503
     });
+    (sg, disk, trail, up)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_makes_requests_wait_and_cuts_no_line() {
+    let (sg, disk, trail, _up) = on_a_disk_gone_full("block").await;
     let written_while_full = whole_lines(&trail).len();
     assert!(written_while_full < 30, "the disk was full");
     let waiting = burst(&sg, 10);
@@ -367,14 +365,7 @@ async fn a_full_disk_makes_requests_wait_and_cuts_no_line() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_with_on_full_drop_counts_every_lost_record() {
-    let (sg, disk, trail, _up) = start_on_small_disk("drop");
-    disk.fill();
-    for handle in burst(&sg, 30) {
-        assert_eq!(handle.await.unwrap(), 200);
-    }
-    wait_for("/readyz says 503", Duration::from_secs(5), || {
-        readyz(&sg) == 503
-    });
+    let (sg, disk, trail, _up) = on_a_disk_gone_full("drop").await;
     for handle in burst(&sg, 10) {
         assert_eq!(handle.await.unwrap(), 200, "requests go on");
     }
