@@ -35,21 +35,34 @@ const WAIT_POLL: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub struct AuditRecord<'a> {
     pub ts: SystemTime,
+    /// `session` for a database session (SPEC section 9); HTTP request
+    /// records carry no `event` key.
+    pub event: Option<&'static str>,
     pub request_id: &'a str,
     pub caller: Option<&'a str>,
     pub datasource: Option<&'a str>,
     pub method: &'a str,
-    pub path: &'a str,
+    pub path: Option<&'a str>,
     pub upstream: Option<SocketAddr>,
     pub egress_ip: Option<IpAddr>,
     pub region: Option<&'a str>,
     pub decision: Decision,
     pub reason: Option<&'a str>,
-    pub status: u16,
+    pub status: Option<u16>,
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub duration: Duration,
     pub error: Option<&'static str>,
+    /// `http`, `postgres`.
+    pub protocol: &'static str,
+    /// Whose credential was used: `datasource` or `caller` (SPEC section 8).
+    pub credential: Option<&'static str>,
+    /// The user a database client named (recorded, never trusted).
+    pub client_user: Option<&'a str>,
+    /// The user sealgate logged in to the database as.
+    pub db_user: Option<&'a str>,
+    /// Statements a database session ran.
+    pub statements: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +161,7 @@ impl Event {
 /// The keys of a request record in the order `encode` writes them (SPEC
 /// section 7); `every_request_key_in_order` holds `encode` to it. An event
 /// carries them too, as null, so every line of the trail has the same keys.
-const REQUEST_KEYS: [&str; 16] = [
+const REQUEST_KEYS: [&str; 21] = [
     "ts",
     "request_id",
     "caller",
@@ -165,6 +178,11 @@ const REQUEST_KEYS: [&str; 16] = [
     "response_bytes",
     "duration_ms",
     "error",
+    "protocol",
+    "credential",
+    "client_user",
+    "db_user",
+    "statements",
 ];
 
 pub struct AuditLog {
@@ -538,6 +556,10 @@ pub fn encode(record: &AuditRecord<'_>) -> Vec<u8> {
     line.extend_from_slice(b"{\"ts\":\"");
     write_rfc3339(&mut line, record.ts);
     line.push(b'"');
+    if let Some(event) = record.event {
+        line.extend_from_slice(b",\"event\":");
+        json_str(&mut line, event);
+    }
     line.extend_from_slice(b",\"request_id\":");
     json_str(&mut line, record.request_id);
     line.extend_from_slice(b",\"caller\":");
@@ -547,7 +569,7 @@ pub fn encode(record: &AuditRecord<'_>) -> Vec<u8> {
     line.extend_from_slice(b",\"method\":");
     json_str(&mut line, record.method);
     line.extend_from_slice(b",\"path\":");
-    json_str(&mut line, record.path);
+    json_opt_str(&mut line, record.path);
     line.extend_from_slice(b",\"upstream\":");
     json_opt_addr(
         &mut line,
@@ -563,7 +585,10 @@ pub fn encode(record: &AuditRecord<'_>) -> Vec<u8> {
     line.extend_from_slice(b",\"reason\":");
     json_opt_str(&mut line, record.reason);
     line.extend_from_slice(b",\"status\":");
-    json_int(&mut line, record.status);
+    match record.status {
+        Some(status) => json_int(&mut line, status),
+        None => line.extend_from_slice(b"null"),
+    }
     line.extend_from_slice(b",\"request_bytes\":");
     json_int(&mut line, record.request_bytes);
     line.extend_from_slice(b",\"response_bytes\":");
@@ -581,6 +606,19 @@ pub fn encode(record: &AuditRecord<'_>) -> Vec<u8> {
     ]);
     line.extend_from_slice(b",\"error\":");
     json_opt_str(&mut line, record.error);
+    line.extend_from_slice(b",\"protocol\":");
+    json_str(&mut line, record.protocol);
+    line.extend_from_slice(b",\"credential\":");
+    json_opt_str(&mut line, record.credential);
+    line.extend_from_slice(b",\"client_user\":");
+    json_opt_str(&mut line, record.client_user);
+    line.extend_from_slice(b",\"db_user\":");
+    json_opt_str(&mut line, record.db_user);
+    line.extend_from_slice(b",\"statements\":");
+    match record.statements {
+        Some(n) => json_int(&mut line, n),
+        None => line.extend_from_slice(b"null"),
+    }
     line.extend_from_slice(b"}\n");
     line
 }
@@ -713,21 +751,27 @@ mod tests {
     fn every_field_is_present_even_when_null() {
         let r = AuditRecord {
             ts: SystemTime::now(),
+            event: None,
             request_id: "1",
             caller: None,
             datasource: None,
             method: "GET",
-            path: "/x",
+            path: Some("/x"),
             upstream: None,
             egress_ip: None,
             region: None,
             decision: Decision::Deny,
             reason: Some("no data source"),
-            status: 404,
+            status: Some(404),
             request_bytes: 0,
             response_bytes: 10,
             duration: Duration::from_micros(500),
             error: Some("unknown_datasource"),
+            protocol: "http",
+            credential: None,
+            client_user: None,
+            db_user: None,
+            statements: None,
         };
         let spec_keys = [
             "ts",
@@ -746,6 +790,11 @@ mod tests {
             "response_bytes",
             "duration_ms",
             "error",
+            "protocol",
+            "credential",
+            "client_user",
+            "db_user",
+            "statements",
         ];
         assert_eq!(
             REQUEST_KEYS, spec_keys,
@@ -774,27 +823,34 @@ mod tests {
         let awkward = "q\"uote \\ back\nline\r\t tab \u{1} \u{1f} \u{7f} é 日本 /a%2Fb";
         let r = AuditRecord {
             ts: SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_341_600_123_456),
+            event: Some("session"),
             request_id: "00000000000000ff",
             caller: Some("billing"),
             datasource: Some("crm"),
             method: "POST",
-            path: awkward,
+            path: Some(awkward),
             upstream: Some("[2001:db8::1]:443".parse().unwrap()),
             egress_ip: Some("203.0.113.7".parse().unwrap()),
             region: Some("eu"),
             decision: Decision::Allow,
             reason: Some(awkward),
-            status: 200,
+            status: None,
             request_bytes: u64::MAX,
             response_bytes: 0,
             duration: Duration::from_micros(12_345_678),
             error: None,
+            protocol: "postgres",
+            credential: Some("caller"),
+            client_user: Some(awkward),
+            db_user: Some("billing_ro"),
+            statements: Some(3),
         };
         let line = encode(&r);
         assert_eq!(line.last(), Some(&b'\n'));
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         let expected = serde_json::json!({
             "ts": "2026-11-22T10:00:00.123456Z",
+            "event": "session",
             "request_id": "00000000000000ff",
             "caller": "billing",
             "datasource": "crm",
@@ -805,11 +861,16 @@ mod tests {
             "region": "eu",
             "decision": "allow",
             "reason": awkward,
-            "status": 200,
+            "status": null,
             "request_bytes": u64::MAX,
             "response_bytes": 0,
             "duration_ms": 12345.678,
             "error": null,
+            "protocol": "postgres",
+            "credential": "caller",
+            "client_user": awkward,
+            "db_user": "billing_ro",
+            "statements": 3,
         });
         assert_eq!(v, expected);
         let other = AuditRecord {

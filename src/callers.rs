@@ -77,6 +77,8 @@ pub struct Presented<'a> {
     pub unix_uid: Option<u32>,
     /// The `Proxy-Authorization` header.
     pub token: Option<&'a [u8]>,
+    /// A caller token a database client sent as its password.
+    pub password: Option<&'a [u8]>,
     /// A loopback or Unix-socket peer.
     pub local_peer: bool,
 }
@@ -118,6 +120,10 @@ impl Callers {
         self.by_unix_uid.get(&uid)
     }
 
+    pub fn get(&self, name: &str) -> Option<&Arc<Caller>> {
+        self.by_name.get(name)
+    }
+
     /// Identifies a request by its connection (client certificate or peer
     /// uid) and its `Proxy-Authorization: Bearer` token; when both name a
     /// caller they must name the same one.
@@ -144,9 +150,20 @@ impl Callers {
             (None, Some(uid)) => self.by_unix_uid.get(&uid).cloned(),
             (None, None) => None,
         };
-        let by_token = match presented.token {
-            None => None,
-            Some(value) => match self.by_token(value) {
+        let by_token = match (presented.token, presented.password) {
+            (None, None) => None,
+            (Some(value), _) => match bearer_token(value) {
+                Some(token) => match self.by_token(token) {
+                    Identified::Caller(caller) => Some(caller),
+                    other => return other,
+                },
+                None => {
+                    return Identified::Unauthenticated(
+                        "missing caller token (Proxy-Authorization: Bearer <token>)",
+                    )
+                }
+            },
+            (None, Some(token)) => match self.by_token(token) {
                 Identified::Caller(caller) => Some(caller),
                 other => return other,
             },
@@ -167,12 +184,7 @@ impl Callers {
 
     /// Every caller's digest is compared, in constant time, so the time
     /// taken says nothing about which caller (if any) came close.
-    fn by_token(&self, proxy_authorization: &[u8]) -> Identified {
-        let Some(token) = bearer_token(proxy_authorization) else {
-            return Identified::Unauthenticated(
-                "missing caller token (Proxy-Authorization: Bearer <token>)",
-            );
-        };
+    fn by_token(&self, token: &[u8]) -> Identified {
         let digest: [u8; 32] = Sha256::digest(token).into();
         let mut found = None;
         for caller in self.by_name.values() {

@@ -44,6 +44,8 @@ pub enum CredentialKind {
     Basic,
     Header,
     Query,
+    /// A database login: user name and password.
+    Password,
 }
 
 impl CredentialKind {
@@ -53,6 +55,7 @@ impl CredentialKind {
             "basic" => Some(CredentialKind::Basic),
             "header" => Some(CredentialKind::Header),
             "query" => Some(CredentialKind::Query),
+            "password" => Some(CredentialKind::Password),
             _ => None,
         }
     }
@@ -63,6 +66,7 @@ impl CredentialKind {
             CredentialKind::Basic => "basic",
             CredentialKind::Header => "header",
             CredentialKind::Query => "query",
+            CredentialKind::Password => "password",
         }
     }
 
@@ -70,7 +74,7 @@ impl CredentialKind {
     pub fn secret_field(self) -> &'static str {
         match self {
             CredentialKind::Bearer => "token",
-            CredentialKind::Basic => "password",
+            CredentialKind::Basic | CredentialKind::Password => "password",
             CredentialKind::Header | CredentialKind::Query => "value",
         }
     }
@@ -86,6 +90,8 @@ enum Injection {
     },
     /// `name=value`, percent-encoded, appended to the query.
     Query { name: String, pair: Bytes },
+    /// Not injected into anything: a database front logs in with it.
+    Login(Secret),
 }
 
 /// An opened credential, ready to inject.
@@ -215,6 +221,28 @@ impl Credential {
             },
             echoes,
         })
+    }
+
+    /// A database login; the user name is `username`.
+    pub fn password(username: &str, password: Secret) -> Result<Credential, String> {
+        if username.is_empty() || username.chars().any(char::is_control) {
+            return Err("the username must be non-empty, without control characters".into());
+        }
+        Ok(Credential {
+            kind: CredentialKind::Password,
+            username: Some(username.to_string()),
+            name: None,
+            echoes: Echoes::of(&[password.expose().as_bytes()]),
+            injection: Injection::Login(password),
+        })
+    }
+
+    /// The user name and password of a database login credential.
+    pub fn login(&self) -> Option<(&str, &Secret)> {
+        match (&self.injection, &self.username) {
+            (Injection::Login(password), Some(user)) => Some((user, password)),
+            _ => None,
+        }
     }
 
     /// Removes whatever the caller sent in the credential's place, then sets

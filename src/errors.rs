@@ -23,6 +23,14 @@ pub enum ErrorCode {
     UpstreamTls,
     CredentialUnavailable,
     UpstreamTimeout,
+    /// A database rejected the sealed credential.
+    UpstreamAuth,
+    /// A plain database connection from a non-loopback address.
+    TlsRequired,
+    /// A database front's `max_connections` reached.
+    TooManyConnections,
+    /// The drain ended, or a reload withdrew what a session stood on.
+    ShuttingDown,
     /// A fault inside sealgate; never caused by the caller or upstream.
     Internal,
 }
@@ -37,8 +45,13 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::TargetTooLong => 414,
             ErrorCode::CallerThrottled => 429,
-            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls => 502,
-            ErrorCode::CredentialUnavailable => 503,
+            ErrorCode::TlsRequired => 403,
+            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls | ErrorCode::UpstreamAuth => {
+                502
+            }
+            ErrorCode::CredentialUnavailable
+            | ErrorCode::TooManyConnections
+            | ErrorCode::ShuttingDown => 503,
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::Internal => 500,
         }
@@ -57,7 +70,33 @@ impl ErrorCode {
             ErrorCode::UpstreamTls => "upstream_tls",
             ErrorCode::CredentialUnavailable => "credential_unavailable",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::UpstreamAuth => "upstream_auth",
+            ErrorCode::TlsRequired => "tls_required",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal_error",
+        }
+    }
+
+    /// The SQLSTATE a database front answers this code with (SPEC
+    /// section 9).
+    pub fn sqlstate(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::TargetTooLong | ErrorCode::MethodNotAllowed => {
+                "08P01"
+            }
+            ErrorCode::TlsRequired | ErrorCode::CallerForbidden => "28000",
+            ErrorCode::CallerUnauthenticated | ErrorCode::CallerThrottled => "28P01",
+            ErrorCode::UnknownDatasource => "3D000",
+            ErrorCode::EgressDenied | ErrorCode::UpstreamAuth | ErrorCode::CredentialUnavailable => {
+                "08004"
+            }
+            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls | ErrorCode::UpstreamTimeout => {
+                "08001"
+            }
+            ErrorCode::TooManyConnections => "53300",
+            ErrorCode::ShuttingDown => "57P01",
+            ErrorCode::Internal => "XX000",
         }
     }
 
@@ -66,7 +105,10 @@ impl ErrorCode {
     pub fn is_upstream(self) -> bool {
         matches!(
             self,
-            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls | ErrorCode::UpstreamTimeout
+            ErrorCode::UpstreamUnreachable
+                | ErrorCode::UpstreamTls
+                | ErrorCode::UpstreamTimeout
+                | ErrorCode::UpstreamAuth
         )
     }
 }

@@ -76,10 +76,11 @@ pub fn seal(
     field: &str,
     input: impl Read,
 ) -> Result<String, KeytoolError> {
-    if !SECRET_FIELDS.contains(&field) {
+    if !secrets::valid_field_path(field) {
         return Err(KeytoolError::Input(format!(
-            "--field must be one of {}",
-            SECRET_FIELDS.join(", ")
+            "--field must be one of {}, or {}.<caller>.<one of them>",
+            SECRET_FIELDS.join(", "),
+            secrets::CALLER_CREDENTIALS
         )));
     }
     if !config::valid_datasource_name(datasource) {
@@ -131,7 +132,10 @@ pub fn reseal(config_path: &Path) -> Result<ResealReport, KeytoolError> {
         primary: keyring.primary().to_string(),
     };
     let places = sealed_places(&doc);
-    let place_refs: Vec<(&str, &str)> = places.iter().map(|(d, f)| (d.as_str(), *f)).collect();
+    let place_refs: Vec<(&str, &str)> = places
+        .iter()
+        .map(|(d, f)| (d.as_str(), f.as_str()))
+        .collect();
     for (datasource, field) in &places {
         let Some(value) = sealed_value_mut(&mut doc, datasource, field) else {
             continue;
@@ -147,7 +151,8 @@ pub fn reseal(config_path: &Path) -> Result<ResealReport, KeytoolError> {
             .open(datasource, field, &envelope, &place_refs)
             .map_err(|e| {
                 KeytoolError::Input(format!(
-                    "datasources.{datasource}.credential.{field}: sealed value {e}"
+                    "{}: sealed value {e}",
+                    secrets::field_key(datasource, field)
                 ))
             })?;
         let decor = value.decor().clone();
@@ -161,23 +166,35 @@ pub fn reseal(config_path: &Path) -> Result<ResealReport, KeytoolError> {
     Ok(report)
 }
 
-/// (data source, field) of every sealed value in the document.
-fn sealed_places(doc: &toml_edit::DocumentMut) -> Vec<(String, &'static str)> {
+/// (data source, field path) of every sealed value in the document: the
+/// data source's credential and each caller's (SPEC section 8).
+fn sealed_places(doc: &toml_edit::DocumentMut) -> Vec<(String, String)> {
     let Some(datasources) = doc.get("datasources").and_then(|d| d.as_table_like()) else {
         return Vec::new();
     };
     let mut places = Vec::new();
     for (name, item) in datasources.iter() {
-        let Some(credential) = item.get("credential").and_then(|c| c.as_table_like()) else {
-            continue;
-        };
-        for field in SECRET_FIELDS {
-            let sealed = credential
-                .get(field)
-                .and_then(|v| v.as_str())
-                .is_some_and(|s| s.starts_with(secrets::SEALED_PREFIX));
-            if sealed {
-                places.push((name.to_string(), field));
+        let mut credentials: Vec<(Option<&str>, &dyn toml_edit::TableLike)> = Vec::new();
+        if let Some(own) = item.get("credential").and_then(|c| c.as_table_like()) {
+            credentials.push((None, own));
+        }
+        let per_caller = item
+            .get(secrets::CALLER_CREDENTIALS)
+            .and_then(|c| c.as_table_like());
+        for (caller, credential) in per_caller.into_iter().flat_map(|t| t.iter()) {
+            if let Some(credential) = credential.as_table_like() {
+                credentials.push((Some(caller), credential));
+            }
+        }
+        for (caller, credential) in credentials {
+            for field in SECRET_FIELDS {
+                let sealed = credential
+                    .get(field)
+                    .and_then(|v| v.as_str())
+                    .is_some_and(|s| s.starts_with(secrets::SEALED_PREFIX));
+                if sealed {
+                    places.push((name.to_string(), secrets::field_path(caller, field)));
+                }
             }
         }
     }
@@ -187,16 +204,21 @@ fn sealed_places(doc: &toml_edit::DocumentMut) -> Vec<(String, &'static str)> {
 fn sealed_value_mut<'d>(
     doc: &'d mut toml_edit::DocumentMut,
     datasource: &str,
-    field: &str,
+    path: &str,
 ) -> Option<&'d mut toml_edit::Value> {
-    doc.get_mut("datasources")?
+    let mut item = doc
+        .get_mut("datasources")?
         .as_table_like_mut()?
-        .get_mut(datasource)?
-        .as_table_like_mut()?
-        .get_mut("credential")?
-        .as_table_like_mut()?
-        .get_mut(field)?
-        .as_value_mut()
+        .get_mut(datasource)?;
+    let parts: Vec<&str> = path.split('.').collect();
+    let (field, tables) = parts.split_last()?;
+    if tables.is_empty() {
+        item = item.as_table_like_mut()?.get_mut("credential")?;
+    }
+    for table in tables {
+        item = item.as_table_like_mut()?.get_mut(table)?;
+    }
+    item.as_table_like_mut()?.get_mut(field)?.as_value_mut()
 }
 
 /// Replaces `path` with `contents` so that a crash leaves either the old or

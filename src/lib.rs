@@ -1,10 +1,12 @@
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod callers;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod credentials;
 pub mod demo;
 pub mod echoes;
@@ -16,6 +18,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod postgres;
 pub mod proxy;
 pub mod reload;
 pub mod route;

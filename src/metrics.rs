@@ -119,6 +119,83 @@ pub struct Metrics {
     /// Requests whose caller was not identified (`refused`, 401) and those
     /// answered 429 for it (`throttled`).
     pub caller_identification_failures: IntCounterVec,
+    /// Database sessions (SPEC section 9).
+    pub db: DbMetrics,
+}
+
+pub struct DbMetrics {
+    pub sessions: IntCounterVec,
+    pub active_sessions: IntGaugeVec,
+    pub session_duration: HistogramVec,
+    pub statements: IntCounterVec,
+    pub statement_duration: HistogramVec,
+}
+
+/// The statement verbs counted by name; any other is `OTHER`, so the
+/// label stays bounded whatever the clients send.
+pub const DB_COMMANDS: [&str; 22] = [
+    "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "BEGIN", "COMMIT", "ROLLBACK",
+    "SET", "SHOW", "CREATE", "ALTER", "DROP", "TRUNCATE", "LISTEN", "NOTIFY", "UNLISTEN",
+    "PREPARE", "EXECUTE", "DEALLOCATE", "FETCH",
+];
+
+impl DbMetrics {
+    fn new(registry: &Registry) -> Result<DbMetrics, prometheus::Error> {
+        let sessions = IntCounterVec::new(
+            Opts::new(
+                "sealgate_db_sessions_total",
+                "Database sessions ended, by data source, caller and result (ok, or the error code that refused or ended it).",
+            ),
+            &["datasource", "caller", "result"],
+        )?;
+        let active_sessions = IntGaugeVec::new(
+            Opts::new(
+                "sealgate_db_active_sessions",
+                "Database sessions open, by data source.",
+            ),
+            &["datasource"],
+        )?;
+        let session_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sealgate_db_session_duration_seconds",
+                "How long database sessions lasted, by data source.",
+            )
+            .buckets(vec![
+                0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0,
+            ]),
+            &["datasource"],
+        )?;
+        let statements = IntCounterVec::new(
+            Opts::new(
+                "sealgate_db_statements_total",
+                "Statements completed, by data source and command (the verb of the server's completion tag, or OTHER).",
+            ),
+            &["datasource", "command"],
+        )?;
+        let statement_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sealgate_db_statement_duration_seconds",
+                "Time from a statement's arrival to its completion, by data source.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["datasource"],
+        )?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(active_sessions.clone()))?;
+        registry.register(Box::new(session_duration.clone()))?;
+        registry.register(Box::new(statements.clone()))?;
+        registry.register(Box::new(statement_duration.clone()))?;
+        Ok(DbMetrics {
+            sessions,
+            active_sessions,
+            session_duration,
+            statements,
+            statement_duration,
+        })
+    }
 }
 
 impl Metrics {
@@ -245,7 +322,9 @@ impl Metrics {
         registry.register(Box::new(config_reloads.clone()))?;
         let no_datasource =
             DataSourceSeries::of(&duration, &request_bytes, &response_bytes, NO_DATASOURCE);
+        let db = DbMetrics::new(&registry)?;
         Ok(Metrics {
+            db,
             registry,
             requests,
             duration,
@@ -272,6 +351,12 @@ impl Metrics {
             &self.response_bytes,
             datasource,
         )
+    }
+
+    pub fn count_upstream_error(&self, datasource: &str, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[datasource, kind])
+            .inc();
     }
 
     /// The counter of connections closed for `reason`.

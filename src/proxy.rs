@@ -4,7 +4,6 @@
 
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,10 @@ use zeroize::Zeroizing;
 
 use crate::audit::{AuditRecord, Decision};
 use crate::callers::{self, Caller, Identified, Presented};
-use crate::config::{Config, CredentialState, DataSource};
-use crate::egress::Denial;
+use crate::access;
+use crate::config::{Config, CredentialSource, DataSource, Protocol};
+use crate::connect;
+use crate::credentials::Credential;
 use crate::errors::{classify, ErrorCode, Refusal};
 use crate::metrics::CloseReason;
 use crate::route;
@@ -86,6 +87,8 @@ pub struct RequestCtx {
     /// Where this request's rotation through its region's addresses starts.
     egress_start: Option<usize>,
     egress_ip: Option<IpAddr>,
+    /// Whose credential the request uses, once admitted.
+    credential_source: Option<CredentialSource>,
     refusal: Option<Refusal>,
     /// Set once the request reached `request_filter`, with what its audit
     /// record needs should the request be cut off before `logging` runs.
@@ -149,6 +152,15 @@ impl RequestCtx {
         }
     }
 
+    /// The credential this request uses: the caller's own, else the data
+    /// source's; set once the request is admitted.
+    fn credential(&self) -> Option<&Credential> {
+        self.credential_source?;
+        let ds = self.datasource.as_ref()?;
+        let caller = self.caller.as_ref().map(|c| c.name.as_str());
+        ds.credential_for(caller)?.0.ready()
+    }
+
     /// The request's audit record (SPEC section 7).
     fn audit_record<'a>(
         &'a self,
@@ -164,11 +176,12 @@ impl RequestCtx {
         };
         AuditRecord {
             ts: std::time::SystemTime::now(),
+            event: None,
             request_id: self.request_id.as_str(),
             caller: self.caller_name(),
             datasource: self.datasource.as_ref().map(|d| d.name.as_str()),
             method: started.method.as_str(),
-            path: &started.path,
+            path: Some(&started.path),
             upstream: self.upstream_addr,
             egress_ip: self.egress_ip,
             region: self
@@ -182,11 +195,16 @@ impl RequestCtx {
                 Decision::Allow
             },
             reason: refused_here.map(|r| r.message.as_str()).or(allowed_by),
-            status,
+            status: Some(status),
             request_bytes,
             response_bytes,
             duration: self.started.elapsed(),
             error: error.or(self.refusal.as_ref().map(|r| r.code.as_str())),
+            protocol: Protocol::Http.as_str(),
+            credential: self.credential_source.map(CredentialSource::as_str),
+            client_user: None,
+            db_user: None,
+            statements: None,
         }
     }
 }
@@ -235,6 +253,7 @@ impl ProxyHttp for SealgateProxy {
             connect_limit: 0,
             egress_start: None,
             egress_ip: None,
+            credential_source: None,
             refusal: None,
             started_request: None,
             status_sent: 0,
@@ -296,6 +315,7 @@ impl ProxyHttp for SealgateProxy {
             tls_identity,
             unix_uid,
             token: token.map(|v| v.as_bytes()),
+            password: None,
             local_peer: peer_is_loopback || unix_uid.is_some(),
         };
         match ctx.config.callers.identify(&presented) {
@@ -326,8 +346,8 @@ impl ProxyHttp for SealgateProxy {
                 Some(ds) => {
                     ctx.datasource = Some(ds.clone());
                     self.admit(ctx, &ds).map(|()| {
-                        let with_credential = ds
-                            .ready_credential()
+                        let with_credential = ctx
+                            .credential()
                             .and_then(|c| c.query_with_credential(uri.query()));
                         ctx.upstream_target = Zeroizing::new(route::upstream_target(
                             &ds.upstream.base_path,
@@ -369,58 +389,34 @@ impl ProxyHttp for SealgateProxy {
             return Error::e_explain(ErrorType::InternalError, "no data source chosen");
         };
         let target = &ds.upstream;
-        let addrs = match self
-            .shared
-            .resolver
-            .resolve(&target.host, target.port, ds.connect_timeout)
-            .await
-        {
+        let addrs = match connect::judged_addresses(&self.shared, &ctx.config, &ds).await {
             Ok(addrs) => addrs,
-            Err(e) => {
-                self.count_upstream_error(&ds.name, "resolve");
-                ctx.refusal = Some(Refusal::new(
-                    ErrorCode::UpstreamUnreachable,
-                    format!("resolving the upstream host: {e}"),
-                ));
-                return Err(Error::new_up(ErrorType::ConnectError));
+            Err(refusal) => {
+                let denied = refusal.code == ErrorCode::EgressDenied;
+                ctx.refusal = Some(refusal);
+                return Err(if denied {
+                    Error::new_in(ErrorType::HTTPStatus(403))
+                } else {
+                    Error::new_up(ErrorType::ConnectError)
+                });
             }
         };
-        // Every address is judged, and the connection goes to one of these
-        // very addresses: nothing resolves the name a second time.
-        if let Err(denial) = ctx.config.egress.addresses(&target.host, &addrs) {
-            ctx.refusal = Some(self.deny_egress(&ds.name, &denial));
-            return Err(Error::new_in(ErrorType::HTTPStatus(403)));
-        }
-        let attempt = ctx.connect_attempts;
+        let attempt = connect::attempt(&ds, &addrs, &mut ctx.egress_start, ctx.connect_attempts);
         ctx.connect_attempts += 1;
-        let addr = addrs[attempt % addrs.len()];
-        ctx.upstream_addr = Some(addr);
-        let (egress_ip, egress_choices) = match &ds.region {
-            None => (None, 1),
-            Some(region) => {
-                let same_family = |ip: &&IpAddr| ip.is_ipv4() == addr.is_ipv4();
-                let choices = region.egress_ips.iter().filter(same_family).count();
-                if choices == 0 {
-                    ctx.refusal = Some(Refusal::new(
-                        ErrorCode::UpstreamUnreachable,
-                        format!("region \"{}\" has no egress address of the upstream's address family ({addr})", region.name),
-                    ));
-                    return Err(Error::new_up(ErrorType::BindError));
-                }
-                let start = *ctx
-                    .egress_start
-                    .get_or_insert_with(|| region.next.fetch_add(1, Ordering::Relaxed));
-                let chosen = region
-                    .egress_ips
-                    .iter()
-                    .filter(same_family)
-                    .nth((start + attempt) % choices)
-                    .copied();
-                (chosen, choices)
+        let connect::Attempt {
+            addr,
+            egress_ip,
+            limit,
+        } = match attempt {
+            Ok(attempt) => attempt,
+            Err(refusal) => {
+                ctx.refusal = Some(refusal);
+                return Err(Error::new_up(ErrorType::BindError));
             }
         };
+        ctx.upstream_addr = Some(addr);
         ctx.egress_ip = egress_ip;
-        ctx.connect_limit = addrs.len().max(egress_choices).min(MAX_CONNECT_ATTEMPTS);
+        ctx.connect_limit = limit;
         tracing::debug!(
             request_id = %ctx.request_id,
             datasource = %ds.name,
@@ -518,15 +514,9 @@ impl ProxyHttp for SealgateProxy {
         upstream_request.set_uri(uri);
         upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
         crate::hygiene::strip_for_upstream(upstream_request);
-        match &ds.credential {
-            Some(CredentialState::Ready(credential)) => {
-                credential.inject_header(upstream_request)?
-            }
-            Some(CredentialState::Unavailable { .. }) => {
-                ctx.refusal = Some(credential_unavailable(&ds.name));
-                return Error::e_explain(ErrorType::InternalError, "credential unavailable");
-            }
-            None => {}
+        // `request_filter` admitted only a credential that opened.
+        if let Some(credential) = ctx.credential() {
+            credential.inject_header(upstream_request)?;
         }
         Ok(())
     }
@@ -542,7 +532,7 @@ impl ProxyHttp for SealgateProxy {
             if !ds.pass_set_cookie {
                 upstream_response.remove_header(&header::SET_COOKIE);
             }
-            if let Some(credential) = ds.ready_credential() {
+            if let Some(credential) = ctx.credential() {
                 let revealed = credential.redact(upstream_response)?;
                 self.count_scrubbed(&ds.name, revealed);
             }
@@ -561,11 +551,9 @@ impl ProxyHttp for SealgateProxy {
         upstream_trailers: &mut http::HeaderMap,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(ds) = &ctx.datasource {
-            if let Some(credential) = ds.ready_credential() {
-                let revealed = credential.redact_trailers(upstream_trailers);
-                self.count_scrubbed(&ds.name, revealed);
-            }
+        if let (Some(ds), Some(credential)) = (&ctx.datasource, ctx.credential()) {
+            let revealed = credential.redact_trailers(upstream_trailers);
+            self.count_scrubbed(&ds.name, revealed);
         }
         Ok(())
     }
@@ -688,39 +676,23 @@ impl ProxyHttp for SealgateProxy {
 }
 
 impl SealgateProxy {
-    /// Whether this request may use this data source: the caller's grant,
-    /// then a credential that opened, then the egress policy's verdict.
-    fn admit(&self, ctx: &RequestCtx, ds: &DataSource) -> std::result::Result<(), Refusal> {
-        if let Some(caller) = ctx.caller.as_ref().filter(|c| !c.may_use(&ds.name)) {
+    /// Whether this request may use this data source (`access::admit`),
+    /// served by this front only if it speaks HTTP.
+    fn admit(&self, ctx: &mut RequestCtx, ds: &DataSource) -> std::result::Result<(), Refusal> {
+        if ds.protocol != Protocol::Http {
             return Err(Refusal::new(
-                ErrorCode::CallerForbidden,
+                ErrorCode::UnknownDatasource,
                 format!(
-                    "caller \"{}\" may not use data source \"{}\"",
-                    caller.name, ds.name
+                    "\"{}\" is a {} data source, served on sealgate's {} listener",
+                    ds.name,
+                    ds.protocol.as_str(),
+                    ds.protocol.as_str()
                 ),
             ));
         }
-        if let Some(CredentialState::Unavailable { .. }) = ds.credential {
-            self.shared
-                .metrics
-                .credential_open_failures
-                .with_label_values(&[ds.name.as_str()])
-                .inc();
-            return Err(credential_unavailable(&ds.name));
-        }
-        if let Err(denial) = &ds.egress {
-            return Err(self.deny_egress(&ds.name, denial));
-        }
+        let admitted = access::admit(&self.shared.metrics, ctx.caller.as_deref(), ds)?;
+        ctx.credential_source = admitted.source;
         Ok(())
-    }
-
-    fn deny_egress(&self, datasource: &str, denial: &Denial) -> Refusal {
-        self.shared
-            .metrics
-            .egress_denied
-            .with_label_values(&[datasource, denial.label])
-            .inc();
-        Refusal::new(ErrorCode::EgressDenied, denial.reason.clone())
     }
 
     fn count_identification_failure(&self, outcome: &str) {
@@ -742,11 +714,7 @@ impl SealgateProxy {
     }
 
     fn count_upstream_error(&self, datasource: &str, kind: &str) {
-        self.shared
-            .metrics
-            .upstream_errors
-            .with_label_values(&[datasource, kind])
-            .inc();
+        self.shared.metrics.count_upstream_error(datasource, kind);
     }
 }
 
@@ -776,15 +744,6 @@ fn log_failure(e: &Error, ctx: &RequestCtx, status: u16) {
     }
 }
 
-fn credential_unavailable(datasource: &str) -> Refusal {
-    Refusal::new(
-        ErrorCode::CredentialUnavailable,
-        format!("the credential of data source \"{datasource}\" cannot be opened with the keys loaded; the request was not sent"),
-    )
-}
-
-/// How many resolved addresses one request may try before giving up.
-const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// One pass over the headers finds what to remove; most responses carry
 /// nothing but `Connection: keep-alive`, and removing absent names one by

@@ -49,7 +49,9 @@ pub fn reload(shared: &Shared) {
                 "configuration reloaded",
                 Some(&next.key_ids),
             );
+            let generation = next.generation;
             shared.config.store(Arc::new(next));
+            shared.config_changes.send_replace(generation);
             metrics.config_reloads.with_label_values(&["ok"]).inc();
             tracing::info!(file = %current.file.display(), "configuration reloaded");
         }
@@ -59,18 +61,22 @@ pub fn reload(shared: &Shared) {
 /// New certificates and client CAs for connections accepted from now on;
 /// established connections keep the ones they were accepted with.
 fn swap_tls(shared: &Shared, next: &Config) {
-    let (Some(handles), Some(tls)) = (&shared.tls, &next.proxy.tls) else {
-        return;
-    };
-    handles.cert.replace(tls.cert.clone());
-    shared.record_cert_expiry(tls);
-    match (&handles.client, &tls.client_verifier) {
-        (Some(current), Some(verifier)) => current.replace(verifier.clone()),
-        (None, None) => {}
-        _ => tracing::warn!(
-            "proxy.tls.client_ca was added or removed; that takes effect at the next restart"
-        ),
+    if let (Some(handles), Some(tls)) = (&shared.tls, &next.proxy.tls) {
+        handles.replace(&tls.cert, tls.client_verifier.as_ref(), "proxy.tls");
+        shared.record_cert_expiry(tls);
     }
+    let postgres_tls = next.postgres.as_ref().and_then(|p| p.tls.as_ref());
+    if let (Some(handles), Some(tls)) = (&shared.postgres_tls, postgres_tls) {
+        handles.replace(&tls.cert, tls.client_verifier.as_ref(), "postgres.tls");
+    }
+}
+
+/// A database front's listeners and limits, bound at start.
+fn db_listeners(config: &Config) -> Option<(Vec<std::net::SocketAddr>, Option<std::path::PathBuf>, bool)> {
+    config
+        .postgres
+        .as_ref()
+        .map(|p| (p.listen.clone(), p.listen_unix.clone(), p.tls.is_some()))
 }
 
 /// Settings bound at start (listeners, threads, timeouts, the audit sink).
@@ -98,6 +104,7 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
             handshake_timeout(current) != handshake_timeout(next),
         ),
         ("admin.listen", current.admin.listen != next.admin.listen),
+        ("postgres", db_listeners(current) != db_listeners(next)),
         ("audit.output", current.audit.output != next.audit.output),
         (
             "log",

@@ -33,6 +33,39 @@ const MIN_SALT_DISTINCT_BYTES: usize = 8;
 pub const KEY_LEN: usize = 32;
 /// The secret fields a credential can have; `seal --field` takes one.
 pub const SECRET_FIELDS: [&str; 3] = ["token", "password", "value"];
+/// Where per-caller credentials of a data source live (SPEC section 8).
+pub const CALLER_CREDENTIALS: &str = "caller_credentials";
+
+/// The field path an envelope is sealed for: `password` for the data
+/// source's own credential, `caller_credentials.<caller>.password` for a
+/// caller's. Part of the associated data, so an envelope copied to another
+/// caller does not open.
+pub fn field_path(caller: Option<&str>, field: &str) -> String {
+    match caller {
+        None => field.to_string(),
+        Some(caller) => format!("{CALLER_CREDENTIALS}.{caller}.{field}"),
+    }
+}
+
+/// Whether `seal --field` names a place a credential can hold a secret.
+pub fn valid_field_path(path: &str) -> bool {
+    match path.split('.').collect::<Vec<_>>().as_slice() {
+        [field] => SECRET_FIELDS.contains(field),
+        [CALLER_CREDENTIALS, caller, field] => {
+            !caller.is_empty() && SECRET_FIELDS.contains(field)
+        }
+        _ => false,
+    }
+}
+
+/// The config key of a sealed value, for messages.
+pub fn field_key(datasource: &str, path: &str) -> String {
+    if path.starts_with(CALLER_CREDENTIALS) {
+        format!("datasources.{datasource}.{path}")
+    } else {
+        format!("datasources.{datasource}.credential.{path}")
+    }
+}
 
 /// A plaintext secret. Zeroed when dropped; never printed.
 pub struct Secret(Zeroizing<String>);

@@ -4,6 +4,7 @@
 //! (drain on SIGTERM, fast stop on SIGINT).
 
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use crate::audit::{AuditLog, Event};
 use crate::config::Config;
 use crate::limits::{ConnectionCap, HandshakeDeadline, Handshakes, HeadDeadline};
 use crate::metrics::{CloseReason, Metrics};
+use crate::postgres::PostgresFront;
 use crate::proxy::SealgateProxy;
 use crate::state::{Shared, TlsHandles};
 use crate::tls::IdentityCallback;
@@ -32,6 +34,10 @@ use pingora::services::listening::Service;
 /// process exits within the grace period plus pingora's one-second runtime
 /// shutdown plus this, however stuck the audit output is.
 const AUDIT_FLUSH_AFTER_GRACE: Duration = Duration::from_secs(1);
+
+/// How long before the end of the grace period database sessions still
+/// open are sent 57P01.
+const SESSION_GOODBYE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -85,6 +91,24 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     for addr in &tls_listen {
         drop(bind(*addr, "proxy TLS listener")?);
     }
+    let postgres_listen = config
+        .postgres
+        .as_ref()
+        .map(|p| p.listen.clone())
+        .unwrap_or_default();
+    for addr in &postgres_listen {
+        drop(bind(*addr, "postgres listener")?);
+    }
+    let postgres_unix = match config.postgres.as_ref().and_then(|p| p.listen_unix.clone()) {
+        None => None,
+        Some(path) => Some((
+            path.clone(),
+            crate::unix_listener::bind(&path).map_err(|source| StartError::Unix {
+                path: path.clone(),
+                source,
+            })?,
+        )),
+    };
     let metrics = Metrics::new()?;
     let audit = AuditLog::open(
         &config.audit.output,
@@ -147,12 +171,30 @@ pub fn serve(config: Config) -> Result<(), StartError> {
             UnixListenerService::new(limits.app(&server, &shared), path, listener),
         ));
     }
+    if let Some(front) = PostgresFront::new(shared.clone()).map_err(StartError::Tls)? {
+        let mut postgres = Service::new("sealgate postgres".to_string(), front.clone());
+        for addr in &postgres_listen {
+            postgres.add_tcp(&addr.to_string());
+        }
+        server.add_service(postgres);
+        if let Some((path, listener)) = postgres_unix {
+            server.add_service(background_service(
+                "sealgate postgres unix listener",
+                UnixListenerService::new(front, path, listener),
+            ));
+        }
+    }
     server.add_service(background_service(
         "sealgate admin",
         AdminService::new(
             shared.clone(),
             admin_listener,
-            proxy_listen.iter().chain(&tls_listen).copied().collect(),
+            proxy_listen
+                .iter()
+                .chain(&tls_listen)
+                .chain(&postgres_listen)
+                .copied()
+                .collect(),
         ),
     ));
     tracing::info!(listen = ?proxy_listen, "sealgate starting");
@@ -317,8 +359,18 @@ fn exit_when_drained(shared: Arc<Shared>, grace_period: Duration) {
             // Let pingora close its listeners, so no new request starts after
             // the count is seen at zero.
             std::thread::sleep(Duration::from_millis(100));
+            let idle = || {
+                shared.metrics.active_requests.get() <= 0
+                    && shared.lifecycle.open_sessions.load(Ordering::SeqCst) <= 0
+            };
+            // pingora drops every task when the grace period ends; sessions
+            // are told a little before, so 57P01 reaches their clients.
+            let goodbye = deadline.checked_sub(SESSION_GOODBYE).unwrap_or(deadline);
             while Instant::now() < deadline {
-                if shared.metrics.active_requests.get() <= 0 {
+                if Instant::now() >= goodbye {
+                    shared.lifecycle.end_sessions();
+                }
+                if idle() {
                     let left = deadline.saturating_duration_since(Instant::now());
                     shared.audit.flush_blocking(left + AUDIT_FLUSH_AFTER_GRACE);
                     tracing::info!("drained; exiting");
@@ -328,7 +380,8 @@ fn exit_when_drained(shared: Arc<Shared>, grace_period: Duration) {
             }
             tracing::warn!(
                 in_flight = shared.metrics.active_requests.get(),
-                "grace period over with requests still in flight; they are cut off"
+                sessions = shared.lifecycle.open_sessions.load(Ordering::SeqCst),
+                "grace period over with requests or sessions still open; they are cut off"
             );
         });
     if let Err(e) = spawned {

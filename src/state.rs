@@ -2,7 +2,7 @@
 //! resolver, metrics, the audit log, and the lifecycle flags that the admin
 //! listener reports.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -24,6 +24,11 @@ pub struct Shared {
     pub throttle: crate::throttle::Throttle,
     /// The TLS listeners' certificate and client CAs, swapped on reload.
     pub tls: Option<TlsHandles>,
+    /// The same for TLS inside the PostgreSQL protocol.
+    pub postgres_tls: Option<TlsHandles>,
+    /// Counts reloads; long-lived database sessions wait on it to check
+    /// whether the new config still grants what they stand on.
+    pub config_changes: tokio::sync::watch::Sender<u64>,
     request_ids: RequestIds,
 }
 
@@ -33,22 +38,51 @@ pub struct TlsHandles {
 }
 
 impl TlsHandles {
-    pub fn new(tls: &ProxyTls) -> TlsHandles {
+    pub fn new(
+        cert: &rustls::sign::CertifiedKey,
+        client_verifier: Option<&Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> TlsHandles {
         TlsHandles {
-            cert: Arc::new(ServerCert::new(tls.cert.clone())),
-            client: tls
-                .client_verifier
-                .as_ref()
-                .map(|v| Arc::new(ClientVerifier::new(v.clone()))),
+            cert: Arc::new(ServerCert::new(cert.clone())),
+            client: client_verifier.map(|v| Arc::new(ClientVerifier::new(v.clone()))),
+        }
+    }
+
+    /// New certificate and client CAs for connections accepted from now
+    /// on; `section` names the config section in the warning.
+    pub fn replace(
+        &self,
+        cert: &rustls::sign::CertifiedKey,
+        client_verifier: Option<&Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+        section: &str,
+    ) {
+        self.cert.replace(cert.clone());
+        match (&self.client, client_verifier) {
+            (Some(current), Some(verifier)) => current.replace(verifier.clone()),
+            (None, None) => {}
+            _ => tracing::warn!(
+                "{section}.client_ca was added or removed; that takes effect at the next restart"
+            ),
         }
     }
 }
 
 impl Shared {
     pub fn new(config: Config, metrics: Metrics, audit: AuditLog) -> Arc<Shared> {
-        let tls = config.proxy.tls.as_ref().map(TlsHandles::new);
+        let tls = config
+            .proxy
+            .tls
+            .as_ref()
+            .map(|t| TlsHandles::new(&t.cert, t.client_verifier.as_ref()));
+        let postgres_tls = config
+            .postgres
+            .as_ref()
+            .and_then(|p| p.tls.as_ref())
+            .map(|t| TlsHandles::new(&t.cert, t.client_verifier.as_ref()));
         Arc::new(Shared {
             tls,
+            postgres_tls,
+            config_changes: tokio::sync::watch::Sender::new(0),
             config: ArcSwap::from_pointee(config),
             resolver: Resolver::default(),
             metrics,
@@ -76,13 +110,36 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
 pub struct Lifecycle {
     ready: AtomicBool,
     draining: AtomicBool,
+    /// Database sessions open; the drain waits for them as for requests.
+    pub open_sessions: AtomicI64,
+    /// Set when the drain's grace period is over: sessions still open get
+    /// 57P01 and close.
+    sessions_end: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            open_sessions: AtomicI64::new(0),
+            sessions_end: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl Lifecycle {
+    pub fn end_sessions(&self) {
+        self.sessions_end.send_replace(true);
+    }
+
+    pub fn sessions_end(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.sessions_end.subscribe()
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
     }

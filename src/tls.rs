@@ -85,6 +85,79 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// The system's trusted roots, read once: reading them costs milliseconds.
+fn system_roots() -> &'static Result<Arc<RootCertStore>, String> {
+    static ROOTS: std::sync::OnceLock<Result<Arc<RootCertStore>, String>> =
+        std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore::empty();
+        let certs = rustls_native_certs::load_native_certs()
+            .map_err(|e| format!("cannot read the system's trusted roots: {e}"))?;
+        let (added, _ignored) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err("the system has no trusted roots; set ca_file".into());
+        }
+        Ok(Arc::new(roots))
+    })
+}
+
+/// Verified TLS to a data source that sealgate connects to itself (the
+/// database fronts): the data source's `ca_file`, else the system roots;
+/// the host name is always checked. TLS 1.2 and 1.3, no ALPN.
+pub fn upstream_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let roots = match ca_file {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_pem_certs(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+            }
+            Arc::new(roots)
+        }
+        None => system_roots().clone()?,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A server configuration for TLS a client asks for inside its protocol
+/// (PostgreSQL's SSLRequest): the swappable certificate and client
+/// verifier, as on the HTTP TLS listeners.
+pub fn in_protocol_server_config(
+    cert: Arc<ServerCert>,
+    client: Option<Arc<ClientVerifier>>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = match client {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    }
+    .with_cert_resolver(cert);
+    Ok(Arc::new(config))
+}
+
+/// The `tls-server-end-point` channel binding data (RFC 5929): the
+/// server certificate's hash, with SHA-256 unless its signature uses a
+/// stronger hash.
+pub fn server_end_point(der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let algorithm = cert.signature_algorithm.algorithm.to_id_string();
+    // sha384WithRSAEncryption, ecdsa-with-SHA384; sha512 likewise.
+    Some(match algorithm.as_str() {
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => sha2::Sha384::digest(der).to_vec(),
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => sha2::Sha512::digest(der).to_vec(),
+        _ => sha2::Sha256::digest(der).to_vec(),
+    })
+}
+
 /// When the leaf certificate of `key` expires, as Unix time.
 pub fn expiry_unix(key: &CertifiedKey) -> Option<i64> {
     let leaf = key.cert.first()?;

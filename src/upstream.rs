@@ -38,12 +38,15 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn from_url(url: &Url) -> Result<Upstream, String> {
-        let tls = match url.scheme() {
-            "https" => true,
-            "http" => false,
+        // A database's TLS is negotiated inside its protocol and chosen by
+        // the data source's `sslmode`; verified TLS is the default.
+        let (tls, default_port) = match url.scheme() {
+            "https" => (true, None),
+            "http" => (false, None),
+            "postgresql" | "postgres" => (true, Some(5432)),
             other => {
                 return Err(format!(
-                    "scheme `{other}` is not supported; use http:// or https://"
+                    "scheme `{other}` is not supported; use http://, https:// or postgresql://"
                 ))
             }
         };
@@ -58,6 +61,7 @@ impl Upstream {
         }
         let port = url
             .port_or_known_default()
+            .or(default_port)
             .ok_or_else(|| "the URL has no port and no known default".to_string())?;
         let (host, host_text) = match url.host() {
             Some(Host::Domain(d)) if !d.is_empty() => {

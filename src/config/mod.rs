@@ -40,6 +40,9 @@ const DEFAULT_IDLE_TIMEOUT_S: u64 = 60;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+const DEFAULT_POSTGRES_LISTEN: &str = "127.0.0.1:6432";
+const DEFAULT_DB_HANDSHAKE_TIMEOUT_S: u64 = 10;
+const DEFAULT_DB_MAX_CONNECTIONS: usize = 1024;
 /// An hour: longer than any sane upstream timeout, short enough to catch a
 /// value given in the wrong unit.
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
@@ -57,6 +60,8 @@ pub struct Config {
     pub callers: Callers,
     pub regions: HashMap<String, Arc<Region>>,
     pub datasources: HashMap<String, Arc<DataSource>>,
+    /// The PostgreSQL front (`[postgres]`), when configured.
+    pub postgres: Option<DbFront>,
     /// Data sources the egress policy refuses. `check` fails on them;
     /// `run` serves the rest and answers these with 403 `egress_denied`.
     pub egress_problems: Vec<ConfigError>,
@@ -106,6 +111,22 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
 }
 
+/// A database front's listeners (`[postgres]`, SPEC section 9).
+pub struct DbFront {
+    pub listen: Vec<SocketAddr>,
+    pub listen_unix: Option<PathBuf>,
+    /// Startup, TLS and caller authentication must finish within it.
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub tls: Option<DbTls>,
+}
+
+/// TLS a database client asks for inside the protocol (SSLRequest).
+pub struct DbTls {
+    pub cert: rustls::sign::CertifiedKey,
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
 /// Operational logs (`[log]`): `RUST_LOG`, when set, overrides the level.
 pub struct LogSettings {
     pub format: LogFormat,
@@ -131,6 +152,68 @@ impl Default for LogSettings {
 pub struct AuditSettings {
     pub output: AuditOutput,
     pub on_full: OnFull,
+    pub statements: StatementAudit,
+}
+
+/// Whether database fronts record each statement (SPEC section 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatementAudit {
+    Off,
+    /// Literal-free text and its fingerprint.
+    Fingerprint,
+}
+
+/// The protocol a data source speaks, from its URL's scheme; a data
+/// source is served only by the front of its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Postgres,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Postgres => "postgres",
+        }
+    }
+
+    fn of_scheme(scheme: &str) -> Protocol {
+        match scheme {
+            "postgresql" | "postgres" => Protocol::Postgres,
+            _ => Protocol::Http,
+        }
+    }
+
+    /// The credential kinds that make sense for this protocol.
+    fn credential_kinds(self) -> &'static [CredentialKind] {
+        match self {
+            Protocol::Http => &[
+                CredentialKind::Bearer,
+                CredentialKind::Basic,
+                CredentialKind::Header,
+                CredentialKind::Query,
+            ],
+            Protocol::Postgres => &[CredentialKind::Password],
+        }
+    }
+}
+
+/// Which credential a request or session used, for the audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    Datasource,
+    Caller,
+}
+
+impl CredentialSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialSource::Datasource => "datasource",
+            CredentialSource::Caller => "caller",
+        }
+    }
 }
 
 /// What happens to a request's audit record when the output cannot keep up.
@@ -164,6 +247,14 @@ pub struct DataSource {
     /// one address could share a connection verified against the other's CA.
     pub pool_key: u64,
     pub credential: Option<CredentialState>,
+    /// Callers that log in as themselves, by caller name (SPEC section 8).
+    pub caller_credentials: HashMap<String, CredentialState>,
+    pub protocol: Protocol,
+    /// For databases: the database opened upstream (the URL's path).
+    pub database: Option<String>,
+    /// For databases with TLS: the verified client configuration (the
+    /// `ca_file`, else the system roots).
+    pub db_tls: Option<Arc<rustls::ClientConfig>>,
     pub region: Option<Arc<Region>>,
     /// The policy's verdict on this destination, judged at load.
     pub egress: Result<Arc<Rule>, Denial>,
@@ -182,11 +273,34 @@ pub enum CredentialState {
 }
 
 impl DataSource {
-    /// The credential to inject, if this data source has one that opened.
-    pub fn ready_credential(&self) -> Option<&Credential> {
-        match &self.credential {
-            Some(CredentialState::Ready(c)) => Some(c),
-            _ => None,
+    /// The credential a caller uses here: its own when it has one (always,
+    /// even if that one did not open), else the data source's.
+    pub fn credential_for(
+        &self,
+        caller: Option<&str>,
+    ) -> Option<(&CredentialState, CredentialSource)> {
+        match caller.and_then(|c| self.caller_credentials.get(c)) {
+            Some(own) => Some((own, CredentialSource::Caller)),
+            None => self
+                .credential
+                .as_ref()
+                .map(|c| (c, CredentialSource::Datasource)),
+        }
+    }
+
+    /// Every credential of this data source, for redacting what could
+    /// echo any of them.
+    pub fn credentials(&self) -> impl Iterator<Item = &CredentialState> {
+        self.credential.iter().chain(self.caller_credentials.values())
+    }
+}
+
+impl CredentialState {
+    /// The credential, if it opened.
+    pub fn ready(&self) -> Option<&Credential> {
+        match self {
+            CredentialState::Ready(c) => Some(c),
+            CredentialState::Unavailable { .. } => None,
         }
     }
 }
@@ -342,18 +456,46 @@ fn parse_with(
         egress: &egress,
         policy_loaded,
         regions: &regions,
+        callers: &callers,
     };
     // Every place an envelope could have been sealed for, so that one
     // copied from elsewhere in this config is named as such.
-    let places: Vec<(&str, &str)> = raw
+    let owned_places: Vec<(&str, String)> = raw
         .datasources
-        .keys()
-        .flat_map(|name| {
-            SECRET_FIELDS
-                .iter()
-                .map(move |f| (name.get_ref().as_str(), *f))
+        .iter()
+        .flat_map(|(name, ds)| {
+            let owners = std::iter::once(None).chain(
+                ds.caller_credentials
+                    .keys()
+                    .map(|caller| Some(caller.get_ref().as_str())),
+            );
+            owners.flat_map(move |caller| {
+                SECRET_FIELDS.iter().map(move |f| {
+                    (
+                        name.get_ref().as_str(),
+                        crate::secrets::field_path(caller, f),
+                    )
+                })
+            })
         })
         .collect();
+    let places: Vec<(&str, &str)> = owned_places
+        .iter()
+        .map(|(ds, path)| (*ds, path.as_str()))
+        .collect();
+    let postgres = raw
+        .postgres
+        .as_ref()
+        .map(|front| v.db_front("postgres", front, &callers, DEFAULT_POSTGRES_LISTEN));
+    let statements = v.one_of(
+        &raw.audit.statements,
+        "audit.statements",
+        &[
+            ("off", StatementAudit::Off),
+            ("fingerprint", StatementAudit::Fingerprint),
+        ],
+        StatementAudit::Off,
+    );
     let on_full = v.one_of(
         &raw.audit.on_full,
         "audit.on_full",
@@ -413,7 +555,9 @@ fn parse_with(
         audit: AuditSettings {
             output: audit_output,
             on_full,
+            statements,
         },
+        postgres,
         log,
         egress,
         callers,
@@ -509,6 +653,8 @@ struct DataSourceContext<'a> {
     /// reported).
     policy_loaded: bool,
     regions: &'a HashMap<String, Arc<Region>>,
+    /// A caller given its own credential must exist.
+    callers: &'a Callers,
 }
 
 /// What sealed values can be opened with.
@@ -658,21 +804,29 @@ impl Validator<'_> {
         }
     }
 
+    /// The data source's credential (`caller` None) or a caller's own.
     fn credential(
         &mut self,
         ds: &str,
+        caller: Option<&str>,
         c: &RawCredential,
+        protocol: Protocol,
         keys: Keys<'_>,
         places: &[(&str, &str)],
     ) -> Option<CredentialState> {
-        let key = |field: &str| format!("datasources.{ds}.credential.{field}");
-        let Some(kind) = CredentialKind::parse(c.kind.get_ref()) else {
+        let key = |field: &str| crate::secrets::field_key(ds, &crate::secrets::field_path(caller, field));
+        let kinds = protocol.credential_kinds();
+        let Some(kind) = CredentialKind::parse(c.kind.get_ref()).filter(|k| kinds.contains(k))
+        else {
+            let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
             self.sink.at(
                 c.kind.span(),
                 key("kind"),
                 format!(
-                    "`{}` is not one of bearer, basic, header, query",
-                    c.kind.get_ref()
+                    "`{}` is not one of {} (the kinds of a {} data source)",
+                    c.kind.get_ref(),
+                    names.join(", "),
+                    protocol.as_str()
                 ),
             );
             return None;
@@ -686,7 +840,7 @@ impl Validator<'_> {
         ];
         let wanted: &[&str] = match kind {
             CredentialKind::Bearer => &["token"],
-            CredentialKind::Basic => &["username", "password"],
+            CredentialKind::Basic | CredentialKind::Password => &["username", "password"],
             CredentialKind::Header | CredentialKind::Query => &["name", "value"],
         };
         let mut complete = true;
@@ -716,7 +870,8 @@ impl Validator<'_> {
             .iter()
             .find(|(f, _)| *f == secret_field)
             .and_then(|(_, v)| v.as_ref())?;
-        let opened = self.open(ds, secret_field, sealed, keys, places)?;
+        let path = crate::secrets::field_path(caller, secret_field);
+        let opened = self.open(ds, &path, sealed, keys, places)?;
         if !complete {
             return None;
         }
@@ -732,12 +887,17 @@ impl Validator<'_> {
             CredentialKind::Basic => Credential::basic(public(&c.username), &secret),
             CredentialKind::Header => Credential::header(public(&c.name), &secret),
             CredentialKind::Query => Credential::query(public(&c.name), &secret),
+            CredentialKind::Password => Credential::password(public(&c.username), secret),
+        };
+        let whole = match caller {
+            None => format!("datasources.{ds}.credential"),
+            Some(caller) => format!(
+                "datasources.{ds}.{}.{caller}",
+                crate::secrets::CALLER_CREDENTIALS
+            ),
         };
         built
-            .map_err(|msg| {
-                self.sink
-                    .at(c.kind.span(), format!("datasources.{ds}.credential"), msg)
-            })
+            .map_err(|msg| self.sink.at(c.kind.span(), whole, msg))
             .ok()
             .map(CredentialState::Ready)
     }
@@ -750,7 +910,7 @@ impl Validator<'_> {
         keys: Keys<'_>,
         places: &[(&str, &str)],
     ) -> Option<Result<Secret, String>> {
-        let key = format!("datasources.{ds}.credential.{field}");
+        let key = crate::secrets::field_key(ds, field);
         if !sealed.get_ref().starts_with(crate::secrets::SEALED_PREFIX) {
             let message = crate::secrets::OpenError::Plaintext.to_string();
             self.sink.at(sealed.span(), key, message);
@@ -832,6 +992,95 @@ impl Validator<'_> {
         })
     }
 
+    /// The database a database URL names: its one path segment.
+    fn database_name(&mut self, url: &Url, at: &Spanned<String>, key: String) -> Option<String> {
+        let path = url.path().trim_start_matches('/');
+        let name = percent_encoding::percent_decode_str(path).decode_utf8();
+        match name {
+            Ok(name) if !name.is_empty() && !name.contains('/') && !name.contains('\0') => {
+                Some(name.into_owned())
+            }
+            _ => {
+                self.sink.at(
+                    at.span(),
+                    key,
+                    "the URL's path must name the database, e.g. postgresql://db.internal:5432/orders",
+                );
+                None
+            }
+        }
+    }
+
+    /// `[postgres]`: listeners on any address, but a non-loopback one only
+    /// with TLS and `[callers]` (SPEC section 9).
+    fn db_front(
+        &mut self,
+        section: &str,
+        raw: &schema::RawDbFront,
+        callers: &Callers,
+        default_listen: &str,
+    ) -> DbFront {
+        let tls = raw.tls.as_ref().and_then(|t| {
+            let prefix = format!("{section}.tls");
+            let cert = crate::tls::load_certified_key(
+                &self.relative(t.cert.get_ref()),
+                &self.relative(t.key.get_ref()),
+            )
+            .map_err(|message| self.sink.at(t.cert.span(), format!("{prefix}.cert"), message))
+            .ok();
+            let client_verifier = match &t.client_ca {
+                None => None,
+                Some(ca) => {
+                    match crate::tls::load_client_verifier(&self.relative(ca.get_ref())) {
+                        Ok(verifier) => Some(verifier),
+                        Err(message) => {
+                            self.sink.at(ca.span(), format!("{prefix}.client_ca"), message);
+                            None
+                        }
+                    }
+                }
+            };
+            Some(DbTls {
+                cert: cert?,
+                client_verifier,
+            })
+        });
+        let key = format!("{section}.listen");
+        let listen = match &raw.listen {
+            None => vec![parse_default(default_listen)],
+            Some(addrs) => addrs
+                .iter()
+                .filter_map(|a| {
+                    let addr = self.socket_addr(a, &key)?;
+                    if !addr.ip().is_loopback() && (raw.tls.is_none() || callers.is_empty()) {
+                        self.sink.at(
+                            a.span(),
+                            key.clone(),
+                            format!("{addr} is not loopback: that needs [{section}.tls] and [callers], so that remote callers prove who they are over TLS"),
+                        );
+                    }
+                    Some(addr)
+                })
+                .collect(),
+        };
+        DbFront {
+            listen,
+            listen_unix: raw.listen_unix.as_ref().map(|p| self.relative(p.get_ref())),
+            handshake_timeout: self.seconds(
+                &raw.handshake_timeout_s,
+                &format!("{section}.handshake_timeout_s"),
+                DEFAULT_DB_HANDSHAKE_TIMEOUT_S,
+            ),
+            max_connections: self.bounded(
+                &raw.max_connections,
+                &format!("{section}.max_connections"),
+                1..=1_000_000,
+                DEFAULT_DB_MAX_CONNECTIONS,
+            ),
+            tls,
+        }
+    }
+
     fn region(&mut self, name: &Spanned<String>, raw: &RawRegion) -> Option<Region> {
         let key = format!("regions.{}.egress_ips", name.get_ref());
         if !valid_datasource_name(name.get_ref()) {
@@ -883,9 +1132,17 @@ impl Validator<'_> {
                 "a data source name is 1-64 letters, digits, '-' or '_', starting with a letter or digit",
             );
         }
+        let mut protocol = Protocol::Http;
+        let mut database = None;
         let upstream = match Url::parse(raw.url.get_ref()) {
             Ok(url) => match Upstream::from_url(&url) {
-                Ok(u) => Some(u),
+                Ok(u) => {
+                    protocol = Protocol::of_scheme(url.scheme());
+                    if protocol != Protocol::Http {
+                        database = self.database_name(&url, &raw.url, key("url"));
+                    }
+                    Some(u)
+                }
                 Err(msg) => {
                     self.sink.at(raw.url.span(), key("url"), msg);
                     None
@@ -921,12 +1178,47 @@ impl Validator<'_> {
                 }
             },
         };
+        let verify_tls = match (&raw.sslmode, protocol) {
+            (Some(mode), Protocol::Http) => {
+                self.sink.at(
+                    mode.span(),
+                    key("sslmode"),
+                    "only a postgresql:// data source has an sslmode",
+                );
+                true
+            }
+            (mode, _) => self.one_of(
+                mode,
+                &key("sslmode"),
+                &[("verify-full", true), ("disable", false)],
+                true,
+            ),
+        };
+        let mut upstream = upstream;
+        if let Some(u) = upstream.as_mut().filter(|_| protocol != Protocol::Http) {
+            u.tls = verify_tls;
+        }
         if raw.ca_file.is_some() && upstream.as_ref().is_some_and(|u| !u.tls) {
             if let Some(f) = &raw.ca_file {
-                self.sink
-                    .at(f.span(), key("ca_file"), "set, but the url is not https://");
+                self.sink.at(
+                    f.span(),
+                    key("ca_file"),
+                    "set, but the data source does not use TLS",
+                );
             }
         }
+        let db_tls = match &upstream {
+            Some(u) if u.tls && protocol != Protocol::Http => {
+                let ca = raw.ca_file.as_ref().map(|f| self.relative(f.get_ref()));
+                crate::tls::upstream_client_config(ca.as_deref())
+                    .map_err(|message| {
+                        let at = raw.ca_file.as_ref().map_or(raw.url.span(), |f| f.span());
+                        self.sink.at(at, key("ca_file"), message)
+                    })
+                    .ok()
+            }
+            _ => None,
+        };
         let pool_key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -940,10 +1232,39 @@ impl Validator<'_> {
         };
         // Every field is judged, whatever failed before it, so that one
         // run of `check` reports all there is to fix.
-        let credential = raw
-            .credential
-            .as_ref()
-            .and_then(|c| self.credential(name.get_ref(), c, context.keys, places));
+        let credential = raw.credential.as_ref().and_then(|c| {
+            self.credential(name.get_ref(), None, c, protocol, context.keys, places)
+        });
+        let mut caller_credentials = HashMap::new();
+        for (caller, c) in &raw.caller_credentials {
+            let caller_key = format!(
+                "datasources.{}.{}.{}",
+                name.get_ref(),
+                crate::secrets::CALLER_CREDENTIALS,
+                caller.get_ref()
+            );
+            if context.policy_loaded && context.callers.get(caller.get_ref()).is_none() {
+                self.sink.at(
+                    caller.span(),
+                    caller_key.clone(),
+                    format!("no caller named \"{}\" in the policies", caller.get_ref()),
+                );
+            }
+            let opened = self.credential(
+                name.get_ref(),
+                Some(caller.get_ref()),
+                c,
+                protocol,
+                context.keys,
+                places,
+            );
+            match opened {
+                Some(state) => {
+                    caller_credentials.insert(caller.get_ref().clone(), state);
+                }
+                None => return None,
+            }
+        }
         let region = match &raw.region {
             None => Some(None),
             Some(r) => match context.regions.get(r.get_ref()) {
@@ -984,12 +1305,20 @@ impl Validator<'_> {
             );
             self.egress_problems.push(problem);
         }
-        if raw.credential.is_some()
-            && !upstream.tls
-            && !context
-                .egress
-                .private_destination(&upstream.host, upstream.port)
-        {
+        let private = context
+            .egress
+            .private_destination(&upstream.host, upstream.port);
+        if protocol == Protocol::Postgres && !upstream.tls && !private {
+            let at = raw.sslmode.as_ref().map_or(raw.url.span(), |m| m.span());
+            self.sink.at(
+                at,
+                key("sslmode"),
+                "\"disable\" is only for a destination an allow_private entry admits",
+            );
+            return None;
+        }
+        let has_credential = raw.credential.is_some() || !raw.caller_credentials.is_empty();
+        if has_credential && !upstream.tls && !private {
             self.sink.at(
                 raw.url.span(),
                 key("url"),
@@ -1002,6 +1331,10 @@ impl Validator<'_> {
         }
         Some(DataSource {
             credential,
+            caller_credentials,
+            protocol,
+            database,
+            db_tls,
             region: region?,
             egress,
             pool_key,

@@ -26,6 +26,27 @@ pub struct RawConfig {
     pub regions: BTreeMap<Spanned<String>, RawRegion>,
     #[serde(default)]
     pub datasources: BTreeMap<Spanned<String>, RawDataSource>,
+    pub postgres: Option<RawDbFront>,
+}
+
+/// A database front (`[postgres]`): its own listeners, TLS negotiated
+/// inside the protocol.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDbFront {
+    pub listen: Option<Vec<Spanned<String>>>,
+    pub listen_unix: Option<Spanned<String>>,
+    pub handshake_timeout_s: Option<Spanned<u64>>,
+    pub max_connections: Option<Spanned<usize>>,
+    pub tls: Option<RawDbTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDbTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub client_ca: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +152,7 @@ pub struct RawLog {
 pub struct RawAudit {
     pub output: Option<Spanned<String>>,
     pub on_full: Option<Spanned<String>>,
+    pub statements: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,4 +171,9 @@ pub struct RawDataSource {
     /// `Spanned` table refuses it; errors about the whole credential are
     /// placed at its `kind`.
     pub credential: Option<RawCredential>,
+    /// Callers that log in as themselves (SPEC section 8), by caller name.
+    #[serde(default)]
+    pub caller_credentials: BTreeMap<Spanned<String>, RawCredential>,
+    /// PostgreSQL data sources: `verify-full` (default) or `disable`.
+    pub sslmode: Option<Spanned<String>>,
 }

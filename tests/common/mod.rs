@@ -220,6 +220,23 @@ impl Sealgate {
         }
     }
 
+    /// The database session records (`event: "session"`), waiting briefly
+    /// for `min` of them: a session's record is written as it ends.
+    pub fn audit_sessions(&self, min: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let records: Vec<serde_json::Value> = self
+                .audit_trail()
+                .into_iter()
+                .filter(|r| r["event"] == "session")
+                .collect();
+            if records.len() >= min || Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The configuration events of the audit trail (start, reload, drain).
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
         self.audit_trail()
@@ -842,3 +859,4 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut seen)).await;
     seen
 }
+pub mod postgres;

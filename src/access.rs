@@ -1,0 +1,60 @@
+//! Whether a caller may use a data source, and with which credential:
+//! decided here once for every front, so an HTTP request and a database
+//! session are refused for the same reasons with the same words.
+
+use crate::callers::Caller;
+use crate::config::{CredentialSource, CredentialState, DataSource};
+use crate::credentials::Credential;
+use crate::errors::{ErrorCode, Refusal};
+use crate::metrics::Metrics;
+
+/// The credential a request or session will use, and whose it is.
+pub struct Admitted<'a> {
+    pub credential: Option<&'a Credential>,
+    pub source: Option<CredentialSource>,
+}
+
+/// The caller's grant, then the credential it would use (its own, else the
+/// data source's) having opened, then the egress policy's verdict on the
+/// destination. Each refusal is counted where the SPEC says.
+pub fn admit<'a>(
+    metrics: &Metrics,
+    caller: Option<&Caller>,
+    ds: &'a DataSource,
+) -> Result<Admitted<'a>, Refusal> {
+    if let Some(caller) = caller.filter(|c| !c.may_use(&ds.name)) {
+        return Err(Refusal::new(
+            ErrorCode::CallerForbidden,
+            format!(
+                "caller \"{}\" may not use data source \"{}\"",
+                caller.name, ds.name
+            ),
+        ));
+    }
+    let chosen = ds.credential_for(caller.map(|c| c.name.as_str()));
+    let credential = match chosen {
+        Some((CredentialState::Unavailable { .. }, _)) => {
+            metrics
+                .credential_open_failures
+                .with_label_values(&[ds.name.as_str()])
+                .inc();
+            return Err(Refusal::new(
+                ErrorCode::CredentialUnavailable,
+                format!("the credential of data source \"{}\" cannot be opened with the keys loaded; nothing was sent", ds.name),
+            ));
+        }
+        Some((CredentialState::Ready(credential), _)) => Some(credential),
+        None => None,
+    };
+    if let Err(denial) = &ds.egress {
+        metrics
+            .egress_denied
+            .with_label_values(&[ds.name.as_str(), denial.label])
+            .inc();
+        return Err(Refusal::new(ErrorCode::EgressDenied, denial.reason.clone()));
+    }
+    Ok(Admitted {
+        credential,
+        source: chosen.map(|(_, source)| source),
+    })
+}

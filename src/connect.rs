@@ -1,0 +1,144 @@
+//! How every front reaches a data source: the name resolved once, every
+//! address judged by the egress policy, the connection made to one of
+//! those very addresses from one of the region's egress addresses, and
+//! each address (and egress address) tried once before giving up.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::config::{Config, DataSource};
+use crate::errors::{ErrorCode, Refusal};
+use crate::state::Shared;
+use crate::upstream::Addresses;
+
+/// How many resolved addresses one request or session may try.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// The data source's addresses, resolved (or reused) and judged: if any
+/// is blocked, none is used. Failures are counted.
+pub async fn judged_addresses(
+    shared: &Shared,
+    config: &Config,
+    ds: &DataSource,
+) -> Result<Addresses, Refusal> {
+    let target = &ds.upstream;
+    let addrs = shared
+        .resolver
+        .resolve(&target.host, target.port, ds.connect_timeout)
+        .await
+        .map_err(|e| {
+            shared.metrics.count_upstream_error(&ds.name, "resolve");
+            Refusal::new(
+                ErrorCode::UpstreamUnreachable,
+                format!("resolving the upstream host: {e}"),
+            )
+        })?;
+    config
+        .egress
+        .addresses(&target.host, &addrs)
+        .map_err(|denial| {
+            shared
+                .metrics
+                .egress_denied
+                .with_label_values(&[ds.name.as_str(), denial.label])
+                .inc();
+            Refusal::new(ErrorCode::EgressDenied, denial.reason)
+        })?;
+    Ok(addrs)
+}
+
+/// One connection attempt: where to, from where, and how many attempts the
+/// addresses and egress addresses allow in all.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    pub addr: SocketAddr,
+    pub egress_ip: Option<IpAddr>,
+    pub limit: usize,
+}
+
+/// The `n`th attempt (from 0). Attempts rotate through the addresses and,
+/// separately, through the region's egress addresses of the same family;
+/// `egress_start`, taken on the first attempt, spreads connections across
+/// the region's addresses.
+pub fn attempt(
+    ds: &DataSource,
+    addrs: &[SocketAddr],
+    egress_start: &mut Option<usize>,
+    n: usize,
+) -> Result<Attempt, Refusal> {
+    let addr = addrs[n % addrs.len()];
+    let (egress_ip, egress_choices) = match &ds.region {
+        None => (None, 1),
+        Some(region) => {
+            let same_family = |ip: &&IpAddr| ip.is_ipv4() == addr.is_ipv4();
+            let choices = region.egress_ips.iter().filter(same_family).count();
+            if choices == 0 {
+                return Err(Refusal::new(
+                    ErrorCode::UpstreamUnreachable,
+                    format!(
+                        "region \"{}\" has no egress address of the upstream's address family ({addr})",
+                        region.name
+                    ),
+                ));
+            }
+            let start =
+                *egress_start.get_or_insert_with(|| region.next.fetch_add(1, Ordering::Relaxed));
+            let chosen = region
+                .egress_ips
+                .iter()
+                .filter(same_family)
+                .nth((start + n) % choices)
+                .copied();
+            (chosen, choices)
+        }
+    };
+    Ok(Attempt {
+        addr,
+        egress_ip,
+        limit: addrs.len().max(egress_choices).min(MAX_CONNECT_ATTEMPTS),
+    })
+}
+
+/// Why a TCP connection attempt failed, as `upstream_errors_total{kind}`
+/// names it.
+#[derive(Debug)]
+pub enum ConnectFailure {
+    Bind(std::io::Error),
+    Connect(std::io::Error),
+    Timeout,
+}
+
+impl ConnectFailure {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnectFailure::Bind(_) => "bind",
+            ConnectFailure::Connect(_) => "connect",
+            ConnectFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// A TCP connection for fronts that connect themselves (pingora connects
+/// for the HTTP front), bound to the attempt's egress address.
+pub async fn tcp(attempt: &Attempt, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
+    let socket = if attempt.addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(ConnectFailure::Connect)?;
+    if let Some(ip) = attempt.egress_ip {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .map_err(ConnectFailure::Bind)?;
+    }
+    let stream = tokio::time::timeout(timeout, socket.connect(attempt.addr))
+        .await
+        .map_err(|_| ConnectFailure::Timeout)?
+        .map_err(ConnectFailure::Connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}

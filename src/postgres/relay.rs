@@ -1,0 +1,275 @@
+//! The session after login: bytes flow both ways as they arrive, through
+//! one fixed buffer per direction. Message boundaries are followed by
+//! arithmetic on the 5-byte headers; only the few messages the audit and
+//! metrics need (`Q`, `E`xecute and `X` from the client; `C`, `E`rror and
+//! `Z` from the server) have their first bytes looked at. No message is
+//! ever held whole, so a 1 GiB DataRow or COPY stream costs one buffer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use super::wire;
+
+/// One read's worth; PostgreSQL's own socket buffers are 8 KiB.
+const CHUNK: usize = 16 * 1024;
+/// Enough of a CommandComplete tag or an ErrorResponse to find the verb or
+/// the SQLSTATE (the third field).
+const PEEK: usize = 64;
+
+/// Follows the message boundaries of one direction.
+#[derive(Default)]
+pub struct Frames {
+    head: [u8; 5],
+    have: usize,
+    tag: u8,
+    /// Body bytes of the current message still to pass.
+    remaining: usize,
+    in_body: bool,
+    peeked: Vec<u8>,
+}
+
+/// A length field under 4: not PostgreSQL.
+#[derive(Debug)]
+pub struct Malformed;
+
+impl Frames {
+    pub fn at_boundary(&self) -> bool {
+        !self.in_body && self.have == 0
+    }
+
+    /// Follows `data`; `seen` gets each message's tag and its first bytes
+    /// when its body has passed (or right away, for tags it does not peek).
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        peeks: impl Fn(u8) -> bool,
+        mut seen: impl FnMut(u8, &[u8]),
+    ) -> Result<(), Malformed> {
+        while !data.is_empty() {
+            if !self.in_body {
+                let take = (5 - self.have).min(data.len());
+                self.head[self.have..self.have + take].copy_from_slice(&data[..take]);
+                self.have += take;
+                data = &data[take..];
+                if self.have < 5 {
+                    break;
+                }
+                self.have = 0;
+                self.tag = self.head[0];
+                let len = u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
+                if len < 4 {
+                    return Err(Malformed);
+                }
+                self.remaining = len as usize - 4;
+                self.peeked.clear();
+                if !peeks(self.tag) {
+                    seen(self.tag, &[]);
+                    self.in_body = self.remaining > 0;
+                    self.tag = 0;
+                } else if self.remaining == 0 {
+                    seen(self.tag, &[]);
+                } else {
+                    self.in_body = true;
+                }
+            } else {
+                let take = self.remaining.min(data.len());
+                if self.tag != 0 && self.peeked.len() < PEEK {
+                    let room = (PEEK - self.peeked.len()).min(take);
+                    self.peeked.extend_from_slice(&data[..room]);
+                }
+                self.remaining -= take;
+                data = &data[take..];
+                if self.remaining == 0 {
+                    self.in_body = false;
+                    if self.tag != 0 {
+                        seen(self.tag, &self.peeked);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the relay counts for the audit record and metrics.
+#[derive(Default)]
+pub struct Tally {
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub statements: u64,
+    /// The client sent Terminate.
+    pub terminated: bool,
+}
+
+/// How the relay ended.
+pub enum Ended {
+    /// The client closed (after Terminate or not).
+    Client,
+    /// The server closed the connection, or it failed.
+    Server,
+    /// The client connection failed.
+    ClientFailed,
+    /// Told to stop (drain over, or a reload withdrew the session's
+    /// grounds): the client was sent `ErrorResponse` 57P01.
+    Stopped,
+    /// The client broke the framing.
+    Malformed,
+}
+
+/// Called with each completed statement: the command verb and how long it
+/// took since the statement arrived.
+pub trait Observer: Sync {
+    fn statement(&self, command: &str, took: Duration);
+}
+
+/// Relays until either side ends or `stop` resolves; `stop` is only acted
+/// on between messages to the client, so 57P01 never lands inside one.
+pub async fn relay<C, S, F>(
+    client: C,
+    server: S,
+    tally: &mut Tally,
+    observer: &impl Observer,
+    stop: impl Fn() -> F,
+) -> Ended
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: std::future::Future<Output = (&'static str, String)>,
+{
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut server_read, mut server_write) = tokio::io::split(server);
+    // Microseconds since `base` at which the latest statement arrived.
+    let base = Instant::now();
+    let statement_started = AtomicU64::new(0);
+    let since_base = || base.elapsed().as_micros() as u64;
+    let (mut up_bytes, mut down_bytes, mut statements, mut terminated) = (0u64, 0u64, 0u64, false);
+    let up = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut frames = Frames::default();
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) => return Ended::Client,
+                Ok(n) => n,
+                Err(_) => return Ended::ClientFailed,
+            };
+            let followed = frames.feed(&buf[..n], |_| false, |tag, _| match tag {
+                b'Q' | b'E' => {
+                    statements += 1;
+                    statement_started.store(since_base(), Ordering::Relaxed);
+                }
+                b'X' => terminated = true,
+                _ => {}
+            });
+            if followed.is_err() {
+                return Ended::Malformed;
+            }
+            up_bytes += n as u64;
+            if wire::send(&mut server_write, &buf[..n]).await.is_err() {
+                return Ended::Server;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut frames = Frames::default();
+        loop {
+            let read = if frames.at_boundary() {
+                tokio::select! {
+                    biased;
+                    (code, text) = stop() => {
+                        let goodbye = wire::error_response("FATAL", "57P01", code, &text);
+                        let _ = wire::send(&mut client_write, &goodbye).await;
+                        return Ended::Stopped;
+                    }
+                    read = server_read.read(&mut buf) => read,
+                }
+            } else {
+                server_read.read(&mut buf).await
+            };
+            let n = match read {
+                Ok(0) | Err(_) => return Ended::Server,
+                Ok(n) => n,
+            };
+            let followed = frames.feed(
+                &buf[..n],
+                |tag| tag == b'C',
+                |tag, peeked| {
+                    if tag == b'C' {
+                        let verb = peeked.split(|&b| b == b' ' || b == 0).next().unwrap_or_default();
+                        let started = statement_started.load(Ordering::Relaxed);
+                        observer.statement(
+                            std::str::from_utf8(verb).unwrap_or(""),
+                            Duration::from_micros(since_base().saturating_sub(started)),
+                        );
+                    }
+                },
+            );
+            if followed.is_err() {
+                return Ended::Server;
+            }
+            down_bytes += n as u64;
+            // pingora's client stream buffers writes until flushed.
+            if wire::send(&mut client_write, &buf[..n]).await.is_err() {
+                return Ended::ClientFailed;
+            }
+        }
+    };
+    let ended = tokio::select! {
+        ended = up => ended,
+        ended = down => ended,
+    };
+    tally.request_bytes = up_bytes;
+    tally.response_bytes = down_bytes;
+    tally.statements = statements;
+    tally.terminated = terminated;
+    ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn boundaries_are_followed_across_any_split() {
+        let mut stream = msg(b'D', &vec![7u8; 100_000]);
+        stream.extend(msg(b'C', b"SELECT 12\0"));
+        stream.extend(msg(b'Z', b"I"));
+        for split in [1, 2, 4, 5, 6, 4096, 99_999, 100_005] {
+            let mut frames = Frames::default();
+            let mut seen = Vec::new();
+            for piece in stream.chunks(split) {
+                frames
+                    .feed(piece, |t| t == b'C', |t, p| seen.push((t, p.to_vec())))
+                    .unwrap();
+            }
+            assert!(frames.at_boundary());
+            assert_eq!(
+                seen,
+                vec![
+                    (b'D', vec![]),
+                    (b'C', b"SELECT 12\0".to_vec()),
+                    (b'Z', vec![])
+                ],
+                "split every {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_length_under_four_is_malformed_and_mid_message_is_no_boundary() {
+        let mut frames = Frames::default();
+        assert!(frames.feed(&[b'Q', 0, 0, 0, 3], |_| false, |_, _| {}).is_err());
+        let mut frames = Frames::default();
+        frames.feed(&[b'Q', 0, 0, 0, 9, b's'], |_| false, |_, _| {}).unwrap();
+        assert!(!frames.at_boundary());
+    }
+}

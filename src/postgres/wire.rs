@@ -1,0 +1,233 @@
+//! The few PostgreSQL messages sealgate reads or writes itself, with every
+//! length checked before it is trusted: a length only bounds how much is
+//! read, never how much is allocated up front.
+
+use std::io;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// PostgreSQL's own limit on a startup packet.
+pub const MAX_STARTUP_LEN: usize = 10_000;
+/// A password message carrying a caller token; tokens are far shorter.
+pub const MAX_PASSWORD_LEN: usize = 1024;
+/// Any one message sealgate reads whole from the upstream during login
+/// (authentication requests, parameter statuses, notices).
+pub const MAX_LOGIN_MESSAGE_LEN: usize = 64 * 1024;
+
+pub const SSL_REQUEST: u32 = 80_877_103;
+pub const GSSENC_REQUEST: u32 = 80_877_104;
+pub const CANCEL_REQUEST: u32 = 80_877_102;
+pub const PROTOCOL_3: u32 = 3 << 16;
+
+/// Why a message could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    Io,
+    /// The length field is impossible or over the limit.
+    Length(usize),
+    /// The peer closed the connection before the message was whole.
+    Closed,
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ReadError::Closed
+        } else {
+            ReadError::Io
+        }
+    }
+}
+
+/// Reads `len` bytes, growing the buffer only as bytes arrive.
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, ReadError> {
+    let mut body = Vec::new();
+    let got = r.take(len as u64).read_to_end(&mut body).await?;
+    if got < len {
+        return Err(ReadError::Closed);
+    }
+    Ok(body)
+}
+
+/// A startup-phase packet (no type byte): its code and the rest.
+pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u32, Vec<u8>), ReadError> {
+    let len = r.read_u32().await? as usize;
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(ReadError::Length(len));
+    }
+    let code = r.read_u32().await?;
+    Ok((code, read_body(r, len - 8).await?))
+}
+
+/// A typed message read whole, up to `max` bytes of body.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<(u8, Vec<u8>), ReadError> {
+    let tag = r.read_u8().await?;
+    let len = r.read_u32().await? as usize;
+    if len < 4 || len - 4 > max {
+        return Err(ReadError::Length(len));
+    }
+    Ok((tag, read_body(r, len - 4).await?))
+}
+
+/// The parameters of a StartupMessage body: NUL-terminated name/value
+/// pairs ended by an empty name.
+pub fn startup_parameters(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let mut fields = body.split(|&b| b == 0);
+    let mut params = Vec::new();
+    loop {
+        let name = fields.next()?;
+        if name.is_empty() {
+            // The terminator must end the packet.
+            return (fields.next() == Some(&[][..]) && fields.next().is_none()).then_some(params);
+        }
+        let value = fields.next()?;
+        params.push((
+            String::from_utf8(name.to_vec()).ok()?,
+            String::from_utf8(value.to_vec()).ok()?,
+        ));
+    }
+}
+
+/// Appends one message: tag, length, then what `body` writes.
+pub fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_u32(0);
+    body(out);
+    let len = (out.len() - at) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+pub fn cstr(out: &mut BytesMut, s: &str) {
+    out.put_slice(s.as_bytes());
+    out.put_u8(0);
+}
+
+/// An ErrorResponse sealgate makes itself (SPEC section 9): the message is
+/// `sealgate: CODE: TEXT`.
+pub fn error_response(severity: &str, sqlstate: &str, code: &str, text: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    message(&mut out, b'E', |b| {
+        for (field, value) in [(b'S', severity), (b'V', severity), (b'C', sqlstate)] {
+            b.put_u8(field);
+            cstr(b, value);
+        }
+        b.put_u8(b'M');
+        cstr(b, &format!("sealgate: {code}: {text}"));
+        b.put_u8(0);
+    });
+    out
+}
+
+/// AuthenticationRequest `R` with the given code and no payload.
+pub fn authentication(code: u32) -> BytesMut {
+    let mut out = BytesMut::new();
+    message(&mut out, b'R', |b| b.put_u32(code));
+    out
+}
+
+pub fn backend_key_data(pid: u32, secret: u32) -> BytesMut {
+    let mut out = BytesMut::new();
+    message(&mut out, b'K', |b| {
+        b.put_u32(pid);
+        b.put_u32(secret);
+    });
+    out
+}
+
+/// NegotiateProtocolVersion: the newest minor version sealgate speaks and
+/// the `_pq_.` options it does not support.
+pub fn negotiate_protocol_version(unsupported: &[String]) -> BytesMut {
+    let mut out = BytesMut::new();
+    message(&mut out, b'v', |b| {
+        b.put_u32(PROTOCOL_3);
+        b.put_u32(unsupported.len() as u32);
+        for name in unsupported {
+            cstr(b, name);
+        }
+    });
+    out
+}
+
+/// A field of an ErrorResponse or NoticeResponse body.
+pub fn error_field(body: &[u8], wanted: u8) -> Option<&str> {
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let end = tail.iter().position(|&b| b == 0)?;
+        if field == wanted {
+            return std::str::from_utf8(&tail[..end]).ok();
+        }
+        rest = &tail[end + 1..];
+    }
+    None
+}
+
+pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_parameters_need_their_terminator_and_nothing_after() {
+        assert_eq!(
+            startup_parameters(b"user\0app\0database\0orders\0\0"),
+            Some(vec![
+                ("user".into(), "app".into()),
+                ("database".into(), "orders".into())
+            ])
+        );
+        assert_eq!(startup_parameters(b"user\0app\0"), None);
+        assert_eq!(startup_parameters(b"user\0app\0\0junk"), None);
+        assert_eq!(startup_parameters(b"user\0"), None);
+        assert_eq!(startup_parameters(b"\0"), Some(vec![]));
+    }
+
+    #[test]
+    fn error_fields_are_found_and_a_truncated_body_is_not_read_past() {
+        let e = error_response("FATAL", "28P01", "caller_unauthenticated", "no");
+        let body = &e[5..];
+        assert_eq!(error_field(body, b'C'), Some("28P01"));
+        assert_eq!(
+            error_field(body, b'M'),
+            Some("sealgate: caller_unauthenticated: no")
+        );
+        assert_eq!(error_field(b"Cabc", b'C'), None);
+        assert_eq!(error_field(b"", b'C'), None);
+    }
+
+    #[tokio::test]
+    async fn lengths_are_checked_before_anything_is_read_or_allocated() {
+        let mut huge = &[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0][..];
+        assert!(matches!(
+            read_startup(&mut huge).await,
+            Err(ReadError::Length(_))
+        ));
+        let mut short = &[0, 0, 0, 3][..];
+        assert!(matches!(
+            read_startup(&mut short).await,
+            Err(ReadError::Length(3))
+        ));
+        let mut message = &[b'p', 0, 0, 0, 2][..];
+        assert!(matches!(
+            read_message(&mut message, 100).await,
+            Err(ReadError::Length(2))
+        ));
+        // A length that promises more than arrives is a close, not a hang.
+        let mut cut = &[b'p', 0, 0, 0, 20, b'a'][..];
+        assert!(matches!(
+            read_message(&mut cut, 100).await,
+            Err(ReadError::Closed)
+        ));
+    }
+}

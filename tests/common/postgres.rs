@@ -1,0 +1,217 @@
+//! A real PostgreSQL server for the tests: Debian's `postgresql` package,
+//! a fresh cluster per test in a temporary directory, with TLS (an rcgen
+//! certificate for `localhost`) and one login per authentication method.
+//! PostgreSQL refuses to run as root, and CI runs as root: the cluster then
+//! belongs to the `postgres` user the package creates, and its processes
+//! run as that user.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::{free_port, TestCa};
+
+/// Logins of the test cluster, each allowed only by its method, only over
+/// TLS (pg_hba `hostssl`).
+pub const SCRAM_USER: &str = "scram_user";
+pub const MD5_USER: &str = "md5_user";
+pub const CLEARTEXT_USER: &str = "cleartext_user";
+pub const DATABASE: &str = "appdb";
+
+/// The newest installed server's binaries (`/usr/lib/postgresql/N/bin`).
+pub fn bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (./dev.sh setup installs it)")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .expect("a PostgreSQL server under /usr/lib/postgresql")
+}
+
+/// Runs as the `postgres` user when we are root.
+fn as_server_user(cmd: &mut Command) -> &mut Command {
+    if nix::unistd::geteuid().is_root() {
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .expect("the postgres user (created by the postgresql package)");
+        cmd.gid(user.gid.as_raw()).uid(user.uid.as_raw());
+    }
+    cmd
+}
+
+fn chown_to_server_user(path: &Path) {
+    if nix::unistd::geteuid().is_root() {
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .expect("postgres user");
+        nix::unistd::chown(path, Some(user.uid), Some(user.gid)).expect("chown");
+    }
+}
+
+pub struct PgServer {
+    pub port: u16,
+    /// The Unix socket directory.
+    pub socket_dir: PathBuf,
+    /// Each login's password.
+    pub passwords: [(&'static str, String); 3],
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PgServer {
+    /// A running cluster presenting a certificate for `localhost` (and
+    /// `names`) signed by `ca`.
+    pub fn start(ca: &TestCa, names: &[&str]) -> PgServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        chown_to_server_user(dir.path());
+        let data = dir.path().join("data");
+        let bin = bin_dir();
+        let status = as_server_user(&mut Command::new(bin.join("initdb")))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("initdb");
+        assert!(status.success(), "initdb failed");
+        let mut sans = vec![super::dns("localhost")];
+        sans.extend(names.iter().map(|n| super::dns(n)));
+        let (cert, key) = ca.issue(sans);
+        let write_owned = |name: &str, text: &str, mode: u32| {
+            let path = data.join(name);
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            chown_to_server_user(&path);
+        };
+        write_owned("server.crt", &cert, 0o644);
+        write_owned("server.key", &key, 0o600);
+        let port = free_port();
+        let socket_dir = dir.path().to_path_buf();
+        write_owned(
+            "postgresql.auto.conf",
+            &format!(
+                "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+                 ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+                 fsync = off\nmax_connections = 50\n",
+                socket_dir.display()
+            ),
+            0o600,
+        );
+        write_owned(
+            "pg_hba.conf",
+            &format!(
+                "local all postgres trust\n\
+                 hostssl all {SCRAM_USER} 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all {MD5_USER} 127.0.0.1/32 md5\n\
+                 hostssl all {CLEARTEXT_USER} 127.0.0.1/32 password\n"
+            ),
+            0o600,
+        );
+        let status = as_server_user(&mut Command::new(bin.join("pg_ctl")))
+            .args(["-w", "-t", "30", "-l"])
+            .arg(dir.path().join("server.log"))
+            .arg("-D")
+            .arg(&data)
+            .arg("start")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("pg_ctl start");
+        assert!(
+            status.success(),
+            "PostgreSQL did not start: {}",
+            std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
+        );
+        let passwords = [
+            (SCRAM_USER, random_password()),
+            (MD5_USER, random_password()),
+            (CLEARTEXT_USER, random_password()),
+        ];
+        let server = PgServer {
+            port,
+            socket_dir,
+            passwords,
+            data,
+            _dir: dir,
+        };
+        for (user, password) in &server.passwords {
+            let method = if *user == MD5_USER { "md5" } else { "scram-sha-256" };
+            server.superuser_sql(
+                "postgres",
+                &format!("SET password_encryption = '{method}'; CREATE ROLE {user} LOGIN PASSWORD '{password}';"),
+            );
+        }
+        server.superuser_sql("postgres", &format!("CREATE DATABASE {DATABASE}"));
+        server.superuser_sql(DATABASE, "GRANT ALL ON SCHEMA public TO PUBLIC");
+        server
+    }
+
+    pub fn password(&self, user: &str) -> &str {
+        &self
+            .passwords
+            .iter()
+            .find(|(u, _)| *u == user)
+            .expect("a test login")
+            .1
+    }
+
+    /// Runs SQL as the superuser over the Unix socket, bypassing sealgate.
+    pub fn superuser_sql(&self, database: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-d", database, "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The server's log (for checking what it saw).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.parent().expect("dir").join("server.log"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = as_server_user(&mut Command::new(bin_dir().join("pg_ctl")))
+            .args(["-m", "immediate", "-D"])
+            .arg(&self.data)
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// 24 random letters and digits: easy to spot in any output.
+fn random_password() -> String {
+    let mut bytes = [0u8; 24];
+    getrandom::getrandom(&mut bytes).expect("random");
+    bytes
+        .iter()
+        .map(|b| {
+            let chars = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+            chars[*b as usize % chars.len()] as char
+        })
+        .collect()
+}
