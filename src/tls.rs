@@ -165,17 +165,33 @@ pub fn expiry_unix(key: &CertifiedKey) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
+/// Whether a TLS client must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCert {
+    /// The HTTP TLS listeners: a certificate is the only proof there is.
+    Required,
+    /// Database fronts: a caller may prove itself with a certificate, or
+    /// with a token sent as the password inside TLS.
+    Optional,
+}
+
 /// A verifier for client certificates signed by the CAs in `client_ca`.
-pub fn load_client_verifier(client_ca: &Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
+pub fn load_client_verifier(
+    client_ca: &Path,
+    cert: ClientCert,
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = RootCertStore::empty();
     for cert in read_pem_certs(client_ca)? {
         roots
             .add(cert)
             .map_err(|e| format!("{}: not a usable CA certificate: {e}", client_ca.display()))?;
     }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| format!("{}: {e}", client_ca.display()))
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    match cert {
+        ClientCert::Required => builder.build(),
+        ClientCert::Optional => builder.allow_unauthenticated().build(),
+    }
+    .map_err(|e| format!("{}: {e}", client_ca.display()))
 }
 
 /// The server certificate in force; SIGHUP swaps it.
@@ -239,7 +255,7 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.current.load().0.client_auth_mandatory()
     }
 
     /// No hints: they would have to outlive a swap of the CAs.

@@ -64,6 +64,12 @@ impl Upstream {
             .or(default_port)
             .ok_or_else(|| "the URL has no port and no known default".to_string())?;
         let (host, host_text) = match url.host() {
+            // A URL of a scheme the WHATWG parser does not know keeps an
+            // IPv4 host as text.
+            Some(Host::Domain(d)) if d.parse::<std::net::Ipv4Addr>().is_ok() => {
+                let ip: std::net::Ipv4Addr = d.parse().map_err(|_| "bad IPv4 host".to_string())?;
+                (UpstreamHost::Ip(IpAddr::V4(ip)), ip.to_string())
+            }
             Some(Host::Domain(d)) if !d.is_empty() => {
                 let d = d.trim_end_matches('.').to_ascii_lowercase();
                 (UpstreamHost::Name(d.clone()), d)
@@ -200,6 +206,16 @@ mod tests {
             (u.sni.as_str(), u.authority.as_str()),
             ("127.0.0.1", "127.0.0.1:18080")
         );
+    }
+
+    #[test]
+    fn database_urls_take_the_default_port_and_ip_hosts_are_ips() {
+        let u = parse("postgresql://127.0.0.1/orders").unwrap();
+        assert_eq!(u.host, UpstreamHost::Ip("127.0.0.1".parse().unwrap()));
+        assert_eq!((u.port, u.base_path.as_str()), (5432, "/orders"));
+        let u = parse("postgres://db.internal:6543/x").unwrap();
+        assert_eq!(u.host, UpstreamHost::Name("db.internal".into()));
+        assert_eq!(u.port, 6543);
     }
 
     #[test]

@@ -971,7 +971,10 @@ impl Validator<'_> {
         .ok();
         let client_verifier = match &raw.client_ca {
             None => None,
-            Some(ca) => match crate::tls::load_client_verifier(&self.relative(ca.get_ref())) {
+            Some(ca) => match crate::tls::load_client_verifier(
+                &self.relative(ca.get_ref()),
+                crate::tls::ClientCert::Required,
+            ) {
                 Ok(verifier) => Some(verifier),
                 Err(message) => {
                     self.sink.at(ca.span(), "proxy.tls.client_ca", message);
@@ -1031,7 +1034,10 @@ impl Validator<'_> {
             let client_verifier = match &t.client_ca {
                 None => None,
                 Some(ca) => {
-                    match crate::tls::load_client_verifier(&self.relative(ca.get_ref())) {
+                    match crate::tls::load_client_verifier(
+                        &self.relative(ca.get_ref()),
+                        crate::tls::ClientCert::Optional,
+                    ) {
                         Ok(verifier) => Some(verifier),
                         Err(message) => {
                             self.sink.at(ca.span(), format!("{prefix}.client_ca"), message);
