@@ -10,13 +10,27 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-ensure_build_tools() {
-  command -v cmake >/dev/null 2>&1 && return 0
-  echo "dev.sh: installing cmake (needed to build pingora's zlib-ng)" >&2
+apt_install() {
   local sudo=""
   [[ $(id -u) == 0 ]] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq cmake >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ensure_build_tools() {
+  command -v cmake >/dev/null 2>&1 && return 0
+  echo "dev.sh: installing cmake (needed to build pingora's zlib-ng)" >&2
+  apt_install cmake
+}
+
+# The PostgreSQL tests start a real server (Debian keeps its binaries in
+# /usr/lib/postgresql/N/bin, off PATH) and talk to it with psql.
+ensure_postgres() {
+  if compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null && command -v psql >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "dev.sh: installing the PostgreSQL server and psql (for the PostgreSQL tests and demo)" >&2
+  apt_install postgresql postgresql-client
 }
 
 # llvm-profdata must come from rustc's own LLVM: rustup's llvm-tools.
@@ -74,10 +88,12 @@ pgo_train() {
 case "${1:-}" in
   demo)
     ensure_build_tools
+    ensure_postgres
     exec cargo run --quiet --bin sealgate -- demo
     ;;
   test)
     ensure_build_tools
+    ensure_postgres
     exec cargo test --all-targets
     ;;
   release)
@@ -90,6 +106,7 @@ case "${1:-}" in
     ;;
   setup)
     ensure_build_tools
+    ensure_postgres
     ;;
   *)
     echo "usage: ./dev.sh demo | test | release | pgo-train | setup" >&2

@@ -181,21 +181,28 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let record = AuditRecord {
                 ts: std::time::SystemTime::now(),
+                event: None,
                 request_id: "0000000000a1b2c3",
                 caller: Some("billing"),
                 datasource: Some("payments"),
                 method: "GET",
-                path: black_box("/payments/v1/charges/ch_123"),
+                path: Some(black_box("/payments/v1/charges/ch_123")),
                 upstream: Some(SocketAddr::from(([52, 1, 2, 3], 443))),
                 egress_ip: Some([203, 0, 113, 7].into()),
                 region: Some("eu"),
                 decision: Decision::Allow,
                 reason: Some("allowed by policies/payments.toml:3 (api.stripe.com:443)"),
-                status: 200,
+                status: Some(200),
                 request_bytes: 0,
                 response_bytes: 1024,
                 duration: Duration::from_micros(1234),
                 error: None,
+                protocol: "http",
+                credential: Some("datasource"),
+                client_user: None,
+                db_user: None,
+                statements: None,
+                statement: None,
             };
             black_box(audit::encode(&record))
         })

@@ -63,6 +63,20 @@ pub struct AuditRecord<'a> {
     pub db_user: Option<&'a str>,
     /// Statements a database session ran.
     pub statements: Option<u64>,
+    /// A statement record's own keys (`event: "statement"`).
+    pub statement: Option<StatementFields<'a>>,
+}
+
+/// One statement of a database session (SPEC section 9): its literal-free
+/// text, never its values or the server's error text.
+#[derive(Debug)]
+pub struct StatementFields<'a> {
+    /// The completion tag's verb; none when the statement failed.
+    pub command: Option<&'a str>,
+    pub rows: Option<u64>,
+    pub sqlstate: Option<&'a str>,
+    pub text: &'a str,
+    pub fingerprint: &'a str,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +285,12 @@ impl AuditLog {
     /// Queues a record. While the writer is behind, the request waits, or
     /// with `on_full = "drop"` the record is dropped and counted.
     pub async fn record(&self, record: &AuditRecord<'_>) {
-        let line = Message::Line(encode(record));
+        self.record_line(encode(record)).await
+    }
+
+    /// Queues a record already encoded, as `record` does.
+    pub async fn record_line(&self, line: Vec<u8>) {
+        let line = Message::Line(line);
         let sent = match self.on_full {
             OnFull::Block => self.tx.send(line).await.is_ok(),
             OnFull::Drop => self.tx.try_send(line).is_ok(),
@@ -615,9 +634,18 @@ pub fn encode(record: &AuditRecord<'_>) -> Vec<u8> {
     line.extend_from_slice(b",\"db_user\":");
     json_opt_str(&mut line, record.db_user);
     line.extend_from_slice(b",\"statements\":");
-    match record.statements {
-        Some(n) => json_int(&mut line, n),
-        None => line.extend_from_slice(b"null"),
+    json_opt_int(&mut line, record.statements);
+    if let Some(statement) = &record.statement {
+        line.extend_from_slice(b",\"command\":");
+        json_opt_str(&mut line, statement.command);
+        line.extend_from_slice(b",\"rows\":");
+        json_opt_int(&mut line, statement.rows);
+        line.extend_from_slice(b",\"sqlstate\":");
+        json_opt_str(&mut line, statement.sqlstate);
+        line.extend_from_slice(b",\"statement\":");
+        json_str(&mut line, statement.text);
+        line.extend_from_slice(b",\"fingerprint\":");
+        json_str(&mut line, statement.fingerprint);
     }
     line.extend_from_slice(b"}\n");
     line
@@ -665,6 +693,13 @@ fn encode_event(
 
 fn json_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn json_opt_int(out: &mut Vec<u8>, n: Option<u64>) {
+    match n {
+        Some(n) => json_int(out, n),
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
@@ -772,6 +807,7 @@ mod tests {
             client_user: None,
             db_user: None,
             statements: None,
+            statement: None,
         };
         let spec_keys = [
             "ts",
@@ -844,6 +880,7 @@ mod tests {
             client_user: Some(awkward),
             db_user: Some("billing_ro"),
             statements: Some(3),
+            statement: None,
         };
         let line = encode(&r);
         assert_eq!(line.last(), Some(&b'\n'));

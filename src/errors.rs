@@ -88,12 +88,12 @@ impl ErrorCode {
             ErrorCode::TlsRequired | ErrorCode::CallerForbidden => "28000",
             ErrorCode::CallerUnauthenticated | ErrorCode::CallerThrottled => "28P01",
             ErrorCode::UnknownDatasource => "3D000",
-            ErrorCode::EgressDenied | ErrorCode::UpstreamAuth | ErrorCode::CredentialUnavailable => {
-                "08004"
-            }
-            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls | ErrorCode::UpstreamTimeout => {
-                "08001"
-            }
+            ErrorCode::EgressDenied
+            | ErrorCode::UpstreamAuth
+            | ErrorCode::CredentialUnavailable => "08004",
+            ErrorCode::UpstreamUnreachable
+            | ErrorCode::UpstreamTls
+            | ErrorCode::UpstreamTimeout => "08001",
             ErrorCode::TooManyConnections => "53300",
             ErrorCode::ShuttingDown => "57P01",
             ErrorCode::Internal => "XX000",

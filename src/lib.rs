@@ -25,6 +25,7 @@ pub mod route;
 pub mod secrets;
 pub mod server;
 pub mod state;
+pub mod statements;
 pub mod throttle;
 pub mod tls;
 pub mod unix_listener;

@@ -134,9 +134,28 @@ pub struct DbMetrics {
 /// The statement verbs counted by name; any other is `OTHER`, so the
 /// label stays bounded whatever the clients send.
 pub const DB_COMMANDS: [&str; 22] = [
-    "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "BEGIN", "COMMIT", "ROLLBACK",
-    "SET", "SHOW", "CREATE", "ALTER", "DROP", "TRUNCATE", "LISTEN", "NOTIFY", "UNLISTEN",
-    "PREPARE", "EXECUTE", "DEALLOCATE", "FETCH",
+    "SELECT",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "MERGE",
+    "COPY",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "SET",
+    "SHOW",
+    "CREATE",
+    "ALTER",
+    "DROP",
+    "TRUNCATE",
+    "LISTEN",
+    "NOTIFY",
+    "UNLISTEN",
+    "PREPARE",
+    "EXECUTE",
+    "DEALLOCATE",
+    "FETCH",
 ];
 
 impl DbMetrics {

@@ -18,9 +18,9 @@ use pingora::upstreams::peer::{H1UpgradePolicy, HttpPeer, HttpUpstreamRequestPol
 use pingora::{Error, ErrorType, Result};
 use zeroize::Zeroizing;
 
+use crate::access;
 use crate::audit::{AuditRecord, Decision};
 use crate::callers::{self, Caller, Identified, Presented};
-use crate::access;
 use crate::config::{Config, CredentialSource, DataSource, Protocol};
 use crate::connect;
 use crate::credentials::Credential;
@@ -205,6 +205,7 @@ impl RequestCtx {
             client_user: None,
             db_user: None,
             statements: None,
+            statement: None,
         }
     }
 }
@@ -743,7 +744,6 @@ fn log_failure(e: &Error, ctx: &RequestCtx, status: u16) {
         failed!(tracing::Level::ERROR);
     }
 }
-
 
 /// One pass over the headers finds what to remove; most responses carry
 /// nothing but `Connection: keep-alive`, and removing absent names one by

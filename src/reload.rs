@@ -72,7 +72,9 @@ fn swap_tls(shared: &Shared, next: &Config) {
 }
 
 /// A database front's listeners and limits, bound at start.
-fn db_listeners(config: &Config) -> Option<(Vec<std::net::SocketAddr>, Option<std::path::PathBuf>, bool)> {
+fn db_listeners(
+    config: &Config,
+) -> Option<(Vec<std::net::SocketAddr>, Option<std::path::PathBuf>, bool)> {
     config
         .postgres
         .as_ref()

@@ -51,9 +51,7 @@ pub fn field_path(caller: Option<&str>, field: &str) -> String {
 pub fn valid_field_path(path: &str) -> bool {
     match path.split('.').collect::<Vec<_>>().as_slice() {
         [field] => SECRET_FIELDS.contains(field),
-        [CALLER_CREDENTIALS, caller, field] => {
-            !caller.is_empty() && SECRET_FIELDS.contains(field)
-        }
+        [CALLER_CREDENTIALS, caller, field] => !caller.is_empty() && SECRET_FIELDS.contains(field),
         _ => false,
     }
 }

@@ -44,7 +44,6 @@ impl Setup<'_> {
 struct Fixture {
     pg: PgServer,
     sg: Sealgate,
-    ca: TestCa,
     listen: SocketAddr,
     socket_dir: PathBuf,
 }
@@ -96,7 +95,6 @@ impl Fixture {
         Fixture {
             pg,
             sg,
-            ca,
             listen,
             socket_dir,
         }
@@ -137,7 +135,10 @@ fn psql_logs_in_with_each_method_the_server_asks_for() {
         ("orders_md5", MD5_USER),
         ("orders_cleartext", CLEARTEXT_USER),
     ] {
-        let (code, out, err) = f.psql(ds, "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+        let (code, out, err) = f.psql(
+            ds,
+            "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        );
         assert_eq!(code, 0, "{ds}: {err}\n{}", f.sg.stderr());
         assert_eq!(out, format!("{user}|t"), "{ds} logs in as {user} over TLS");
     }
@@ -166,13 +167,22 @@ async fn connect(params: &str) -> tokio_postgres::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_pipelining_copy_both_ways_and_notifications_work() {
     let f = Fixture::start("");
-    let params = format!("host=127.0.0.1 port={} dbname=orders user=app", f.listen.port());
+    let params = format!(
+        "host=127.0.0.1 port={} dbname=orders user=app",
+        f.listen.port()
+    );
     let client = connect(&params).await;
     // Prepared statements with binds, several in flight at once.
     let statement = client.prepare("SELECT $1::int8 * 2").await.unwrap();
     let queries = (0..50i64).map(|i| {
         let (client, statement) = (&client, &statement);
-        async move { client.query_one(statement, &[&i]).await.unwrap().get::<_, i64>(0) }
+        async move {
+            client
+                .query_one(statement, &[&i])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
     });
     let doubled = futures_util::future::join_all(queries).await;
     assert_eq!(doubled, (0..50).map(|i| i * 2).collect::<Vec<i64>>());
@@ -208,7 +218,10 @@ async fn extended_protocol_pipelining_copy_both_ways_and_notifications_work() {
             }
         }
     });
-    listener.batch_execute("LISTEN orders_changed").await.unwrap();
+    listener
+        .batch_execute("LISTEN orders_changed")
+        .await
+        .unwrap();
     client
         .batch_execute("NOTIFY orders_changed, 'order 42'")
         .await
@@ -225,7 +238,10 @@ async fn extended_protocol_pipelining_copy_both_ways_and_notifications_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_reaches_the_server_with_its_key_and_the_client_never_sees_the_servers() {
     let f = Fixture::start("");
-    let params = format!("host=127.0.0.1 port={} dbname=orders user=app", f.listen.port());
+    let params = format!(
+        "host=127.0.0.1 port={} dbname=orders user=app",
+        f.listen.port()
+    );
     let client = connect(&params).await;
     let token = client.cancel_token();
     let sleeping = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(60)").await });
@@ -251,9 +267,10 @@ async fn a_cancel_reaches_the_server_with_its_key_and_the_client_never_sees_the_
         .position(|w| w == [b'K', 0, 0, 0, 12])
         .expect("BackendKeyData");
     let client_pid = i32::from_be_bytes(greeting[at + 5..at + 9].try_into().unwrap());
-    let server_pids = f
-        .pg
-        .superuser_sql("postgres", "SELECT string_agg(pid::text, ',') FROM pg_stat_activity");
+    let server_pids = f.pg.superuser_sql(
+        "postgres",
+        "SELECT string_agg(pid::text, ',') FROM pg_stat_activity",
+    );
     assert!(
         !server_pids.split(',').any(|p| p == client_pid.to_string()),
         "{client_pid} is a server process: {server_pids}"
@@ -274,7 +291,10 @@ async fn a_cancel_reaches_the_server_with_its_key_and_the_client_never_sees_the_
 async fn raw_startup(addr: SocketAddr, dbname: &str) -> (tokio::net::TcpStream, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(&startup(&[("user", "app"), ("database", dbname)], 3 << 16)).await.unwrap();
+    stream
+        .write_all(&startup(&[("user", "app"), ("database", dbname)], 3 << 16))
+        .await
+        .unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
@@ -308,7 +328,11 @@ async fn the_unix_socket_serves_psql_and_tokio_postgres() {
     let dir = f.socket_dir.to_str().unwrap().to_string();
     let port = f.listen.port().to_string();
     let (code, out, err) = tokio::task::spawn_blocking(move || {
-        psql(&[&format!("host={dir} port={port} dbname=orders_md5 user=app"), "-c", "SELECT current_user"])
+        psql(&[
+            &format!("host={dir} port={port} dbname=orders_md5 user=app"),
+            "-c",
+            "SELECT current_user",
+        ])
     })
     .await
     .unwrap();
@@ -319,7 +343,11 @@ async fn the_unix_socket_serves_psql_and_tokio_postgres() {
         f.listen.port()
     ))
     .await;
-    let user: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(user, SCRAM_USER);
 }
 
@@ -363,7 +391,12 @@ fn callers_fixture(rust_log: &str) -> (Fixture, PathBuf) {
 
 impl Fixture {
     /// psql over TLS, verifying sealgate's certificate for `localhost`.
-    fn psql_tls(&self, client: &std::path::Path, conninfo: &str, sql: &str) -> (i32, String, String) {
+    fn psql_tls(
+        &self,
+        client: &std::path::Path,
+        conninfo: &str,
+        sql: &str,
+    ) -> (i32, String, String) {
         psql(&[
             "-w",
             &format!(
@@ -385,7 +418,8 @@ fn callers_prove_themselves_by_token_or_certificate_and_may_log_in_as_themselves
         client.join("cert.pem").display(),
         client.join("key.pem").display()
     );
-    let sql = "SELECT current_user || ' ' || (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())";
+    let sql =
+        "SELECT current_user || ' ' || (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())";
     let cases: [(&str, String, Result<&str, &str>); 7] = [
         ("orders", format!("password={TOKEN}"), Ok("scram_user true")),
         ("orders", cert.clone(), Ok("md5_user true")),
@@ -398,7 +432,11 @@ fn callers_prove_themselves_by_token_or_certificate_and_may_log_in_as_themselves
     for (dbname, conninfo, expected) in &cases {
         let (code, out, err) = f.psql_tls(&client, &format!("dbname={dbname} {conninfo}"), sql);
         match expected {
-            Ok(want) => assert_eq!((code, out.as_str()), (0, *want), "{dbname} {conninfo}: {err}"),
+            Ok(want) => assert_eq!(
+                (code, out.as_str()),
+                (0, *want),
+                "{dbname} {conninfo}: {err}"
+            ),
             Err(want) => {
                 assert_ne!(code, 0, "{dbname} {conninfo}");
                 assert!(err.contains(want), "{dbname} {conninfo}: {err}");
@@ -428,8 +466,15 @@ fn callers_prove_themselves_by_token_or_certificate_and_may_log_in_as_themselves
     assert!(by("billing", "datasource", SCRAM_USER), "{sessions:#?}");
     assert!(by("reports", "caller", MD5_USER), "{sessions:#?}");
     assert!(by("reports", "datasource", MD5_USER), "{sessions:#?}");
-    let errors: Vec<&str> = sessions.iter().filter_map(|s| s["error"].as_str()).collect();
-    for code in ["caller_unauthenticated", "caller_forbidden", "unknown_datasource"] {
+    let errors: Vec<&str> = sessions
+        .iter()
+        .filter_map(|s| s["error"].as_str())
+        .collect();
+    for code in [
+        "caller_unauthenticated",
+        "caller_forbidden",
+        "unknown_datasource",
+    ] {
         assert!(errors.contains(&code), "{code} in {errors:?}");
     }
     f.sg.assert_metrics(&[
@@ -445,7 +490,10 @@ async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let _ = stream.write_all(bytes).await;
     let mut got = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
-    assert!(read.is_ok(), "sealgate did not close the connection; got {got:?}");
+    assert!(
+        read.is_ok(),
+        "sealgate did not close the connection; got {got:?}"
+    );
     got
 }
 
@@ -477,18 +525,59 @@ async fn malformed_and_refused_startups_get_the_specs_errors_and_are_audited() {
         b
     };
     let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
-        ("oversized startup", oversized, "08P01", "sealgate: bad_request: a startup packet of"),
-        ("length under 8", vec![0, 0, 0, 3, 0, 0, 0, 0], "08P01", "sealgate: bad_request"),
-        ("unknown version", startup(&[("user", "app")], 4 << 16), "08P01", "unsupported frontend protocol 4.0"),
-        ("options", app(&[("options", "-c statement_timeout=0")]), "08P01", "\"options\" is not accepted"),
-        ("replication", app(&[("replication", "database")]), "08P01", "\"replication\" is not accepted"),
-        ("no user", startup(&[("database", "orders")], 3 << 16), "08P01", "names no user"),
-        ("plaintext after SSLRequest", ssl_then_plain, "08P01", "unencrypted data after the TLS request"),
-        ("unknown data source", startup(&[("user", "app"), ("database", "nope")], 3 << 16), "3D000", "sealgate: unknown_datasource"),
+        (
+            "oversized startup",
+            oversized,
+            "08P01",
+            "sealgate: bad_request: a startup packet of",
+        ),
+        (
+            "length under 8",
+            vec![0, 0, 0, 3, 0, 0, 0, 0],
+            "08P01",
+            "sealgate: bad_request",
+        ),
+        (
+            "unknown version",
+            startup(&[("user", "app")], 4 << 16),
+            "08P01",
+            "unsupported frontend protocol 4.0",
+        ),
+        (
+            "options",
+            app(&[("options", "-c statement_timeout=0")]),
+            "08P01",
+            "\"options\" is not accepted",
+        ),
+        (
+            "replication",
+            app(&[("replication", "database")]),
+            "08P01",
+            "\"replication\" is not accepted",
+        ),
+        (
+            "no user",
+            startup(&[("database", "orders")], 3 << 16),
+            "08P01",
+            "names no user",
+        ),
+        (
+            "plaintext after SSLRequest",
+            ssl_then_plain,
+            "08P01",
+            "unencrypted data after the TLS request",
+        ),
+        (
+            "unknown data source",
+            startup(&[("user", "app"), ("database", "nope")], 3 << 16),
+            "3D000",
+            "sealgate: unknown_datasource",
+        ),
     ];
     for (what, bytes, sqlstate, message) in &cases {
         let got = exchange(f.listen, bytes).await;
-        let (state, text) = error_of(&got).unwrap_or_else(|| panic!("{what}: no ErrorResponse in {got:?}"));
+        let (state, text) =
+            error_of(&got).unwrap_or_else(|| panic!("{what}: no ErrorResponse in {got:?}"));
         assert_eq!(state, *sqlstate, "{what}: {text}");
         assert!(text.contains(message), "{what}: {text}");
     }
@@ -498,9 +587,19 @@ async fn malformed_and_refused_startups_get_the_specs_errors_and_are_audited() {
     gss.extend([b'X', 0, 0, 0, 4]);
     let got = exchange(f.listen, &gss).await;
     assert_eq!(got.first(), Some(&b'N'));
-    assert!(got.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']), "{got:?}");
+    assert!(
+        got.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']),
+        "{got:?}"
+    );
     // A newer minor version is told what sealgate speaks.
-    let mut newer = startup(&[("user", "app"), ("database", "orders"), ("_pq_.compression", "on")], (3 << 16) | 2);
+    let mut newer = startup(
+        &[
+            ("user", "app"),
+            ("database", "orders"),
+            ("_pq_.compression", "on"),
+        ],
+        (3 << 16) | 2,
+    );
     newer.extend([b'X', 0, 0, 0, 4]);
     let got = exchange(f.listen, &newer).await;
     assert_eq!(&got[..9], &[b'v', 0, 0, 0, 29, 0, 3, 0, 0]);
@@ -512,7 +611,10 @@ async fn malformed_and_refused_startups_get_the_specs_errors_and_are_audited() {
     assert!(started.elapsed() >= Duration::from_millis(900));
 
     let sessions = f.sg.audit_sessions(cases.len() + 3);
-    let errors: Vec<&str> = sessions.iter().filter_map(|s| s["error"].as_str()).collect();
+    let errors: Vec<&str> = sessions
+        .iter()
+        .filter_map(|s| s["error"].as_str())
+        .collect();
     assert_eq!(
         errors.iter().filter(|e| **e == "bad_request").count(),
         cases.len() - 1 + 1,
@@ -555,28 +657,59 @@ async fn upstream_faults_get_the_specs_errors_and_never_the_servers_words() {
                  credential = {{ kind = \"password\", username = \"{SCRAM_USER}\", password = \"{password}\" }}\n"
             ));
         };
-        add("wrongpw", format!("postgresql://localhost:{}/{DATABASE}", s.pg.port), &wrong);
-        add("wrongname", format!("postgresql://127.0.0.1:{}/{DATABASE}", s.pg.port), &right);
+        add(
+            "wrongpw",
+            format!("postgresql://localhost:{}/{DATABASE}", s.pg.port),
+            &wrong,
+        );
+        add(
+            "wrongname",
+            format!("postgresql://127.0.0.1:{}/{DATABASE}", s.pg.port),
+            &right,
+        );
         let none = seal(s.config, "declines", "password", "x");
-        add("declines", format!("postgresql://localhost:{declines}/{DATABASE}"), &none);
+        add(
+            "declines",
+            format!("postgresql://localhost:{declines}/{DATABASE}"),
+            &none,
+        );
         let none = seal(s.config, "silent", "password", "x");
-        add("silent", format!("postgresql://localhost:{silent}/{DATABASE}"), &none);
+        add(
+            "silent",
+            format!("postgresql://localhost:{silent}/{DATABASE}"),
+            &none,
+        );
         extra
     });
     let cases = [
-        ("wrongpw", "08004", "sealgate: upstream_auth: the data source refused the login (SQLSTATE 28P01)"),
+        (
+            "wrongpw",
+            "08004",
+            "sealgate: upstream_auth: the data source refused the login (SQLSTATE 28P01)",
+        ),
         ("wrongname", "08001", "sealgate: upstream_tls"),
-        ("declines", "08001", "sealgate: upstream_tls: the server declined TLS"),
+        (
+            "declines",
+            "08001",
+            "sealgate: upstream_tls: the server declined TLS",
+        ),
         ("silent", "08001", "sealgate: upstream_timeout"),
     ];
     for (ds, sqlstate, message) in cases {
-        let got = exchange(f.listen, &startup(&[("user", "app"), ("database", ds)], 3 << 16)).await;
+        let got = exchange(
+            f.listen,
+            &startup(&[("user", "app"), ("database", ds)], 3 << 16),
+        )
+        .await;
         let (state, text) = error_of(&got).unwrap_or_else(|| panic!("{ds}: {got:?}"));
         assert_eq!(state, sqlstate, "{ds}: {text}");
         assert!(text.starts_with(message), "{ds}: {text}");
         assert!(!text.contains("password authentication failed"), "{text}");
     }
-    assert!(f.pg.log().contains("password authentication failed for user \"scram_user\""));
+    assert!(f
+        .pg
+        .log()
+        .contains("password authentication failed for user \"scram_user\""));
     f.sg.assert_metrics(&[
         "sealgate_upstream_errors_total{datasource=\"wrongpw\",kind=\"auth\"} 1",
         "sealgate_upstream_errors_total{datasource=\"declines\",kind=\"tls\"} 1",
@@ -585,8 +718,16 @@ async fn upstream_faults_get_the_specs_errors_and_never_the_servers_words() {
 
     // The server ends a session mid-result: the client's session ends,
     // and so does sealgate's, recorded as the upstream's failure.
-    let client = connect(&format!("host=127.0.0.1 port={} dbname=orders user=app", f.listen.port())).await;
-    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let client = connect(&format!(
+        "host=127.0.0.1 port={} dbname=orders user=app",
+        f.listen.port()
+    ))
+    .await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let streaming = tokio::spawn(async move {
         client
             .simple_query("SELECT repeat('x', 100), generate_series(1, 100000000)")
@@ -594,13 +735,160 @@ async fn upstream_faults_get_the_specs_errors_and_never_the_servers_words() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     f.pg.superuser_sql("postgres", &format!("SELECT pg_terminate_backend({pid})"));
-    let ended = tokio::time::timeout(Duration::from_secs(10), streaming).await.expect("ends");
+    let ended = tokio::time::timeout(Duration::from_secs(10), streaming)
+        .await
+        .expect("ends");
     assert!(ended.unwrap().is_err());
     let sessions = f.sg.audit_sessions(cases.len() + 1);
-    let by_ds = |ds: &str| sessions.iter().find(|s| s["datasource"] == ds).cloned().unwrap_or_default();
+    let by_ds = |ds: &str| {
+        sessions
+            .iter()
+            .find(|s| s["datasource"] == ds)
+            .cloned()
+            .unwrap_or_default()
+    };
     assert_eq!(by_ds("wrongpw")["error"], "upstream_auth");
     assert_eq!(by_ds("wrongpw")["decision"], "allow");
     assert_eq!(by_ds("silent")["error"], "upstream_timeout");
     assert_eq!(by_ds("orders")["error"], "upstream_unreachable");
     assert!(by_ds("orders")["response_bytes"].as_u64().unwrap() > 100_000);
+}
+
+#[test]
+fn no_password_token_or_password_hash_appears_anywhere_at_trace_level() {
+    let (f, client) = callers_fixture("trace");
+    let mut seen = Vec::new();
+    let sql = "SELECT current_user";
+    for conninfo in [
+        format!("dbname=orders password={TOKEN}"),
+        format!("dbname=orders password={OTHER_TOKEN}"),
+        format!("dbname=orders_md5 password={TOKEN}"),
+        format!(
+            "dbname=orders sslcert={} sslkey={}",
+            client.join("cert.pem").display(),
+            client.join("key.pem").display()
+        ),
+    ] {
+        let (_, out, err) = f.psql_tls(&client, &conninfo, sql);
+        seen.extend_from_slice(out.as_bytes());
+        seen.extend_from_slice(err.as_bytes());
+    }
+    let (_, out, err) = psql(&[
+        "-w",
+        &format!(
+            "host=127.0.0.1 port={} sslmode=disable dbname=orders user=app password={TOKEN}",
+            f.listen.port()
+        ),
+        "-c",
+        "SELECT 1",
+    ]);
+    seen.extend_from_slice(format!("{out}{err}").as_bytes());
+    let sessions = f.sg.audit_sessions(5);
+    assert_eq!(sessions.len(), 5, "{sessions:#?}");
+
+    let mut secrets: Vec<String> = vec![TOKEN.into(), OTHER_TOKEN.into()];
+    for (user, password) in &f.pg.passwords {
+        use md5::{Digest, Md5};
+        let stored = Md5::digest(format!("{password}{user}").as_bytes());
+        secrets.push(password.clone());
+        secrets.push(stored.iter().map(|b| format!("{b:02x}")).collect());
+    }
+    let audit = std::fs::read(f.sg.dir.path().join("audit.log")).unwrap();
+    for secret in &secrets {
+        let forms = secret_forms(secret, &[]);
+        assert_no_secret("what the clients saw", &seen, &forms);
+        assert_no_secret("the audit trail", &audit, &forms);
+        assert_no_secret("metrics", f.sg.metrics().as_bytes(), &forms);
+        assert_no_secret("stdout", f.sg.stdout().as_bytes(), &forms);
+        assert_no_secret("stderr", f.sg.stderr().as_bytes(), &forms);
+    }
+    assert!(
+        f.sg.stderr().contains("TRACE"),
+        "logging ran at trace level"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_are_audited_without_literals_bind_values_or_server_error_text() {
+    let f = Fixture::start("[audit]\noutput = \"audit.log\"\nstatements = \"fingerprint\"\n");
+    let params = format!(
+        "host=127.0.0.1 port={} dbname=orders user=app",
+        f.listen.port()
+    );
+    let client = connect(&params).await;
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE notes (id int, body text); \
+             INSERT INTO notes VALUES (1, 'literal-secret-one'), (2, E'literal\\'secret-two')",
+        )
+        .await
+        .unwrap();
+    let rows = client
+        .query(
+            "SELECT id FROM notes WHERE body <> $1 AND id > 0",
+            &[&"bind-secret-three"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let failed = client
+        .simple_query("SELECT * FROM missing_table WHERE x = $q$literal-secret-four$q$")
+        .await
+        .expect_err("no such table");
+    assert_eq!(
+        failed.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+    );
+    client.batch_execute("SELECT 1").await.unwrap();
+    drop(client);
+
+    let sessions = f.sg.audit_sessions(1);
+    let audit = std::fs::read_to_string(f.sg.dir.path().join("audit.log")).unwrap();
+    let statements: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "statement")
+        .collect();
+    let find = |text: &str| {
+        statements
+            .iter()
+            .find(|s| s["statement"].as_str().is_some_and(|t| t.contains(text)))
+            .unwrap_or_else(|| panic!("no statement like {text:?} in {statements:#?}"))
+    };
+    let insert = find("INSERT INTO notes");
+    assert_eq!(
+        insert["statement"],
+        "CREATE TEMP TABLE notes (id int, body text); INSERT INTO notes VALUES ($1, $2), ($3, $4)"
+    );
+    let select = find("SELECT id FROM notes");
+    assert_eq!(
+        select["statement"],
+        "SELECT id FROM notes WHERE body <> $1 AND id > $2"
+    );
+    assert_eq!(
+        (select["command"].as_str(), select["rows"].as_u64()),
+        (Some("SELECT"), Some(2))
+    );
+    let missing = find("missing_table");
+    assert_eq!(missing["sqlstate"], "42P01");
+    assert!(missing["command"].is_null());
+    let one = find("SELECT $1");
+    assert_eq!(one["fingerprint"].as_str().map(str::len), Some(16));
+    assert_eq!(one["request_id"], sessions[0]["request_id"]);
+    assert_eq!(
+        sessions[0]["statements"], 4,
+        "three simple queries and one execute"
+    );
+    for leaked in [
+        "literal-secret-one",
+        "secret-two",
+        "bind-secret-three",
+        "literal-secret-four",
+        "does not exist",
+    ] {
+        assert!(!audit.contains(leaked), "{leaked} in the audit trail");
+    }
+    f.sg.assert_metrics(&[
+        "sealgate_db_statements_total{command=\"SELECT\",datasource=\"orders\"}",
+    ]);
 }

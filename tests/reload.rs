@@ -38,7 +38,7 @@ async fn a_credential_that_no_longer_opens_is_refused_with_503_never_sent_bare()
 
     let v = assert_error(get(sg.proxy, "/pay/x").await, 503, "credential_unavailable").await;
     assert!(
-        v["message"].as_str().unwrap().contains("was not sent"),
+        v["message"].as_str().unwrap().contains("nothing was sent"),
         "{v}"
     );
     assert_eq!(

@@ -291,7 +291,9 @@ impl DataSource {
     /// Every credential of this data source, for redacting what could
     /// echo any of them.
     pub fn credentials(&self) -> impl Iterator<Item = &CredentialState> {
-        self.credential.iter().chain(self.caller_credentials.values())
+        self.credential
+            .iter()
+            .chain(self.caller_credentials.values())
     }
 }
 
@@ -814,7 +816,8 @@ impl Validator<'_> {
         keys: Keys<'_>,
         places: &[(&str, &str)],
     ) -> Option<CredentialState> {
-        let key = |field: &str| crate::secrets::field_key(ds, &crate::secrets::field_path(caller, field));
+        let key =
+            |field: &str| crate::secrets::field_key(ds, &crate::secrets::field_path(caller, field));
         let kinds = protocol.credential_kinds();
         let Some(kind) = CredentialKind::parse(c.kind.get_ref()).filter(|k| kinds.contains(k))
         else {
@@ -1029,7 +1032,10 @@ impl Validator<'_> {
                 &self.relative(t.cert.get_ref()),
                 &self.relative(t.key.get_ref()),
             )
-            .map_err(|message| self.sink.at(t.cert.span(), format!("{prefix}.cert"), message))
+            .map_err(|message| {
+                self.sink
+                    .at(t.cert.span(), format!("{prefix}.cert"), message)
+            })
             .ok();
             let client_verifier = match &t.client_ca {
                 None => None,
@@ -1040,7 +1046,8 @@ impl Validator<'_> {
                     ) {
                         Ok(verifier) => Some(verifier),
                         Err(message) => {
-                            self.sink.at(ca.span(), format!("{prefix}.client_ca"), message);
+                            self.sink
+                                .at(ca.span(), format!("{prefix}.client_ca"), message);
                             None
                         }
                     }
@@ -1238,9 +1245,10 @@ impl Validator<'_> {
         };
         // Every field is judged, whatever failed before it, so that one
         // run of `check` reports all there is to fix.
-        let credential = raw.credential.as_ref().and_then(|c| {
-            self.credential(name.get_ref(), None, c, protocol, context.keys, places)
-        });
+        let credential = raw
+            .credential
+            .as_ref()
+            .and_then(|c| self.credential(name.get_ref(), None, c, protocol, context.keys, places));
         let mut caller_credentials = HashMap::new();
         for (caller, c) in &raw.caller_credentials {
             let caller_key = format!(

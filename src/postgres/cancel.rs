@@ -55,7 +55,8 @@ impl CancelKeys {
         loop {
             let mut random = [0u8; 8];
             getrandom::getrandom(&mut random).ok()?;
-            let pid = u32::from_be_bytes([random[0], random[1], random[2], random[3]]) & 0x7fff_ffff;
+            let pid =
+                u32::from_be_bytes([random[0], random[1], random[2], random[3]]) & 0x7fff_ffff;
             if pid == 0 || map.contains_key(&pid) {
                 continue;
             }

@@ -99,7 +99,11 @@ pub async fn open(
                         connect::ConnectFailure::Timeout => ErrorCode::UpstreamTimeout,
                         _ => ErrorCode::UpstreamUnreachable,
                     };
-                    let mut f = failure(code, e.kind(), format!("connecting to {}: {}", attempt.addr, describe(&e)));
+                    let mut f = failure(
+                        code,
+                        e.kind(),
+                        format!("connecting to {}: {}", attempt.addr, describe(&e)),
+                    );
                     f.addr = Some(attempt.addr);
                     f.egress_ip = attempt.egress_ip;
                     return Err(f);
@@ -165,12 +169,23 @@ pub async fn secure(
             ))
         }
     }
-    let name = ServerName::try_from(ds.upstream.sni.clone())
-        .map_err(|_| failure(ErrorCode::UpstreamTls, "tls", "the host is not a valid TLS server name"))?;
+    let name = ServerName::try_from(ds.upstream.sni.clone()).map_err(|_| {
+        failure(
+            ErrorCode::UpstreamTls,
+            "tls",
+            "the host is not a valid TLS server name",
+        )
+    })?;
     let stream = TlsConnector::from(Arc::clone(tls))
         .connect(name, tcp)
         .await
-        .map_err(|e| failure(ErrorCode::UpstreamTls, "tls", format!("TLS with the server failed: {e}")))?;
+        .map_err(|e| {
+            failure(
+                ErrorCode::UpstreamTls,
+                "tls",
+                format!("TLS with the server failed: {e}"),
+            )
+        })?;
     let end_point = stream
         .get_ref()
         .1
@@ -211,12 +226,22 @@ async fn login(
         let (tag, body) = wire::read_message(&mut io, wire::MAX_LOGIN_MESSAGE_LEN)
             .await
             .map_err(|e| match e {
-                ReadError::Length(_) => failure(ErrorCode::UpstreamUnreachable, "protocol", "the server sent an oversized or malformed message during login"),
-                _ => failure(ErrorCode::UpstreamUnreachable, "connect", "the server closed the connection during login"),
+                ReadError::Length(_) => failure(
+                    ErrorCode::UpstreamUnreachable,
+                    "protocol",
+                    "the server sent an oversized or malformed message during login",
+                ),
+                _ => failure(
+                    ErrorCode::UpstreamUnreachable,
+                    "connect",
+                    "the server closed the connection during login",
+                ),
             })?;
         match tag {
             b'R' => {
-                let code = body.get(..4).map_or(u32::MAX, |c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+                let code = body
+                    .get(..4)
+                    .map_or(u32::MAX, |c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
                 let data = &body[4.min(body.len())..];
                 match code {
                     0 => {}
@@ -262,9 +287,21 @@ async fn login(
             }
             b'E' => {
                 let sqlstate = wire::error_field(&body, b'C').unwrap_or("XX000");
-                let code = if sqlstate.starts_with("28") { ErrorCode::UpstreamAuth } else { ErrorCode::UpstreamUnreachable };
-                let kind = if code == ErrorCode::UpstreamAuth { "auth" } else { "refused" };
-                return Err(failure(code, kind, format!("the data source refused the login (SQLSTATE {sqlstate})")));
+                let code = if sqlstate.starts_with("28") {
+                    ErrorCode::UpstreamAuth
+                } else {
+                    ErrorCode::UpstreamUnreachable
+                };
+                let kind = if code == ErrorCode::UpstreamAuth {
+                    "auth"
+                } else {
+                    "refused"
+                };
+                return Err(failure(
+                    code,
+                    kind,
+                    format!("the data source refused the login (SQLSTATE {sqlstate})"),
+                ));
             }
             b'K' => {
                 if body.len() == 8 {
@@ -291,7 +328,11 @@ async fn login(
 }
 
 fn protocol_error(what: &str) -> LoginFailure {
-    failure(ErrorCode::UpstreamUnreachable, "protocol", format!("the server sent {what}"))
+    failure(
+        ErrorCode::UpstreamUnreachable,
+        "protocol",
+        format!("the server sent {what}"),
+    )
 }
 
 fn protocol(e: std::io::Error) -> LoginFailure {
@@ -304,13 +345,21 @@ async fn write<W: AsyncWrite + Unpin>(io: &mut W, out: &mut BytesMut) -> Result<
     let sent = wire::send(io, out).await;
     zeroize::Zeroize::zeroize(&mut out[..]);
     out.clear();
-    sent.map_err(|e| failure(ErrorCode::UpstreamUnreachable, "connect", format!("the server closed the connection: {e}")))
+    sent.map_err(|e| {
+        failure(
+            ErrorCode::UpstreamUnreachable,
+            "connect",
+            format!("the server closed the connection: {e}"),
+        )
+    })
 }
 
 /// Forwards a cancel to the server a session is on: from the same egress
 /// address, over TLS when the data source uses it.
 pub async fn cancel(ds: &DataSource, attempt: &Attempt, key: (u32, u32)) -> Result<(), String> {
-    let tcp = connect::tcp(attempt, ds.connect_timeout).await.map_err(|e| describe(&e))?;
+    let tcp = connect::tcp(attempt, ds.connect_timeout)
+        .await
+        .map_err(|e| describe(&e))?;
     let (mut io, _) = secure(tcp, ds).await.map_err(|f| f.refusal.message)?;
     let mut out = BytesMut::new();
     frontend::cancel_request(key.0 as i32, key.1 as i32, &mut out);

@@ -8,6 +8,7 @@
 mod cancel;
 mod login;
 mod relay;
+mod tracking;
 mod wire;
 
 use std::net::SocketAddr;
@@ -28,9 +29,8 @@ use zeroize::Zeroizing;
 use crate::access;
 use crate::audit::{AuditRecord, Decision};
 use crate::callers::{self, Caller, Identified, Presented};
-use crate::config::{Config, CredentialSource, DataSource, Protocol};
+use crate::config::{Config, CredentialSource, DataSource, Protocol, StatementAudit};
 use crate::errors::{ErrorCode, Refusal};
-use crate::metrics::DB_COMMANDS;
 use crate::state::{RequestId, Shared};
 use crate::throttle::Peer;
 use wire::ReadError;
@@ -116,9 +116,22 @@ struct SessionLog {
     upstream: Option<SocketAddr>,
     egress_ip: Option<std::net::IpAddr>,
     tally: relay::Tally,
+    statements: u64,
     refusal: Option<Refusal>,
     /// An error code for an ending that is not a refusal.
     error: Option<&'static str>,
+}
+
+impl SessionLog {
+    /// The identified caller; `local` for a local peer when no callers are
+    /// configured; none when the caller was not identified.
+    fn caller_name(&self) -> Option<&str> {
+        match (&self.caller, self.local) {
+            (Some(c), _) => Some(c.name.as_str()),
+            (None, true) => Some(callers::LOCAL),
+            (None, false) => None,
+        }
+    }
 }
 
 /// How the handshake ended without a session.
@@ -156,6 +169,7 @@ impl Inner {
             upstream: None,
             egress_ip: None,
             tally: relay::Tally::default(),
+            statements: 0,
             refusal: None,
             error: None,
         };
@@ -228,7 +242,9 @@ impl Inner {
             match code {
                 wire::SSL_REQUEST if !secured && body.is_empty() => {
                     let Some(acceptor) = &self.tls else {
-                        wire::send(stream, b"N").await.map_err(|_| Unstarted::Silent)?;
+                        wire::send(stream, b"N")
+                            .await
+                            .map_err(|_| Unstarted::Silent)?;
                         continue;
                     };
                     // Bytes sent before the answer would be taken as if
@@ -238,17 +254,20 @@ impl Inner {
                         tokio::time::timeout(Duration::ZERO, stream.read(&mut early)).await
                     {
                         if n > 0 {
-                            return Err(bad(
-                                "unencrypted data after the TLS request".to_string(),
-                            ));
+                            return Err(bad("unencrypted data after the TLS request".to_string()));
                         }
                         return Err(Unstarted::Silent);
                     }
-                    wire::send(stream, b"S").await.map_err(|_| Unstarted::Silent)?;
+                    wire::send(stream, b"S")
+                        .await
+                        .map_err(|_| Unstarted::Silent)?;
                     let Some(plain) = io.take() else {
                         return Err(Unstarted::Silent);
                     };
-                    let tls = acceptor.accept(plain).await.map_err(|_| Unstarted::Silent)?;
+                    let tls = acceptor
+                        .accept(plain)
+                        .await
+                        .map_err(|_| Unstarted::Silent)?;
                     tls_identity = tls
                         .get_ref()
                         .1
@@ -259,7 +278,9 @@ impl Inner {
                     secured = true;
                 }
                 wire::GSSENC_REQUEST if !secured && body.is_empty() => {
-                    wire::send(stream, b"N").await.map_err(|_| Unstarted::Silent)?;
+                    wire::send(stream, b"N")
+                        .await
+                        .map_err(|_| Unstarted::Silent)?;
                 }
                 wire::CANCEL_REQUEST if body.len() == 8 => {
                     let pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
@@ -318,7 +339,9 @@ impl Inner {
             )));
         }
         let callers = &log.config.callers;
-        let throttle_peer = unix_uid.map(Peer::Uid).or(peer.map(|a| Peer::of_ip(a.ip())));
+        let throttle_peer = unix_uid
+            .map(Peer::Uid)
+            .or(peer.map(|a| Peer::of_ip(a.ip())));
         let throttle = &self.shared.throttle;
         if throttle_peer.is_some_and(|p| throttle.is_blocked(p, Instant::now())) {
             return Err(Unstarted::Refused(Refusal::new(
@@ -431,8 +454,7 @@ impl Inner {
         let credential = ds
             .credential_for(caller)
             .and_then(|(state, _)| state.ready());
-        let upstream = match login::open(shared, &log.config, &ds, credential, &parameters).await
-        {
+        let upstream = match login::open(shared, &log.config, &ds, credential, &parameters).await {
             Ok(upstream) => upstream,
             Err(failure) => {
                 if !matches!(failure.kind, "egress") {
@@ -474,12 +496,30 @@ impl Inner {
             .active_sessions
             .with_label_values(&[ds.name.as_str()]);
         let _open = OpenSession::new(&self.shared, active);
-        let observer = Statements {
-            shared,
-            datasource: &ds.name,
+        let info = tracking::SessionInfo {
+            request_id: log.id.as_str().to_string(),
+            caller: log.caller_name().map(str::to_string),
+            datasource: ds.name.clone(),
+            region: ds.region.as_ref().map(|r| r.name.clone()),
+            upstream: log.upstream,
+            egress_ip: log.egress_ip,
+            credential: log.credential,
+            client_user: log.client_user.clone(),
+            db_user: log.db_user.clone(),
         };
+        let audit_statements = log.config.audit.statements == StatementAudit::Fingerprint;
+        let tracker = tracking::Tracker::new(shared, &info, audit_statements);
         let stop = || self.stop_reason(log.caller.clone(), ds.clone(), log.credential);
-        let ended = relay::relay(io, upstream.io, &mut log.tally, &observer, stop).await;
+        let ended = relay::relay(
+            io,
+            upstream.io,
+            &mut log.tally,
+            &tracker,
+            &shared.audit,
+            stop,
+        )
+        .await;
+        log.statements = tracker.statements.load(Ordering::Relaxed);
         log.error = match ended {
             relay::Ended::Client | relay::Ended::ClientFailed => None,
             relay::Ended::Server if log.tally.terminated => None,
@@ -533,7 +573,9 @@ impl Inner {
             tracing::debug!("a cancel request with an unknown key was dropped");
             return;
         };
-        if let Err(e) = login::cancel(&target.datasource, &target.attempt, target.upstream_key).await {
+        if let Err(e) =
+            login::cancel(&target.datasource, &target.attempt, target.upstream_key).await
+        {
             tracing::warn!(datasource = %target.datasource.name, error = %e, "forwarding a cancel request failed");
         }
     }
@@ -544,11 +586,7 @@ impl Inner {
         let refused_here = log.refusal.as_ref().filter(|r| !r.code.is_upstream());
         let error = log.refusal.as_ref().map(|r| r.code.as_str()).or(log.error);
         let datasource = log.datasource.as_ref().map(|d| d.name.as_str());
-        let caller = match (&log.caller, log.local) {
-            (Some(c), _) => Some(c.name.as_str()),
-            (None, true) => Some(callers::LOCAL),
-            (None, false) => None,
-        };
+        let caller = log.caller_name();
         let allowed_by = match (refused_here, log.datasource.as_ref().map(|d| &d.egress)) {
             (None, Some(Ok(rule))) => Some(rule.reason()),
             _ => None,
@@ -583,7 +621,8 @@ impl Inner {
             credential: log.credential.map(CredentialSource::as_str),
             client_user: log.client_user.as_deref(),
             db_user: log.db_user.as_deref(),
-            statements: Some(log.tally.statements),
+            statements: Some(log.statements),
+            statement: None,
         };
         shared.audit.record(&record).await;
         // Data source and caller labels only when they are the config's.
@@ -647,7 +686,9 @@ fn withdrawn(
     let login = |d: &DataSource| {
         d.credential_for(name)
             .and_then(|(state, source)| Some((state.ready()?.login()?, source)))
-            .map(|((user, password), source)| (user.to_string(), password.expose().to_string(), source))
+            .map(|((user, password), source)| {
+                (user.to_string(), password.expose().to_string(), source)
+            })
             .map(|(user, password, source)| (user, Zeroizing::new(password), source))
     };
     let unchanged = match (login(ds), login(now)) {
@@ -666,7 +707,10 @@ struct OpenSession<'a> {
 
 impl<'a> OpenSession<'a> {
     fn new(shared: &'a Shared, active: IntGauge) -> Self {
-        shared.lifecycle.open_sessions.fetch_add(1, Ordering::SeqCst);
+        shared
+            .lifecycle
+            .open_sessions
+            .fetch_add(1, Ordering::SeqCst);
         active.inc();
         OpenSession { shared, active }
     }
@@ -679,29 +723,6 @@ impl Drop for OpenSession<'_> {
             .open_sessions
             .fetch_sub(1, Ordering::SeqCst);
         self.active.dec();
-    }
-}
-
-/// Feeds completed statements to the metrics.
-struct Statements<'a> {
-    shared: &'a Shared,
-    datasource: &'a str,
-}
-
-impl relay::Observer for Statements<'_> {
-    fn statement(&self, command: &str, took: Duration) {
-        let db = &self.shared.metrics.db;
-        let command = DB_COMMANDS
-            .iter()
-            .find(|c| c.eq_ignore_ascii_case(command))
-            .copied()
-            .unwrap_or("OTHER");
-        db.statements
-            .with_label_values(&[self.datasource, command])
-            .inc();
-        db.statement_duration
-            .with_label_values(&[self.datasource])
-            .observe(took.as_secs_f64());
     }
 }
 

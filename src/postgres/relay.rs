@@ -1,22 +1,17 @@
 //! The session after login: bytes flow both ways as they arrive, through
 //! one fixed buffer per direction. Message boundaries are followed by
-//! arithmetic on the 5-byte headers; only the few messages the audit and
-//! metrics need (`Q`, `E`xecute and `X` from the client; `C`, `E`rror and
-//! `Z` from the server) have their first bytes looked at. No message is
-//! ever held whole, so a 1 GiB DataRow or COPY stream costs one buffer.
-
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+//! arithmetic on the 5-byte headers; only the messages statement tracking
+//! needs have their first bytes looked at (`tracking`). No message is ever
+//! held whole, so a 1 GiB DataRow or COPY stream costs one buffer.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use super::tracking::Tracker;
 use super::wire;
+use crate::audit::AuditLog;
 
 /// One read's worth; PostgreSQL's own socket buffers are 8 KiB.
 const CHUNK: usize = 16 * 1024;
-/// Enough of a CommandComplete tag or an ErrorResponse to find the verb or
-/// the SQLSTATE (the third field).
-const PEEK: usize = 64;
 
 /// Follows the message boundaries of one direction.
 #[derive(Default)]
@@ -27,6 +22,8 @@ pub struct Frames {
     /// Body bytes of the current message still to pass.
     remaining: usize,
     in_body: bool,
+    /// How much of the current body to keep for `seen` (0: none).
+    peek: usize,
     peeked: Vec<u8>,
 }
 
@@ -39,12 +36,13 @@ impl Frames {
         !self.in_body && self.have == 0
     }
 
-    /// Follows `data`; `seen` gets each message's tag and its first bytes
-    /// when its body has passed (or right away, for tags it does not peek).
+    /// Follows `data`. `peek` says how many body bytes of a message with
+    /// this tag `seen` wants; `seen` gets each message's tag with those
+    /// bytes once they have passed (at once when it wants none).
     pub fn feed(
         &mut self,
         mut data: &[u8],
-        peeks: impl Fn(u8) -> bool,
+        peek: impl Fn(u8) -> usize,
         mut seen: impl FnMut(u8, &[u8]),
     ) -> Result<(), Malformed> {
         while !data.is_empty() {
@@ -58,32 +56,30 @@ impl Frames {
                 }
                 self.have = 0;
                 self.tag = self.head[0];
-                let len = u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
+                let len =
+                    u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
                 if len < 4 {
                     return Err(Malformed);
                 }
                 self.remaining = len as usize - 4;
+                self.peek = peek(self.tag);
                 self.peeked.clear();
-                if !peeks(self.tag) {
+                if self.peek == 0 || self.remaining == 0 {
                     seen(self.tag, &[]);
-                    self.in_body = self.remaining > 0;
-                    self.tag = 0;
-                } else if self.remaining == 0 {
-                    seen(self.tag, &[]);
-                } else {
-                    self.in_body = true;
+                    self.peek = 0;
                 }
+                self.in_body = self.remaining > 0;
             } else {
                 let take = self.remaining.min(data.len());
-                if self.tag != 0 && self.peeked.len() < PEEK {
-                    let room = (PEEK - self.peeked.len()).min(take);
+                if self.peeked.len() < self.peek {
+                    let room = (self.peek - self.peeked.len()).min(take);
                     self.peeked.extend_from_slice(&data[..room]);
                 }
                 self.remaining -= take;
                 data = &data[take..];
                 if self.remaining == 0 {
                     self.in_body = false;
-                    if self.tag != 0 {
+                    if self.peek > 0 {
                         seen(self.tag, &self.peeked);
                     }
                 }
@@ -93,12 +89,11 @@ impl Frames {
     }
 }
 
-/// What the relay counts for the audit record and metrics.
+/// What the relay counts for the session's audit record.
 #[derive(Default)]
 pub struct Tally {
     pub request_bytes: u64,
     pub response_bytes: u64,
-    pub statements: u64,
     /// The client sent Terminate.
     pub terminated: bool,
 }
@@ -118,19 +113,15 @@ pub enum Ended {
     Malformed,
 }
 
-/// Called with each completed statement: the command verb and how long it
-/// took since the statement arrived.
-pub trait Observer: Sync {
-    fn statement(&self, command: &str, took: Duration);
-}
-
 /// Relays until either side ends or `stop` resolves; `stop` is only acted
 /// on between messages to the client, so 57P01 never lands inside one.
+/// Statement records wait for the audit writer like request records do.
 pub async fn relay<C, S, F>(
     client: C,
     server: S,
     tally: &mut Tally,
-    observer: &impl Observer,
+    tracker: &Tracker<'_>,
+    audit: &AuditLog,
     stop: impl Fn() -> F,
 ) -> Ended
 where
@@ -140,11 +131,7 @@ where
 {
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = tokio::io::split(server);
-    // Microseconds since `base` at which the latest statement arrived.
-    let base = Instant::now();
-    let statement_started = AtomicU64::new(0);
-    let since_base = || base.elapsed().as_micros() as u64;
-    let (mut up_bytes, mut down_bytes, mut statements, mut terminated) = (0u64, 0u64, 0u64, false);
+    let (mut up_bytes, mut down_bytes, mut terminated) = (0u64, 0u64, false);
     let up = async {
         let mut buf = vec![0u8; CHUNK];
         let mut frames = Frames::default();
@@ -154,14 +141,14 @@ where
                 Ok(n) => n,
                 Err(_) => return Ended::ClientFailed,
             };
-            let followed = frames.feed(&buf[..n], |_| false, |tag, _| match tag {
-                b'Q' | b'E' => {
-                    statements += 1;
-                    statement_started.store(since_base(), Ordering::Relaxed);
-                }
-                b'X' => terminated = true,
-                _ => {}
-            });
+            let followed = frames.feed(
+                &buf[..n],
+                |tag| tracker.client_peek(tag),
+                |tag, peeked| {
+                    terminated |= tag == b'X';
+                    tracker.client_message(tag, peeked);
+                },
+            );
             if followed.is_err() {
                 return Ended::Malformed;
             }
@@ -194,20 +181,14 @@ where
             };
             let followed = frames.feed(
                 &buf[..n],
-                |tag| tag == b'C',
-                |tag, peeked| {
-                    if tag == b'C' {
-                        let verb = peeked.split(|&b| b == b' ' || b == 0).next().unwrap_or_default();
-                        let started = statement_started.load(Ordering::Relaxed);
-                        observer.statement(
-                            std::str::from_utf8(verb).unwrap_or(""),
-                            Duration::from_micros(since_base().saturating_sub(started)),
-                        );
-                    }
-                },
+                |tag| tracker.server_peek(tag),
+                |tag, peeked| tracker.server_message(tag, peeked),
             );
             if followed.is_err() {
                 return Ended::Server;
+            }
+            for line in tracker.take_records() {
+                audit.record_line(line).await;
             }
             down_bytes += n as u64;
             // pingora's client stream buffers writes until flushed.
@@ -222,7 +203,6 @@ where
     };
     tally.request_bytes = up_bytes;
     tally.response_bytes = down_bytes;
-    tally.statements = statements;
     tally.terminated = terminated;
     ended
 }
@@ -248,7 +228,11 @@ mod tests {
             let mut seen = Vec::new();
             for piece in stream.chunks(split) {
                 frames
-                    .feed(piece, |t| t == b'C', |t, p| seen.push((t, p.to_vec())))
+                    .feed(
+                        piece,
+                        |t| if t == b'C' { 64 } else { 0 },
+                        |t, p| seen.push((t, p.to_vec())),
+                    )
                     .unwrap();
             }
             assert!(frames.at_boundary());
@@ -267,9 +251,11 @@ mod tests {
     #[test]
     fn a_length_under_four_is_malformed_and_mid_message_is_no_boundary() {
         let mut frames = Frames::default();
-        assert!(frames.feed(&[b'Q', 0, 0, 0, 3], |_| false, |_, _| {}).is_err());
+        assert!(frames.feed(&[b'Q', 0, 0, 0, 3], |_| 0, |_, _| {}).is_err());
         let mut frames = Frames::default();
-        frames.feed(&[b'Q', 0, 0, 0, 9, b's'], |_| false, |_, _| {}).unwrap();
+        frames
+            .feed(&[b'Q', 0, 0, 0, 9, b's'], |_| 0, |_, _| {})
+            .unwrap();
         assert!(!frames.at_boundary());
     }
 }

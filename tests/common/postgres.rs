@@ -80,7 +80,16 @@ impl PgServer {
         let data = dir.path().join("data");
         let bin = bin_dir();
         let status = as_server_user(&mut Command::new(bin.join("initdb")))
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
             .arg(&data)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -148,7 +157,11 @@ impl PgServer {
             _dir: dir,
         };
         for (user, password) in &server.passwords {
-            let method = if *user == MD5_USER { "md5" } else { "scram-sha-256" };
+            let method = if *user == MD5_USER {
+                "md5"
+            } else {
+                "scram-sha-256"
+            };
             server.superuser_sql(
                 "postgres",
                 &format!("SET password_encryption = '{method}'; CREATE ROLE {user} LOGIN PASSWORD '{password}';"),
@@ -171,7 +184,17 @@ impl PgServer {
     /// Runs SQL as the superuser over the Unix socket, bypassing sealgate.
     pub fn superuser_sql(&self, database: &str, sql: &str) -> String {
         let out = Command::new("psql")
-            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-h",
+            ])
             .arg(&self.socket_dir)
             .args(["-p", &self.port.to_string(), "-d", database, "-c", sql])
             .output()
