@@ -892,3 +892,103 @@ async fn statements_are_audited_without_literals_bind_values_or_server_error_tex
         "sealgate_db_statements_total{command=\"SELECT\",datasource=\"orders\"}",
     ]);
 }
+
+/// A session whose connection task's end can be awaited.
+async fn session(
+    params: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(params, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    (client, tokio::spawn(connection))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_credential_ends_its_sessions_with_57p01_and_no_others() {
+    let f = Fixture::start("");
+    let at = |db: &str| {
+        format!(
+            "host=127.0.0.1 port={} dbname={db} user=app",
+            f.listen.port()
+        )
+    };
+    let (changed, changed_end) = session(&at("orders")).await;
+    let (kept, _kept_end) = session(&at("orders_md5")).await;
+    changed.batch_execute("SELECT 1").await.unwrap();
+    f.sg.edit_config("username = \"scram_user\"", "username = \"md5_user\"");
+    let sg = &f.sg;
+    tokio::task::block_in_place(|| reload_and_wait(sg, "ok", 1));
+    let ended = tokio::time::timeout(Duration::from_secs(1), changed_end)
+        .await
+        .expect("the session ends within a second of the reload")
+        .unwrap();
+    let error = ended.expect_err("ended by sealgate");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{error}"
+    );
+    let text = error
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        text.contains("sealgate: shutting_down: the credential of data source \"orders\" changed"),
+        "{text}"
+    );
+    let user: String = kept
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, MD5_USER, "the other session goes on");
+    // New sessions log in with the new credential (md5_user with the
+    // password it does not have).
+    let refused = tokio_postgres::connect(&at("orders"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .and_then(|e| e.as_db_error().map(|d| d.message().to_string()));
+    assert!(refused.is_some_and(|m| m.contains("upstream_auth")));
+    let sessions = f.sg.audit_sessions(1);
+    assert_eq!(sessions[0]["error"], "shutting_down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_lets_sessions_finish_and_ends_the_rest_with_57p01() {
+    let mut f = Fixture::start("");
+    let at = format!(
+        "host=127.0.0.1 port={} dbname=orders user=app",
+        f.listen.port()
+    );
+    let (idle, idle_end) = session(&at).await;
+    idle.batch_execute("SELECT 1").await.unwrap();
+    let started = std::time::Instant::now();
+    f.sg.signal(nix::sys::signal::Signal::SIGTERM);
+    // Still served during the grace period (5 s here).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    idle.batch_execute("SELECT 2").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), idle_end)
+        .await
+        .expect("ended by the end of the grace period")
+        .unwrap();
+    let error = ended.expect_err("ended by sealgate");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "not before the grace period ends"
+    );
+    let sg = &mut f.sg;
+    let status = tokio::task::block_in_place(|| sg.wait_exit(Duration::from_secs(10)));
+    assert!(status.is_some_and(|s| s.success()), "{:?}", f.sg.stderr());
+    let sessions = f.sg.audit_sessions(1);
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["error"], "shutting_down");
+    assert_eq!(sessions[0]["statements"], 2);
+}
