@@ -234,6 +234,32 @@ fn handle<B>(shared: &Shared, req: &Request<B>, peer: SocketAddr) -> Response<Fu
     }
 }
 
+/// A credential as admin output shows it: kind, public parts, state, and
+/// the secret field as the placeholder.
+fn credential_json(state: &CredentialState) -> serde_json::Value {
+    let mut fields = serde_json::Map::new();
+    fields.insert("kind".into(), state.kind().as_str().into());
+    match state {
+        CredentialState::Ready(c) => {
+            if let Some(username) = &c.username {
+                fields.insert("username".into(), username.as_str().into());
+            }
+            if let Some(name) = &c.name {
+                fields.insert("name".into(), name.as_str().into());
+            }
+            fields.insert("state".into(), "ready".into());
+        }
+        CredentialState::Unavailable { .. } => {
+            fields.insert("state".into(), "unavailable".into());
+        }
+    }
+    fields.insert(
+        state.kind().secret_field().into(),
+        SECRET_PLACEHOLDER.into(),
+    );
+    serde_json::Value::Object(fields)
+}
+
 /// What the seeds show for a secret: that it exists, never what it is.
 pub const SECRET_PLACEHOLDER: &str = "Encrypted on the server side";
 
@@ -244,34 +270,19 @@ fn datasources_json(shared: &Shared) -> Vec<u8> {
     let entries: Vec<serde_json::Value> = list
         .iter()
         .map(|ds| {
-            let credential = ds.credential.as_ref().map(|state| {
-                let mut fields = serde_json::Map::new();
-                fields.insert("kind".into(), state.kind().as_str().into());
-                match state {
-                    CredentialState::Ready(c) => {
-                        if let Some(username) = &c.username {
-                            fields.insert("username".into(), username.as_str().into());
-                        }
-                        if let Some(name) = &c.name {
-                            fields.insert("name".into(), name.as_str().into());
-                        }
-                        fields.insert("state".into(), "ready".into());
-                    }
-                    CredentialState::Unavailable { .. } => {
-                        fields.insert("state".into(), "unavailable".into());
-                    }
-                }
-                fields.insert(
-                    state.kind().secret_field().into(),
-                    SECRET_PLACEHOLDER.into(),
-                );
-                serde_json::Value::Object(fields)
-            });
+            let credential = ds.credential.as_ref().map(credential_json);
+            let caller_credentials: serde_json::Map<String, serde_json::Value> = ds
+                .caller_credentials
+                .iter()
+                .map(|(caller, state)| (caller.clone(), credential_json(state)))
+                .collect();
             serde_json::json!({
                 "name": ds.name,
                 "url": ds.url,
-                "region": null,
+                "region": ds.region.as_ref().map(|r| r.name.as_str()),
+                "protocol": ds.protocol.as_str(),
                 "credential": credential,
+                "caller_credentials": caller_credentials,
             })
         })
         .collect();

@@ -326,3 +326,108 @@ async fn a_peer_guessing_tokens_is_throttled_and_other_peers_are_not() {
     assert_eq!(throttled_record["error"], "caller_throttled");
     assert!(throttled_record["caller"].is_null());
 }
+
+/// SPEC section 8 on the HTTP front: a caller listed under
+/// `caller_credentials` reaches the data source as itself, the others with
+/// the data source's credential, and its credential's echoes are redacted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_with_its_own_credential_uses_it_and_others_use_the_data_sources() {
+    let (up, seen) = recording_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_loopback_policy(dir.path());
+    std::fs::write(
+        dir.path().join("policies/callers.toml"),
+        format!(
+            "[callers.billing]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n\
+             [callers.crm]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n",
+            sha256_hex("tok-billing-1"),
+            sha256_hex("tok-crm-2")
+        ),
+    )
+    .unwrap();
+    let keys = Keys::new(dir.path());
+    let config = dir.path().join("sealgate.toml");
+    std::fs::write(&config, keys.toml("k1")).unwrap();
+    let shared = seal(&config, "pay", "token", "shared-token-aa11");
+    let own = seal(
+        &config,
+        "pay",
+        "caller_credentials.billing.token",
+        "billing-token-bb22",
+    );
+    // An envelope sealed for one caller does not open for another.
+    let (code, _, err) = check_config_with(
+        &dir,
+        &format!(
+            "{}[policy]\ndir = \"policies\"\n[datasources.pay]\nurl = \"http://{}/p\"\n\
+             credential = {{ kind = \"bearer\", token = \"{shared}\" }}\n\
+             [datasources.pay.caller_credentials.crm]\nkind = \"bearer\"\ntoken = \"{own}\"\n\
+             [datasources.pay.caller_credentials.ghost]\nkind = \"bearer\"\ntoken = \"{shared}\"\n",
+            keys.toml("k1"),
+            up.addr
+        ),
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("datasources.pay.caller_credentials.crm.token: sealed value does not open"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "datasources.pay.caller_credentials.ghost: no caller named \"ghost\" in the policies"
+        ),
+        "{err}"
+    );
+    let sg = Sealgate::start_in(
+        dir,
+        &format!(
+            "{}[policy]\ndir = \"policies\"\n[datasources.pay]\nurl = \"http://{}/p\"\n\
+             credential = {{ kind = \"bearer\", token = \"{shared}\" }}\n\
+             [datasources.pay.caller_credentials.billing]\nkind = \"bearer\"\ntoken = \"{own}\"\n",
+            keys.toml("k1"),
+            up.addr
+        ),
+    );
+    for token in ["tok-billing-1", "tok-crm-2"] {
+        assert_eq!(
+            send(sg.proxy, with_token("/pay/x", Some(token)))
+                .await
+                .status(),
+            200
+        );
+    }
+    let seen = seen.lock().unwrap().clone();
+    let authorization: Vec<&str> = seen
+        .iter()
+        .map(|r| r["headers"]["authorization"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        authorization,
+        ["Bearer billing-token-bb22", "Bearer shared-token-aa11"]
+    );
+    let records = sg.audit(2);
+    let by: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["caller"].as_str().unwrap(),
+                r["credential"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(by, [("billing", "caller"), ("crm", "datasource")]);
+    let (_, listed) = http_get_blocking(sg.admin, "/v1/datasources").unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        listed[0]["caller_credentials"]["billing"],
+        serde_json::json!({"kind": "bearer", "state": "ready", "token": "Encrypted on the server side"})
+    );
+    assert!(!listed.to_string().contains("billing-token-bb22"));
+}
+
+/// `check` on a config written into `dir` (replacing its sealgate.toml).
+fn check_config_with(dir: &tempfile::TempDir, toml: &str) -> (i32, String, String) {
+    let path = dir.path().join("sealgate.toml");
+    std::fs::write(&path, toml).unwrap();
+    check_config(&path)
+}

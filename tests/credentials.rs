@@ -406,9 +406,24 @@ fn keygen_writes_0600_and_never_overwrites() {
 fn reseal_moves_every_value_to_a_new_primary_keeping_comments() {
     let f = Fixture::new();
     let sealed = f.seal("pay", "token", BEARER);
+    let own = f.seal(
+        "pay",
+        "caller_credentials.billing.token",
+        "billing-own-token",
+    );
+    std::fs::create_dir_all(f.dir.path().join("policies")).unwrap();
+    std::fs::write(
+        f.dir.path().join("policies/callers.toml"),
+        format!(
+            "[callers.billing]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n",
+            sha256_hex("t")
+        ),
+    )
+    .unwrap();
     let original = format!(
         "# sealgate for the billing app\n{}\n[datasources.pay]   # payments API\n\
-         url = \"https://example.com\"\ncredential = {{ kind = \"bearer\", token = \"{sealed}\" }}  # rotated yearly\n",
+         url = \"https://example.com\"\ncredential = {{ kind = \"bearer\", token = \"{sealed}\" }}  # rotated yearly\n\
+         [datasources.pay.caller_credentials.billing]\nkind = \"bearer\"\ntoken = \"{own}\"  # its own\n",
         f.keys.toml("k2").replace("primary = \"k2\"", "primary = \"k2\"  # new key")
     );
     f.keys.add("k2");
@@ -418,19 +433,28 @@ fn reseal_moves_every_value_to_a_new_primary_keeping_comments() {
     let cfg = f.config();
     let (code, _, err) = run_cli(&["reseal", "-c", cfg.to_str().unwrap()], b"");
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("resealed 1 value under key \"k2\""), "{err}");
+    assert!(err.contains("resealed 2 values under key \"k2\""), "{err}");
     let rewritten = std::fs::read_to_string(&cfg).unwrap();
-    assert!(rewritten.contains("token = \"sealed:v1:k2:"), "{rewritten}");
+    assert_eq!(
+        rewritten.matches("token = \"sealed:v1:k2:").count(),
+        2,
+        "{rewritten}"
+    );
     for comment in [
         "# sealgate for the billing app",
         "# payments API",
         "# rotated yearly",
         "# new key",
+        "# its own",
     ] {
         assert!(rewritten.contains(comment), "{comment} lost: {rewritten}");
     }
     assert_eq!(
-        rewritten.replace(&sealed, "X").lines().count(),
+        rewritten
+            .replace(&sealed, "X")
+            .replace(&own, "Y")
+            .lines()
+            .count(),
         with_example_policy(f.dir.path(), &original).lines().count()
     );
 
