@@ -1447,6 +1447,34 @@ mod tests {
         assert!(e[2].contains(":7: datasources.bad.timeout_ms"), "{e:?}");
     }
 
+    #[test]
+    fn database_settings_are_judged_with_their_lines() {
+        let e = errors(concat!(
+            "[postgres]\n",
+            "listen = [\"0.0.0.0:6432\"]\n",
+            "[datasources.db]\n",
+            "url = \"postgresql://db.example.com:5432/\"\n",
+            "sslmode = \"disable\"\n",
+            "credential = { kind = \"bearer\", token = \"sealed:v1:k1:x\" }\n",
+            "[datasources.api]\n",
+            "url = \"https://api.example.com\"\n",
+            "sslmode = \"verify-full\"\n",
+            "[datasources.db2]\n",
+            "url = \"postgres://db2.example.com/orders\"\n",
+            "sslmode = \"prefer\"\n",
+        ));
+        let expected = [
+            ":2: postgres.listen: 0.0.0.0:6432 is not loopback: that needs [postgres.tls] and [callers]",
+            ":4: datasources.db.url: the URL's path must name the database",
+            ":6: datasources.db.credential.kind: `bearer` is not one of password (the kinds of a postgres data source)",
+            ":9: datasources.api.sslmode: only a postgresql:// data source has an sslmode",
+            ":12: datasources.db2.sslmode: `prefer` is not \"verify-full\" or \"disable\"",
+        ];
+        for want in expected {
+            assert!(e.iter().any(|line| line.contains(want)), "{want} in {e:#?}");
+        }
+    }
+
     /// One run of `check` names everything wrong with a data source, not
     /// just the first field that failed.
     #[test]
