@@ -16,7 +16,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use sealgate::audit::{self, AuditRecord, Decision};
 use sealgate::credentials::Credential;
 use sealgate::egress::{parse_entry, EgressPolicy, Rule};
-use sealgate::route;
+use sealgate::http::route;
 use sealgate::secrets::{self, Keyring, Secret};
 use sealgate::upstream::UpstreamHost;
 use zeroize::Zeroizing;

@@ -17,16 +17,12 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::admin::AdminService;
 use crate::audit::{AuditLog, Event};
 use crate::config::Config;
-use crate::limits::{ConnectionCap, HandshakeDeadline, Handshakes, HeadDeadline};
+use crate::http::limits::{HandshakeDeadline, Handshakes};
+use crate::http::{tls_settings, Limits};
 use crate::metrics::{CloseReason, Metrics};
 use crate::postgres::PostgresFront;
-use crate::proxy::SealgateProxy;
-use crate::state::{Shared, TlsHandles};
-use crate::tls::IdentityCallback;
+use crate::state::Shared;
 use crate::unix_listener::UnixListenerService;
-use pingora::apps::HttpServerOptions;
-use pingora::listeners::tls::TlsSettings;
-use pingora::proxy::HttpProxy;
 use pingora::services::listening::Service;
 
 /// Once the grace period is over, how long the audit writer still gets to
@@ -207,52 +203,6 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     shared.audit.flush_blocking(AUDIT_FLUSH_AFTER_GRACE);
     tracing::info!("sealgate stopped");
     Ok(())
-}
-
-/// The downstream limits every listener's HTTP app is wrapped in; the
-/// connection permits are shared by all listeners.
-struct Limits {
-    header_timeout: Duration,
-    idle_timeout: Duration,
-    permits: Arc<tokio::sync::Semaphore>,
-}
-
-type ProxyApp = ConnectionCap<HeadDeadline<HttpProxy<SealgateProxy>>>;
-
-impl Limits {
-    /// The HTTP app a listener serves. h2 connections idle longer than the
-    /// idle timeout are closed (h1 ones by the header deadline).
-    fn app(&self, server: &Server, shared: &Arc<Shared>) -> ProxyApp {
-        let mut app = pingora::proxy::http_proxy(
-            &server.configuration,
-            SealgateProxy::new(shared.clone(), self.idle_timeout),
-        );
-        let mut options = HttpServerOptions::default();
-        options.h2_idle_timeout = Some(self.idle_timeout);
-        app.server_options = Some(options);
-        let closed = |reason| shared.metrics.downstream_closed(reason).clone();
-        ConnectionCap::new(
-            HeadDeadline::new(app, self.header_timeout, closed(CloseReason::HeadTimeout)),
-            self.permits.clone(),
-            closed(CloseReason::ConnectionLimit),
-        )
-    }
-}
-
-/// pingora's rustls listener, with sealgate's swappable certificate and
-/// client verifier and the identity callback; TLS 1.2 and 1.3 only.
-fn tls_settings(
-    handles: &TlsHandles,
-    handshakes: Arc<Handshakes>,
-) -> Result<TlsSettings, StartError> {
-    let mut settings = TlsSettings::with_callbacks(Box::new(IdentityCallback { handshakes }))
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    settings.set_cert_resolver(handles.cert.clone());
-    if let Some(client) = &handles.client {
-        settings.set_client_cert_verifier(client.clone());
-    }
-    settings.enable_h2();
-    Ok(settings)
 }
 
 fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {

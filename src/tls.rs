@@ -3,15 +3,11 @@
 //! by its one URI SAN. Both sit behind swappable handles, so SIGHUP can
 //! replace them without touching established connections.
 
-use std::any::Any;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use pingora::listeners::TlsAccept;
-use pingora::protocols::tls::TlsRef;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -303,26 +299,6 @@ impl ClientCertVerifier for ClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.current.load().0.supported_verify_schemes()
-    }
-}
-
-/// Attaches the verified client certificate's identity to the connection,
-/// where the proxy finds it for every request on it, and ends the
-/// connection's handshake deadline.
-pub struct IdentityCallback {
-    pub handshakes: Arc<crate::limits::Handshakes>,
-}
-
-#[async_trait]
-impl TlsAccept for IdentityCallback {
-    async fn handshake_complete_callback(
-        &self,
-        tls: &TlsRef,
-    ) -> Option<Arc<dyn Any + Send + Sync>> {
-        self.handshakes.finished();
-        let der = tls.peer_certificate_der()?;
-        let identity = uri_san(der).ok()?;
-        Some(Arc::new(TlsIdentity(identity)))
     }
 }
 

@@ -9,7 +9,7 @@ use http::Version;
 use pingora::http::RequestHeader;
 
 use crate::errors::{ErrorCode, Refusal};
-use crate::route::MAX_TARGET;
+use crate::http::route::MAX_TARGET;
 
 /// Methods whose answer echoes the request, credential included.
 const REFLECTING_METHODS: [&str; 2] = ["TRACE", "TRACK"];

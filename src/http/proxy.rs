@@ -25,8 +25,8 @@ use crate::config::{Config, CredentialSource, DataSource, Protocol};
 use crate::connect;
 use crate::credentials::Credential;
 use crate::errors::{classify, ErrorCode, Refusal};
+use crate::http::route;
 use crate::metrics::CloseReason;
-use crate::route;
 use crate::state::{RequestId, Shared};
 use crate::throttle::Peer;
 use crate::tls::TlsIdentity;
@@ -239,7 +239,7 @@ impl ProxyHttp for SealgateProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         // pingora creates the context right after reading the request head.
-        crate::limits::head_read();
+        crate::http::limits::head_read();
         self.shared.metrics.active_requests.inc();
         RequestCtx {
             shared: self.shared.clone(),
@@ -333,7 +333,7 @@ impl ProxyHttp for SealgateProxy {
                 return Ok(true);
             }
         }
-        if let Err(unfit) = crate::hygiene::check(session.req_header()) {
+        if let Err(unfit) = crate::http::hygiene::check(session.req_header()) {
             if unfit.close {
                 session.set_keepalive(None);
             }
@@ -514,7 +514,7 @@ impl ProxyHttp for SealgateProxy {
             .map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "request target"))?;
         upstream_request.set_uri(uri);
         upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
-        crate::hygiene::strip_for_upstream(upstream_request);
+        crate::http::hygiene::strip_for_upstream(upstream_request);
         // `request_filter` admitted only a credential that opened.
         if let Some(credential) = ctx.credential() {
             credential.inject_header(upstream_request)?;
@@ -660,7 +660,7 @@ impl ProxyHttp for SealgateProxy {
         ctx.started_request = None;
         // Only now, with the record queued: a connection closed for its
         // next head's deadline must not drop this request's record.
-        crate::limits::awaiting_next_head();
+        crate::http::limits::awaiting_next_head();
     }
 
     /// pingora logs this with every error; the default includes the query
