@@ -47,15 +47,45 @@ pub fn run() -> Result<(), DemoError> {
     // A throwaway key and the demo's egress policy, on disk only for as
     // long as it takes to load them.
     let key_dir = tempfile::tempdir()?;
-    std::fs::write(
-        key_dir.path().join("demo-policy.toml"),
-        format!("[egress]\nallow = [\"{echo}\"]\nallow_private = [\"{echo}\"]\n"),
-    )?;
     let key_path = key_dir.path().join("demo.key");
     std::fs::write(&key_path, secrets::new_master_key()?.as_bytes())?;
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
     let salt = secrets::new_salt()?;
     let keyring = Keyring::load(key_dir.path(), "demo", &salt)?;
+    let cluster = crate::demo_postgres::start(&keyring);
+    let mut destinations = vec![echo.to_string()];
+    let (postgres_section, postgres_help, postgres_line) = match &cluster {
+        Ok(cluster) => {
+            destinations.push(format!("127.0.0.1:{}", cluster.port));
+            let listen = free_port(6432)?;
+            (
+                format!("[postgres]\nlisten = [\"127.0.0.1:{listen}\"]\n{}", cluster.datasource),
+                format!(
+                    "\x20 psql \"host=127.0.0.1 port={listen} dbname=pgdemo user=app\" -c 'SELECT current_user'\n\
+                     \x20     sealgate logs in to the throwaway PostgreSQL as demo_app with a sealed password\n\
+                     \x20     (SCRAM); psql sends none\n"
+                ),
+                format!(
+                    "\x20 postgres       127.0.0.1:{listen}  (data source \"pgdemo\": a throwaway cluster on 127.0.0.1:{})\n",
+                    cluster.port
+                ),
+            )
+        }
+        Err(why) => (
+            String::new(),
+            String::new(),
+            format!("\x20 (the PostgreSQL part is skipped: {why})\n"),
+        ),
+    };
+    let allowed = destinations
+        .iter()
+        .map(|d| format!("\"{d}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    std::fs::write(
+        key_dir.path().join("demo-policy.toml"),
+        format!("[egress]\nallow = [{allowed}]\nallow_private = [{allowed}]\n"),
+    )?;
     let token = Secret::new(Zeroizing::new(format!(
         "demo-{}",
         &secrets::new_salt()?[..12]
@@ -69,7 +99,8 @@ pub fn run() -> Result<(), DemoError> {
          [keys]\ndir = \"{dir}\"\nprimary = \"demo\"\nsalt = \"{salt}\"\n\
          [policy]\ndir = \"{dir}\"\n\
          [datasources.echo]\nurl = \"http://{echo}/\"\ntimeout_ms = 5000\n\
-         credential = {{ kind = \"bearer\", token = \"{sealed}\" }}\n",
+         credential = {{ kind = \"bearer\", token = \"{sealed}\" }}\n\
+         {postgres_section}",
         dir = key_dir.path().display()
     );
     let config = config::parse(Path::new("(demo)"), &text)?;
@@ -78,7 +109,8 @@ pub fn run() -> Result<(), DemoError> {
         "\nsealgate demo: everything runs on loopback; nothing leaves this machine.\n\n\
          \x20 echo upstream  http://{echo}  (answers with what it received)\n\
          \x20 sealgate       http://127.0.0.1:{proxy}  (data source \"echo\", bearer credential sealed under a throwaway key)\n\
-         \x20 admin          http://127.0.0.1:{admin}\n\n\
+         \x20 admin          http://127.0.0.1:{admin}\n\
+         {postgres_line}\n\
          Try, in another terminal:\n\
          \x20 curl -s 'http://127.0.0.1:{proxy}/echo/hello?x=1'\n\
          \x20     the upstream reports the injected \"authorization: Bearer demo-...\", path /hello,\n\
@@ -89,7 +121,8 @@ pub fn run() -> Result<(), DemoError> {
          \x20     the token shows as \"Encrypted on the server side\"\n\
          \x20 curl -s http://127.0.0.1:{proxy}/nope/x            404 unknown_datasource\n\
          \x20 curl -s 'http://127.0.0.1:{proxy}/echo/%2e%2e/etc'  400 bad_request\n\
-         \x20 curl -s http://127.0.0.1:{admin}/metrics | grep ^sealgate_\n\n\
+         \x20 curl -s http://127.0.0.1:{admin}/metrics | grep ^sealgate_\n\
+         {postgres_help}\n\
          Audit records follow on stdout, one JSON line per request. Ctrl-C stops.\n"
     );
     serve(config)?;

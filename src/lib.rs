@@ -9,6 +9,7 @@ pub mod config;
 pub mod connect;
 pub mod credentials;
 pub mod demo;
+pub mod demo_postgres;
 pub mod echoes;
 pub mod egress;
 pub mod errors;

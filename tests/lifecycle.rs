@@ -260,6 +260,28 @@ async fn the_demo_proxies_to_its_echo_upstream() {
         "{listing}"
     );
 
+    // The PostgreSQL part: a throwaway cluster, logged in to with a sealed
+    // password psql never sends (CI installs the server).
+    let postgres = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("postgres       "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .expect("the PostgreSQL part runs where the server is installed");
+    let port = postgres.rsplit(':').next().unwrap_or_default().to_string();
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-t", "-A", "-w"])
+        .arg(format!("host=127.0.0.1 port={port} dbname=pgdemo user=app"))
+        .args(["-c", "SELECT current_user"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "demo_app",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
