@@ -454,7 +454,38 @@ fn callers_prove_themselves_by_token_or_certificate_and_may_log_in_as_themselves
         "SELECT current_user",
     ]);
     assert_eq!((code, out.as_str()), (0, SCRAM_USER), "{err}");
-    let sessions = f.sg.audit_sessions(8);
+    // Asked for its token, a client that sends anything but a password
+    // message, or an oversized one, is refused.
+    for (what, message) in [
+        (
+            "a query",
+            vec![
+                b'Q', 0, 0, 0, 13, b'S', b'E', b'L', b'E', b'C', b'T', b' ', b'1', 0,
+            ],
+        ),
+        ("an oversized password", vec![b'p', 0, 1, 0, 0]),
+    ] {
+        let mut bytes = startup(&[("user", "app"), ("database", "orders")], 3 << 16);
+        bytes.extend(message);
+        let got = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(exchange(f.listen, &bytes));
+        assert_eq!(
+            &got[..9],
+            &[b'R', 0, 0, 0, 8, 0, 0, 0, 3],
+            "{what}: asked for the token"
+        );
+        let (state, text) = error_of(&got[9..]).unwrap_or_else(|| panic!("{what}: {got:?}"));
+        assert_eq!(
+            (state.as_str(), text.as_str()),
+            (
+                "08P01",
+                "sealgate: bad_request: expected a password message"
+            ),
+            "{what}"
+        );
+    }
+    let sessions = f.sg.audit_sessions(10);
     let by = |caller: &str, credential: &str, db_user: &str| {
         sessions.iter().any(|s| {
             s["caller"] == caller
@@ -679,6 +710,12 @@ async fn upstream_faults_get_the_specs_errors_and_never_the_servers_words() {
             format!("postgresql://localhost:{silent}/{DATABASE}"),
             &none,
         );
+        let none = seal(s.config, "elsewhere", "password", "x");
+        add(
+            "elsewhere",
+            format!("postgresql://10.1.2.3:5432/{DATABASE}"),
+            &none,
+        );
         extra
     });
     let cases = [
@@ -694,6 +731,11 @@ async fn upstream_faults_get_the_specs_errors_and_never_the_servers_words() {
             "sealgate: upstream_tls: the server declined TLS",
         ),
         ("silent", "08001", "sealgate: upstream_timeout"),
+        (
+            "elsewhere",
+            "08004",
+            "sealgate: egress_denied: 10.1.2.3:5432 matches no [egress] allow entry",
+        ),
     ];
     for (ds, sqlstate, message) in cases {
         let got = exchange(
@@ -958,13 +1000,22 @@ async fn a_reload_that_changes_a_credential_ends_its_sessions_with_57p01_and_no_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_lets_sessions_finish_and_ends_the_rest_with_57p01() {
-    let mut f = Fixture::start("");
+    let mut f = Fixture::build("info", "max_connections = 1", |_| String::new());
     let at = format!(
         "host=127.0.0.1 port={} dbname=orders user=app",
         f.listen.port()
     );
     let (idle, idle_end) = session(&at).await;
     idle.batch_execute("SELECT 1").await.unwrap();
+    // One connection is all max_connections allows.
+    let got = exchange(
+        f.listen,
+        &startup(&[("user", "app"), ("database", "orders")], 3 << 16),
+    )
+    .await;
+    let (state, text) = error_of(&got).expect("refused");
+    assert_eq!(state, "53300", "{text}");
+    assert!(text.starts_with("sealgate: too_many_connections"), "{text}");
     let started = std::time::Instant::now();
     f.sg.signal(nix::sys::signal::Signal::SIGTERM);
     // Still served during the grace period (5 s here).
@@ -987,8 +1038,46 @@ async fn the_drain_lets_sessions_finish_and_ends_the_rest_with_57p01() {
     let sg = &mut f.sg;
     let status = tokio::task::block_in_place(|| sg.wait_exit(Duration::from_secs(10)));
     assert!(status.is_some_and(|s| s.success()), "{:?}", f.sg.stderr());
-    let sessions = f.sg.audit_sessions(1);
-    assert_eq!(sessions.len(), 1, "{sessions:?}");
-    assert_eq!(sessions[0]["error"], "shutting_down");
-    assert_eq!(sessions[0]["statements"], 2);
+    let sessions = f.sg.audit_sessions(2);
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert_eq!(sessions[0]["error"], "too_many_connections");
+    assert_eq!(sessions[1]["error"], "shutting_down");
+    assert_eq!(sessions[1]["statements"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_over_tls_by_token_and_by_client_certificate() {
+    let (f, client) = tokio::task::spawn_blocking(|| callers_fixture("info"))
+        .await
+        .unwrap();
+    let roots = std::fs::read_to_string(client.join("ca.pem")).unwrap();
+    let cert = std::fs::read_to_string(client.join("cert.pem")).unwrap();
+    let key = std::fs::read_to_string(client.join("key.pem")).unwrap();
+    let at = format!(
+        "host=localhost port={} dbname=orders user=app sslmode=require",
+        f.listen.port()
+    );
+    for (identity, conninfo, expected) in [
+        (None, format!("{at} password={TOKEN}"), SCRAM_USER),
+        (Some((cert.as_str(), key.as_str())), at.clone(), MD5_USER),
+    ] {
+        let tls = common::postgres::RustlsConnector::from_pem(&roots, identity);
+        let (db, connection) = tokio_postgres::connect(&conninfo, tls).await.unwrap();
+        tokio::spawn(connection);
+        let user: String = db
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(user, expected);
+        let ssl: bool = db
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ssl, "the upstream leg is TLS too");
+    }
 }

@@ -12,7 +12,7 @@ mod tracking;
 mod wire;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -509,8 +509,12 @@ impl Inner {
         };
         let audit_statements = log.config.audit.statements == StatementAudit::Fingerprint;
         let tracker = tracking::Tracker::new(shared, &info, audit_statements);
-        let checked = AtomicU64::new(log.config.generation);
-        let stop = || self.stop_reason(log.caller.clone(), ds.clone(), log.credential, &checked);
+        let stop = self.stop_reason(
+            log.caller.clone(),
+            ds.clone(),
+            log.credential,
+            log.config.generation,
+        );
         let ended = relay::relay(
             io,
             upstream.io,
@@ -536,14 +540,13 @@ impl Inner {
 
     /// Resolves when the session must end: the drain's grace period is
     /// over, or a reload withdrew its data source, credential or grant.
-    /// `checked` is the config generation last found to still grant the
-    /// session, so each reload is judged once, not at every message.
+    /// Each reload is judged once.
     async fn stop_reason(
         &self,
         caller: Option<Arc<Caller>>,
         ds: Arc<DataSource>,
         source: Option<CredentialSource>,
-        checked: &AtomicU64,
+        mut checked: u64,
     ) -> (&'static str, String) {
         let mut ending = self.shared.lifecycle.sessions_end();
         let mut changes = self.shared.config_changes.subscribe();
@@ -555,7 +558,8 @@ impl Inner {
                 );
             }
             let config = self.shared.config.load();
-            if checked.swap(config.generation, Ordering::Relaxed) != config.generation {
+            if checked != config.generation {
+                checked = config.generation;
                 if let Some(why) = withdrawn(&config, caller.as_deref(), &ds, source) {
                     return (ErrorCode::ShuttingDown.as_str(), why);
                 }

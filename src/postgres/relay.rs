@@ -122,7 +122,7 @@ pub async fn relay<C, S, F>(
     tally: &mut Tally,
     tracker: &Tracker<'_>,
     audit: &AuditLog,
-    stop: impl Fn() -> F,
+    stop: F,
 ) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -161,11 +161,12 @@ where
     let down = async {
         let mut buf = vec![0u8; CHUNK];
         let mut frames = Frames::default();
+        tokio::pin!(stop);
         loop {
             let read = if frames.at_boundary() {
                 tokio::select! {
                     biased;
-                    (code, text) = stop() => {
+                    (code, text) = &mut stop => {
                         let goodbye = wire::error_response("FATAL", "57P01", code, &text);
                         let _ = wire::send(&mut client_write, &goodbye).await;
                         return Ended::Stopped;
@@ -187,7 +188,7 @@ where
             if followed.is_err() {
                 return Ended::Server;
             }
-            for line in tracker.take_records() {
+            for line in tracker.take_records().into_iter().flatten() {
                 audit.record_line(line).await;
             }
             down_bytes += n as u64;

@@ -119,6 +119,9 @@ impl<'a> Tracker<'a> {
     }
 
     pub fn client_message(&self, tag: u8, body: &[u8]) {
+        if !matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'S') {
+            return;
+        }
         let mut state = self.state();
         let state = &mut *state;
         match tag {
@@ -164,6 +167,9 @@ impl<'a> Tracker<'a> {
     }
 
     pub fn server_message(&self, tag: u8, body: &[u8]) {
+        if !matches!(tag, b'C' | b'E' | b'Z') {
+            return;
+        }
         let mut state = self.state();
         let state = &mut *state;
         match tag {
@@ -262,8 +268,12 @@ impl<'a> Tracker<'a> {
         })
     }
 
-    /// Statement records made since the last call, for the audit writer.
-    pub fn take_records(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.state().records)
+    /// Statement records made since the last call, for the audit writer;
+    /// none without statement audit (nor a lock taken).
+    pub fn take_records(&self) -> Option<Vec<Vec<u8>>> {
+        if !self.audit {
+            return None;
+        }
+        Some(std::mem::take(&mut self.state().records))
     }
 }

@@ -238,3 +238,125 @@ fn random_password() -> String {
         })
         .collect()
 }
+
+/// tokio-postgres over TLS with rustls (the `tokio-postgres-rustls` crate
+/// would bring aws-lc): verifies the server against `ca_pem`, presenting
+/// `client` (cert PEM, key PEM) when given.
+#[derive(Clone)]
+pub struct RustlsConnector(std::sync::Arc<rustls::ClientConfig>);
+
+impl RustlsConnector {
+    pub fn from_pem(ca_pem: &str, client: Option<(&str, &str)>) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert.expect("CA PEM")).expect("root");
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = rustls_pemfile::certs(&mut cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("chain");
+                let key = rustls_pemfile::private_key(&mut key.as_bytes())
+                    .expect("key")
+                    .expect("a key");
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .expect("client auth")
+            }
+        };
+        RustlsConnector(std::sync::Arc::new(config))
+    }
+}
+
+pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for RustlsConnector
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type TlsConnect = RustlsConnect;
+    type Error = std::io::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(RustlsConnect(self.0.clone(), domain.to_string()))
+    }
+}
+
+/// One connection's TLS: the client config and the server's name.
+pub struct RustlsConnect(std::sync::Arc<rustls::ClientConfig>, String);
+
+impl<S> tokio_postgres::tls::TlsConnect<S> for RustlsConnect
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<RustlsStream<S>>> + Send>,
+    >;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            let name = rustls::pki_types::ServerName::try_from(self.1)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            tokio_rustls::TlsConnector::from(self.0)
+                .connect(name, stream)
+                .await
+                .map(RustlsStream)
+        })
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead
+    for RustlsStream<S>
+{
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for RustlsStream<S>
+{
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio_postgres::tls::TlsStream
+    for RustlsStream<S>
+{
+    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
+        tokio_postgres::tls::ChannelBinding::none()
+    }
+}
