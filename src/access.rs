@@ -2,6 +2,7 @@
 //! decided here once for every front, so an HTTP request and a database
 //! session are refused for the same reasons with the same words.
 
+use crate::audit::Decision;
 use crate::callers::Caller;
 use crate::config::{CredentialSource, CredentialState, DataSource};
 use crate::credentials::Credential;
@@ -57,4 +58,23 @@ pub fn admit<'a>(
         credential,
         source: chosen.map(|(_, source)| source),
     })
+}
+
+/// The audit record's `decision` and `reason` (SPEC section 7): a refusal
+/// sealgate made itself is a deny with its message; anything else that got
+/// as far as a data source is an allow with the rule that admitted it (an
+/// upstream that failed afterwards does not undo the decision).
+pub fn verdict<'a>(
+    refusal: Option<&'a Refusal>,
+    datasource: Option<&'a DataSource>,
+) -> (Decision, Option<&'a str>) {
+    match refusal.filter(|r| !r.code.is_upstream()) {
+        Some(refused) => (Decision::Deny, Some(refused.message.as_str())),
+        None => (
+            Decision::Allow,
+            datasource
+                .and_then(|d| d.egress.as_ref().ok())
+                .map(|rule| rule.reason()),
+        ),
+    }
 }

@@ -27,8 +27,9 @@ pub struct DemoCluster {
     pub datasource: String,
 }
 
-/// The newest installed server's `bin` directory, if any.
-fn server_bin() -> Option<PathBuf> {
+/// The newest installed server's `bin` directory (Debian keeps it off
+/// `PATH`), if any.
+pub fn server_bin() -> Option<PathBuf> {
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .filter_map(|e| e.ok())

@@ -6,6 +6,25 @@ mod common;
 use common::*;
 use hyper::Request;
 
+/// A config directory with the loopback policy and two token callers:
+/// `billing` (tok-billing-1) granted `pay`, `crm` (tok-crm-2) granted
+/// `crm_grant`.
+fn two_callers(crm_grant: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_loopback_policy(dir.path());
+    std::fs::write(
+        dir.path().join("policies/callers.toml"),
+        format!(
+            "[callers.billing]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n\
+             [callers.crm]\ntoken_sha256 = \"{}\"\ndatasources = [\"{crm_grant}\"]\n",
+            sha256_hex("tok-billing-1"),
+            sha256_hex("tok-crm-2")
+        ),
+    )
+    .unwrap();
+    dir
+}
+
 fn with_token(path: &str, token: Option<&str>) -> Request<BoxBody> {
     let mut req = Request::get(path).header("host", "x");
     if let Some(t) = token {
@@ -17,18 +36,7 @@ fn with_token(path: &str, token: Option<&str>) -> Request<BoxBody> {
 #[tokio::test(flavor = "multi_thread")]
 async fn token_callers_are_identified_and_held_to_their_grants() {
     let (up, seen) = recording_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    write_loopback_policy(dir.path());
-    std::fs::write(
-        dir.path().join("policies/callers.toml"),
-        format!(
-            "[callers.billing]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n\
-             [callers.crm]\ntoken_sha256 = \"{}\"\ndatasources = [\"crm\"]\n",
-            sha256_hex("tok-billing-1"),
-            sha256_hex("tok-crm-2")
-        ),
-    )
-    .unwrap();
+    let dir = two_callers("crm");
     let sg = Sealgate::start_in(
         dir,
         &format!(
@@ -333,18 +341,7 @@ async fn a_peer_guessing_tokens_is_throttled_and_other_peers_are_not() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_with_its_own_credential_uses_it_and_others_use_the_data_sources() {
     let (up, seen) = recording_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    write_loopback_policy(dir.path());
-    std::fs::write(
-        dir.path().join("policies/callers.toml"),
-        format!(
-            "[callers.billing]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n\
-             [callers.crm]\ntoken_sha256 = \"{}\"\ndatasources = [\"pay\"]\n",
-            sha256_hex("tok-billing-1"),
-            sha256_hex("tok-crm-2")
-        ),
-    )
-    .unwrap();
+    let dir = two_callers("pay");
     let keys = Keys::new(dir.path());
     let config = dir.path().join("sealgate.toml");
     std::fs::write(&config, keys.toml("k1")).unwrap();

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::postgres::{PgServer, CLEARTEXT_USER, DATABASE, MD5_USER, SCRAM_USER};
 use common::*;
+use tokio_postgres::error::SqlState;
 
 /// What a test's extra config is made with.
 struct Setup<'a> {
@@ -248,16 +249,7 @@ async fn a_cancel_reaches_the_server_with_its_key_and_the_client_never_sees_the_
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = std::time::Instant::now();
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(10), sleeping)
-        .await
-        .expect("the query ends once cancelled")
-        .unwrap();
-    let error = result.expect_err("cancelled");
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-        "{error}"
-    );
+    ends_with(sleeping, Duration::from_secs(10), SqlState::QUERY_CANCELED).await;
     assert!(started.elapsed() < Duration::from_secs(10));
     // The key a client holds is sealgate's own: no server process has
     // the process id in it.
@@ -877,10 +869,7 @@ async fn statements_are_audited_without_literals_bind_values_or_server_error_tex
         .simple_query("SELECT * FROM missing_table WHERE x = $q$literal-secret-four$q$")
         .await
         .expect_err("no such table");
-    assert_eq!(
-        failed.code(),
-        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
-    );
+    assert_eq!(failed.code(), Some(&SqlState::UNDEFINED_TABLE));
     client.batch_execute("SELECT 1").await.unwrap();
     drop(client);
 
@@ -935,6 +924,21 @@ async fn statements_are_audited_without_literals_bind_values_or_server_error_tex
     ]);
 }
 
+/// Waits up to `within` for `task` to end with an error of `state`.
+async fn ends_with<T: std::fmt::Debug>(
+    task: tokio::task::JoinHandle<Result<T, tokio_postgres::Error>>,
+    within: Duration,
+    state: SqlState,
+) -> tokio_postgres::Error {
+    let ended = tokio::time::timeout(within, task)
+        .await
+        .unwrap_or_else(|_| panic!("not ended within {within:?}"))
+        .unwrap();
+    let error = ended.expect_err("ended by an error");
+    assert_eq!(error.code(), Some(&state), "{error}");
+    error
+}
+
 /// A session whose connection task's end can be awaited.
 async fn session(
     params: &str,
@@ -963,16 +967,12 @@ async fn a_reload_that_changes_a_credential_ends_its_sessions_with_57p01_and_no_
     f.sg.edit_config("username = \"scram_user\"", "username = \"md5_user\"");
     let sg = &f.sg;
     tokio::task::block_in_place(|| reload_and_wait(sg, "ok", 1));
-    let ended = tokio::time::timeout(Duration::from_secs(1), changed_end)
-        .await
-        .expect("the session ends within a second of the reload")
-        .unwrap();
-    let error = ended.expect_err("ended by sealgate");
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
-        "{error}"
-    );
+    let error = ends_with(
+        changed_end,
+        Duration::from_secs(1),
+        SqlState::ADMIN_SHUTDOWN,
+    )
+    .await;
     let text = error
         .as_db_error()
         .map(|e| e.message().to_string())
@@ -1021,16 +1021,7 @@ async fn the_drain_lets_sessions_finish_and_ends_the_rest_with_57p01() {
     // Still served during the grace period (5 s here).
     tokio::time::sleep(Duration::from_millis(500)).await;
     idle.batch_execute("SELECT 2").await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), idle_end)
-        .await
-        .expect("ended by the end of the grace period")
-        .unwrap();
-    let error = ended.expect_err("ended by sealgate");
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
-        "{error}"
-    );
+    ends_with(idle_end, Duration::from_secs(10), SqlState::ADMIN_SHUTDOWN).await;
     assert!(
         started.elapsed() > Duration::from_secs(4),
         "not before the grace period ends"

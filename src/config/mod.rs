@@ -273,6 +273,10 @@ pub enum CredentialState {
 }
 
 impl DataSource {
+    pub fn region_name(&self) -> Option<&str> {
+        self.region.as_ref().map(|r| r.name.as_str())
+    }
+
     /// The credential a caller uses here: its own when it has one (always,
     /// even if that one did not open), else the data source's.
     pub fn credential_for(

@@ -19,7 +19,7 @@ use pingora::{Error, ErrorType, Result};
 use zeroize::Zeroizing;
 
 use crate::access;
-use crate::audit::{AuditRecord, Decision};
+use crate::audit::AuditRecord;
 use crate::callers::{self, Caller, Identified, Presented};
 use crate::config::{Config, CredentialSource, DataSource, Protocol};
 use crate::connect;
@@ -169,11 +169,7 @@ impl RequestCtx {
         (request_bytes, response_bytes): (u64, u64),
         error: Option<&'static str>,
     ) -> AuditRecord<'a> {
-        let refused_here = self.refusal.as_ref().filter(|r| !r.code.is_upstream());
-        let allowed_by = match (refused_here, self.datasource.as_ref().map(|d| &d.egress)) {
-            (None, Some(Ok(rule))) => Some(rule.reason()),
-            _ => None,
-        };
+        let (decision, reason) = access::verdict(self.refusal.as_ref(), self.datasource.as_deref());
         AuditRecord {
             ts: std::time::SystemTime::now(),
             event: None,
@@ -184,17 +180,9 @@ impl RequestCtx {
             path: Some(&started.path),
             upstream: self.upstream_addr,
             egress_ip: self.egress_ip,
-            region: self
-                .datasource
-                .as_ref()
-                .and_then(|d| d.region.as_ref())
-                .map(|r| r.name.as_str()),
-            decision: if refused_here.is_some() {
-                Decision::Deny
-            } else {
-                Decision::Allow
-            },
-            reason: refused_here.map(|r| r.message.as_str()).or(allowed_by),
+            region: self.datasource.as_ref().and_then(|d| d.region_name()),
+            decision,
+            reason,
             status: Some(status),
             request_bytes,
             response_bytes,

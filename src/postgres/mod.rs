@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
 use crate::access;
-use crate::audit::{AuditRecord, Decision};
+use crate::audit::AuditRecord;
 use crate::callers::{self, Caller, Identified, Presented};
 use crate::config::{Config, CredentialSource, DataSource, Protocol, StatementAudit};
 use crate::errors::{ErrorCode, Refusal};
@@ -586,14 +586,10 @@ impl Inner {
     /// The session's one audit record, and its metrics.
     async fn finish(&self, log: SessionLog) {
         let shared = &self.shared;
-        let refused_here = log.refusal.as_ref().filter(|r| !r.code.is_upstream());
+        let (decision, reason) = access::verdict(log.refusal.as_ref(), log.datasource.as_deref());
         let error = log.refusal.as_ref().map(|r| r.code.as_str()).or(log.error);
         let datasource = log.datasource.as_ref().map(|d| d.name.as_str());
         let caller = log.caller_name();
-        let allowed_by = match (refused_here, log.datasource.as_ref().map(|d| &d.egress)) {
-            (None, Some(Ok(rule))) => Some(rule.reason()),
-            _ => None,
-        };
         let record = AuditRecord {
             ts: SystemTime::now(),
             event: Some("session"),
@@ -604,17 +600,9 @@ impl Inner {
             path: None,
             upstream: log.upstream,
             egress_ip: log.egress_ip,
-            region: log
-                .datasource
-                .as_ref()
-                .and_then(|d| d.region.as_ref())
-                .map(|r| r.name.as_str()),
-            decision: if refused_here.is_some() {
-                Decision::Deny
-            } else {
-                Decision::Allow
-            },
-            reason: refused_here.map(|r| r.message.as_str()).or(allowed_by),
+            region: log.datasource.as_ref().and_then(|d| d.region_name()),
+            decision,
+            reason,
             status: None,
             request_bytes: log.tally.request_bytes,
             response_bytes: log.tally.response_bytes,

@@ -21,20 +21,8 @@ pub const DATABASE: &str = "appdb";
 
 /// The newest installed server's binaries (`/usr/lib/postgresql/N/bin`).
 pub fn bin_dir() -> PathBuf {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL is installed (./dev.sh setup installs it)")
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let v = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("postgres").exists().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .map(|(_, bin)| bin)
-        .expect("a PostgreSQL server under /usr/lib/postgresql")
+    sealgate::demo_postgres::server_bin()
+        .expect("a PostgreSQL server under /usr/lib/postgresql (./dev.sh setup installs it)")
 }
 
 /// Runs as the `postgres` user when we are root.
