@@ -14,6 +14,8 @@
 #
 #   benches/pgbench.sh                         # release build (./dev.sh release)
 #   SEALGATE_BIN=target/release/sealgate ROUNDS=5 SECONDS_PER_RUN=10 benches/pgbench.sh
+#   PERF=1 benches/pgbench.sh   # then where sealgate's and PgBouncer's time goes at
+#                               # 20 clients (perf, cpu-clock samples, self time)
 #
 # Installs pgbouncer if missing (apt). Runs as root: the server and
 # PgBouncer run as the `postgres` user.
@@ -46,7 +48,12 @@ printf '%s' "$password" >"$work/pwfile"; chown postgres "$work/pwfile" 2>/dev/nu
 as_pg "$pgbin/initdb" -A scram-sha-256 -U bench --pwfile="$work/pwfile" --no-sync -D "$work/pg/data" >/dev/null
 as_pg taskset -c 0 "$pgbin/pg_ctl" -w -l "$work/pg/log" -D "$work/pg/data" \
   -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100" start >/dev/null
-cleanup_pg() { as_pg "$pgbin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1 || true; bench_cleanup; }
+# PgBouncer runs under runuser: its own pid is found once it is up.
+cleanup_pg() {
+  [[ -n ${bouncer_pid:-} ]] && kill "$bouncer_pid" 2>/dev/null
+  as_pg "$pgbin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1 || true
+  bench_cleanup
+}
 trap cleanup_pg EXIT
 export PGPASSWORD=$password
 pgbench -i -s 10 -q -h 127.0.0.1 -p "$pg_port" -U bench postgres >/dev/null 2>&1
@@ -148,6 +155,20 @@ for round in $(seq "$ROUNDS"); do
     echo "$round copy $target mb_s=$mbs rss_growth_kib=$((hwm_after - hwm_before)) peak_rss_kib=$hwm_after" | tee -a "$results"
   done
 done
+
+if [[ ${PERF:-0} == 1 ]]; then
+  for target in sealgate pgbouncer; do
+    perf record -q -e cpu-clock -g -p "${pid[$target]}" -o "$work/$target.perf" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+    recorder=$!
+    taskset -c 0 pgbench -n -S -M prepared -c 20 -j 20 -T "$SECONDS_PER_RUN" \
+      -h 127.0.0.1 -p "${port[$target]}" -U "$(user_for "$target")" postgres >/dev/null 2>&1
+    wait "$recorder" || true
+    echo
+    echo "$target at 20 clients, share of its CPU samples by where they were spent (self):"
+    perf report -i "$work/$target.perf" --no-children --sort dso,sym --stdio 2>/dev/null \
+      | grep -E '^ +[0-9.]+%' | head -25 || true
+  done
+fi
 
 echo
 echo "medians over $ROUNDS rounds (CPU per transaction in µs of proxy time; ratios against PgBouncer and HAProxy):"

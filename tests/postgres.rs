@@ -1072,3 +1072,51 @@ async fn tokio_postgres_over_tls_by_token_and_by_client_certificate() {
         assert!(ssl, "the upstream leg is TLS too");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_withdraws_a_callers_grant_ends_its_sessions() {
+    let (f, client) = tokio::task::spawn_blocking(|| callers_fixture("info"))
+        .await
+        .unwrap();
+    let roots = std::fs::read_to_string(client.join("ca.pem")).unwrap();
+    let cert = std::fs::read_to_string(client.join("cert.pem")).unwrap();
+    let key = std::fs::read_to_string(client.join("key.pem")).unwrap();
+    let open = |dbname: &str, identity: Option<(&str, &str)>, password: &str| {
+        let conninfo = format!(
+            "host=localhost port={} dbname={dbname} user=app sslmode=require {password}",
+            f.listen.port()
+        );
+        let tls = common::postgres::RustlsConnector::from_pem(&roots, identity);
+        async move {
+            let (db, connection) = tokio_postgres::connect(&conninfo, tls).await.unwrap();
+            (db, tokio::spawn(connection))
+        }
+    };
+    let (reports, reports_end) = open("orders_md5", Some((&cert, &key)), "").await;
+    let (billing, _billing_end) = open("orders", None, &format!("password={TOKEN}")).await;
+    reports.batch_execute("SELECT 1").await.unwrap();
+    let policy = f.sg.dir.path().join("policies/callers.toml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        text.replace(
+            "datasources = [\"orders\", \"orders_md5\"]",
+            "datasources = [\"orders\"]",
+        ),
+    )
+    .unwrap();
+    let sg = &f.sg;
+    tokio::task::block_in_place(|| reload_and_wait(sg, "ok", 1));
+    let error = ends_with(
+        reports_end,
+        Duration::from_secs(1),
+        SqlState::ADMIN_SHUTDOWN,
+    )
+    .await;
+    let text = error.as_db_error().map(|e| e.message().to_string());
+    assert_eq!(
+        text.as_deref(),
+        Some("sealgate: shutting_down: caller \"reports\" may no longer use data source \"orders_md5\"")
+    );
+    billing.batch_execute("SELECT 1").await.unwrap();
+}
