@@ -18,6 +18,10 @@ fn the_readme_documents_every_error_code_and_no_finished_work_as_coming() {
         "upstream_tls",
         "credential_unavailable",
         "upstream_timeout",
+        "upstream_auth",
+        "tls_required",
+        "too_many_connections",
+        "shutting_down",
     ] {
         assert!(
             readme.contains(&format!("`{code}`")),
@@ -34,6 +38,8 @@ fn the_readme_documents_every_error_code_and_no_finished_work_as_coming() {
         "TLS handshake",
         "metrics, audit and packaging",
         "performance",
+        "PostgreSQL",
+        "sections 8",
     ] {
         assert!(
             !coming.contains(built),
