@@ -14,6 +14,10 @@ pub enum Dialect {
     /// Standard and `E''` strings, dollar quoting, `"identifiers"`,
     /// nested `/* */` comments; placeholders are `$n`.
     Postgres,
+    /// `'` and `"` strings with backslash escapes, `` `identifiers` ``,
+    /// `#` and `-- ` comments, `/*! */` comments whose content runs (so it
+    /// is lexed as SQL); placeholders are `?`.
+    Mysql,
 }
 
 /// A statement with its literals replaced, and the fingerprint of that
@@ -31,14 +35,16 @@ pub struct Normalized {
 const MAX_NORMALIZED: usize = 4096;
 
 pub fn normalize(sql: &str, dialect: Dialect) -> Normalized {
-    let Dialect::Postgres = dialect;
-    let text = Lexer::new(sql).run();
+    let text = Lexer::new(sql, dialect).run();
     let digest = Sha256::digest(text.as_bytes());
     let fingerprint = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     Normalized { text, fingerprint }
 }
 
 struct Lexer<'a> {
+    dialect: Dialect,
+    /// Inside a MySQL `/*! ... */`: its `*/` ends it.
+    in_executed_comment: bool,
     src: &'a [u8],
     at: usize,
     out: String,
@@ -49,13 +55,18 @@ struct Lexer<'a> {
 }
 
 impl<'a> Lexer<'a> {
-    fn new(sql: &'a str) -> Self {
+    fn new(sql: &'a str, dialect: Dialect) -> Self {
         let src = sql.as_bytes();
         Lexer {
+            dialect,
+            in_executed_comment: false,
             src,
             at: 0,
             out: String::with_capacity(sql.len().min(MAX_NORMALIZED)),
-            next: highest_parameter(src) + 1,
+            next: match dialect {
+                Dialect::Postgres => highest_parameter(src) + 1,
+                Dialect::Mysql => 1,
+            },
             space: false,
         }
     }
@@ -73,9 +84,28 @@ impl<'a> Lexer<'a> {
     }
 
     fn placeholder(&mut self) {
-        let n = self.next;
-        self.next += 1;
-        self.emit(&format!("${n}"));
+        match self.dialect {
+            Dialect::Postgres => {
+                let n = self.next;
+                self.next += 1;
+                self.emit(&format!("${n}"));
+            }
+            Dialect::Mysql => self.emit("?"),
+        }
+    }
+
+    fn mysql(&self) -> bool {
+        self.dialect == Dialect::Mysql
+    }
+
+    /// MySQL's `--` starts a comment only when a space or control
+    /// character follows it.
+    fn line_comment_at(&self) -> bool {
+        match (self.peek(0), self.peek(1)) {
+            (Some(b'-'), Some(b'-')) => !self.mysql() || self.peek(2).is_none_or(|c| c <= b' '),
+            (Some(b'#'), _) => self.mysql(),
+            _ => false,
+        }
     }
 
     fn run(mut self) -> String {
@@ -88,15 +118,41 @@ impl<'a> Lexer<'a> {
                     self.at += 1;
                     self.space = true;
                 }
-                b'-' if self.peek(1) == Some(b'-') => {
+                b'-' | b'#' if self.line_comment_at() => {
                     while self.peek(0).is_some_and(|c| c != b'\n') {
                         self.at += 1;
                     }
                     self.space = true;
                 }
+                b'/' if self.peek(1) == Some(b'*')
+                    && self.mysql()
+                    && self.peek(2) == Some(b'!') =>
+                {
+                    self.at += 3;
+                    while self.peek(0).is_some_and(|d| d.is_ascii_digit()) {
+                        self.at += 1;
+                    }
+                    self.in_executed_comment = true;
+                    self.space = true;
+                }
+                b'*' if self.in_executed_comment && self.peek(1) == Some(b'/') => {
+                    self.at += 2;
+                    self.in_executed_comment = false;
+                    self.space = true;
+                }
                 b'/' if self.peek(1) == Some(b'*') => {
                     self.block_comment();
                     self.space = true;
+                }
+                b'\'' | b'"' if self.mysql() => {
+                    self.quoted(c, true);
+                    self.placeholder();
+                }
+                b'`' if self.mysql() => {
+                    let start = self.at;
+                    self.quoted(b'`', false);
+                    let ident = String::from_utf8_lossy(&self.src[start..self.at]).into_owned();
+                    self.emit(&ident);
                 }
                 b'\'' => {
                     self.quoted(b'\'', false);
@@ -108,7 +164,7 @@ impl<'a> Lexer<'a> {
                     let ident = String::from_utf8_lossy(&self.src[start..self.at]).into_owned();
                     self.emit(&ident);
                 }
-                b'$' if self.peek(1).is_some_and(|d| d.is_ascii_digit()) => {
+                b'$' if !self.mysql() && self.peek(1).is_some_and(|d| d.is_ascii_digit()) => {
                     let start = self.at;
                     self.at += 1;
                     while self.peek(0).is_some_and(|d| d.is_ascii_digit()) {
@@ -117,7 +173,7 @@ impl<'a> Lexer<'a> {
                     let param = String::from_utf8_lossy(&self.src[start..self.at]).into_owned();
                     self.emit(&param);
                 }
-                b'$' => match self.dollar_tag() {
+                b'$' if !self.mysql() => match self.dollar_tag() {
                     Some(tag) => {
                         self.at += tag.len();
                         self.dollar_body(&tag);
@@ -166,11 +222,14 @@ impl<'a> Lexer<'a> {
         self.at = self.src.len();
     }
 
-    /// PostgreSQL block comments nest.
+    /// PostgreSQL block comments nest; MySQL's do not.
     fn block_comment(&mut self) {
         let mut depth = 0usize;
         while self.at < self.src.len() {
-            if self.peek(0) == Some(b'/') && self.peek(1) == Some(b'*') {
+            if self.peek(0) == Some(b'/')
+                && self.peek(1) == Some(b'*')
+                && (depth == 0 || !self.mysql())
+            {
                 depth += 1;
                 self.at += 2;
             } else if self.peek(0) == Some(b'*') && self.peek(1) == Some(b'/') {
@@ -237,7 +296,7 @@ impl<'a> Lexer<'a> {
         // A one-letter prefix glued to a string makes a string: E'..' (with
         // backslash escapes), B'..', X'..', N'..'; U&'..' likewise.
         if self.peek(0) == Some(b'\'') && word.len() == 1 {
-            let backslashes = word.eq_ignore_ascii_case(b"e");
+            let backslashes = self.mysql() || word.eq_ignore_ascii_case(b"e");
             if matches!(word[0].to_ascii_lowercase(), b'e' | b'b' | b'x' | b'n') {
                 self.quoted(b'\'', backslashes);
                 self.placeholder();
@@ -335,6 +394,26 @@ mod tests {
         assert_eq!(text("SELECT 'secret never closed"), "SELECT $1");
         assert_eq!(text("SELECT $q$ secret"), "SELECT $1");
         assert_eq!(text("SELECT E'sec\\'ret"), "SELECT $1");
+    }
+
+    fn mysql(sql: &str) -> String {
+        normalize(sql, Dialect::Mysql).text
+    }
+
+    #[test]
+    fn mysql_quoting_comments_and_literals() {
+        assert_eq!(
+            mysql("SELECT * FROM `t``x` WHERE a = 'it\\'s' AND b = \"d\"\"q\" AND c = 0x1F AND d = b'01' AND e = X'ff' # 'secret'\n AND f = -- 'secret'\n 12 AND g = ? AND h = TRUE"),
+            "SELECT * FROM `t``x` WHERE a = ? AND b = ? AND c = ? AND d = ? AND e = ? AND f = ? AND g = ? AND h = ?"
+        );
+        assert_eq!(
+            mysql("SELECT /*!40000 SQL_NO_CACHE 'x' */ 1"),
+            "SELECT SQL_NO_CACHE ? ?"
+        );
+        assert_eq!(mysql("SELECT /* a /* b */ 'c'"), "SELECT ?");
+        assert_eq!(mysql("SELECT 1--1"), "SELECT ?--?");
+        assert_eq!(mysql("SELECT 'abc\\' secret"), "SELECT ?");
+        assert_eq!(mysql("SELECT _utf8mb4'x', N'y'"), "SELECT _utf8mb4?, ?");
     }
 
     #[test]
