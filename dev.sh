@@ -5,6 +5,7 @@
 #   ./dev.sh release    the build to ship, profile-guided (about 5 min on
 #                       2 cores); prints the binary's path on stdout
 #   ./dev.sh pgo-train  retrain pgo/sealgate.profdata (see pgo_train)
+#   ./dev.sh bench-setup  also what the benchmarks compare against (pgbouncer, haproxy)
 # Each first installs what a fresh machine lacks: pingora's zlib-ng build
 # needs cmake.
 set -euo pipefail
@@ -85,6 +86,13 @@ pgo_train() {
   echo "dev.sh: new profile in pgo/sealgate.profdata; now ./dev.sh release" >&2
 }
 
+# benches/pgbench.sh compares sealgate with PgBouncer and HAProxy.
+ensure_bench_peers() {
+  command -v pgbouncer >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 && return 0
+  echo "dev.sh: installing pgbouncer and haproxy (the PostgreSQL benchmark's peers)" >&2
+  apt_install pgbouncer haproxy
+}
+
 case "${1:-}" in
   demo)
     ensure_build_tools
@@ -108,8 +116,13 @@ case "${1:-}" in
     ensure_build_tools
     ensure_postgres
     ;;
+  bench-setup)
+    ensure_build_tools
+    ensure_postgres
+    ensure_bench_peers
+    ;;
   *)
-    echo "usage: ./dev.sh demo | test | release | pgo-train | setup" >&2
+    echo "usage: ./dev.sh demo | test | release | pgo-train | setup | bench-setup" >&2
     exit 2
     ;;
 esac

@@ -17,7 +17,8 @@
 #   PERF=1 benches/pgbench.sh   # then where sealgate's and PgBouncer's time goes at
 #                               # 20 clients (perf, cpu-clock samples, self time)
 #
-# Installs pgbouncer if missing (apt). Runs as root: the server and
+# Installs what is missing (PostgreSQL, pgbouncer, haproxy) through
+# `./dev.sh bench-setup`. Runs as root: the server and
 # PgBouncer run as the `postgres` user.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,11 +28,7 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
 COPY_MIB=${COPY_MIB:-256}
 
 source benches/bench_setup.sh
-command -v pgbouncer >/dev/null 2>&1 || {
-  echo "pgbench.sh: installing pgbouncer" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
-}
-./dev.sh setup >/dev/null
+./dev.sh bench-setup >/dev/null
 BIN=$(bench_binary)
 bench_workdir pgbench
 chmod 755 "$work"
