@@ -203,7 +203,7 @@ async fn login(
     parameters: &[(String, String)],
 ) -> Result<Upstream, LoginFailure> {
     let (mut io, end_point) = secure(tcp, ds).await?;
-    let tls = end_point.is_some() || ds.db_tls.is_some();
+    let tls = ds.db_tls.is_some();
     let Some((user, password)) = credential.and_then(|c| c.login()) else {
         return Err(failure(
             ErrorCode::CredentialUnavailable,

@@ -7,8 +7,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::{Histogram, IntCounter};
 
 use crate::audit::{AuditRecord, Decision, StatementFields};
 use crate::config::CredentialSource;
@@ -66,6 +68,10 @@ struct State {
 pub struct Tracker<'a> {
     shared: &'a Shared,
     session: &'a SessionInfo,
+    /// This data source's series, looked up once per session and per
+    /// command instead of at every statement.
+    duration: Histogram,
+    by_command: [OnceLock<IntCounter>; DB_COMMANDS.len() + 1],
     /// `[audit] statements = "fingerprint"`.
     audit: bool,
     state: Mutex<State>,
@@ -83,6 +89,12 @@ fn cstr(bytes: &[u8]) -> (&[u8], &[u8]) {
 impl<'a> Tracker<'a> {
     pub fn new(shared: &'a Shared, session: &'a SessionInfo, audit: bool) -> Self {
         Tracker {
+            duration: shared
+                .metrics
+                .db
+                .statement_duration
+                .with_label_values(&[session.datasource.as_str()]),
+            by_command: std::array::from_fn(|_| OnceLock::new()),
             shared,
             session,
             audit,
@@ -188,13 +200,13 @@ impl<'a> Tracker<'a> {
                 if tag == b'C' {
                     let tag_text = String::from_utf8_lossy(cstr(body).0);
                     let verb = tag_text.split(' ').next().unwrap_or("");
-                    let command = DB_COMMANDS
+                    let index = DB_COMMANDS
                         .iter()
-                        .find(|c| c.eq_ignore_ascii_case(verb))
-                        .copied()
-                        .unwrap_or("OTHER");
+                        .position(|c| c.eq_ignore_ascii_case(verb))
+                        .unwrap_or(DB_COMMANDS.len());
+                    let command = DB_COMMANDS.get(index).copied().unwrap_or("OTHER");
                     let rows = tag_text.rsplit(' ').next().and_then(|n| n.parse().ok());
-                    self.count(command, took);
+                    self.count(index, command, took);
                     if let Some(text) = &text {
                         let line = self.record(text, Some(command), rows, None, took);
                         state.records.push(line);
@@ -215,15 +227,17 @@ impl<'a> Tracker<'a> {
         }
     }
 
-    fn count(&self, command: &str, took: Duration) {
-        let db = &self.shared.metrics.db;
-        let datasource = self.session.datasource.as_str();
-        db.statements
-            .with_label_values(&[datasource, command])
+    fn count(&self, index: usize, command: &str, took: Duration) {
+        self.by_command[index]
+            .get_or_init(|| {
+                self.shared
+                    .metrics
+                    .db
+                    .statements
+                    .with_label_values(&[self.session.datasource.as_str(), command])
+            })
             .inc();
-        db.statement_duration
-            .with_label_values(&[datasource])
-            .observe(took.as_secs_f64());
+        self.duration.observe(took.as_secs_f64());
     }
 
     fn record(
