@@ -101,6 +101,14 @@ impl Fixture {
         }
     }
 
+    /// Connection parameters for `dbname` through sealgate over TCP.
+    fn at(&self, dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname={dbname} user=app",
+            self.listen.port()
+        )
+    }
+
     /// psql through sealgate over TCP; (exit code, stdout, stderr).
     fn psql(&self, dbname: &str, sql: &str) -> (i32, String, String) {
         psql(&[
@@ -158,20 +166,13 @@ fn psql_logs_in_with_each_method_the_server_asks_for() {
 }
 
 async fn connect(params: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(params, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect {params}: {e}"));
-    tokio::spawn(connection);
-    client
+    session(params).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_pipelining_copy_both_ways_and_notifications_work() {
     let f = Fixture::start("");
-    let params = format!(
-        "host=127.0.0.1 port={} dbname=orders user=app",
-        f.listen.port()
-    );
+    let params = f.at("orders");
     let client = connect(&params).await;
     // Prepared statements with binds, several in flight at once.
     let statement = client.prepare("SELECT $1::int8 * 2").await.unwrap();
@@ -239,10 +240,7 @@ async fn extended_protocol_pipelining_copy_both_ways_and_notifications_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_reaches_the_server_with_its_key_and_the_client_never_sees_the_servers() {
     let f = Fixture::start("");
-    let params = format!(
-        "host=127.0.0.1 port={} dbname=orders user=app",
-        f.listen.port()
-    );
+    let params = f.at("orders");
     let client = connect(&params).await;
     let token = client.cancel_token();
     let sleeping = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(60)").await });
@@ -752,11 +750,7 @@ async fn upstream_faults_get_the_specs_errors_and_never_the_servers_words() {
 
     // The server ends a session mid-result: the client's session ends,
     // and so does sealgate's, recorded as the upstream's failure.
-    let client = connect(&format!(
-        "host=127.0.0.1 port={} dbname=orders user=app",
-        f.listen.port()
-    ))
-    .await;
+    let client = connect(&f.at("orders")).await;
     let pid: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -845,10 +839,7 @@ fn no_password_token_or_password_hash_appears_anywhere_at_trace_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_are_audited_without_literals_bind_values_or_server_error_text() {
     let f = Fixture::start("[audit]\noutput = \"audit.log\"\nstatements = \"fingerprint\"\n");
-    let params = format!(
-        "host=127.0.0.1 port={} dbname=orders user=app",
-        f.listen.port()
-    );
+    let params = f.at("orders");
     let client = connect(&params).await;
     client
         .batch_execute(
@@ -948,19 +939,14 @@ async fn session(
 ) {
     let (client, connection) = tokio_postgres::connect(params, tokio_postgres::NoTls)
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("connect {params}: {e}"));
     (client, tokio::spawn(connection))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_changes_a_credential_ends_its_sessions_with_57p01_and_no_others() {
     let f = Fixture::start("");
-    let at = |db: &str| {
-        format!(
-            "host=127.0.0.1 port={} dbname={db} user=app",
-            f.listen.port()
-        )
-    };
+    let at = |db: &str| f.at(db);
     let (changed, changed_end) = session(&at("orders")).await;
     let (kept, _kept_end) = session(&at("orders_md5")).await;
     changed.batch_execute("SELECT 1").await.unwrap();
@@ -1001,10 +987,7 @@ async fn a_reload_that_changes_a_credential_ends_its_sessions_with_57p01_and_no_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_lets_sessions_finish_and_ends_the_rest_with_57p01() {
     let mut f = Fixture::build("info", "max_connections = 1", |_| String::new());
-    let at = format!(
-        "host=127.0.0.1 port={} dbname=orders user=app",
-        f.listen.port()
-    );
+    let at = f.at("orders");
     let (idle, idle_end) = session(&at).await;
     idle.batch_execute("SELECT 1").await.unwrap();
     // One connection is all max_connections allows.
