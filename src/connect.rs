@@ -5,9 +5,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::config::{Config, DataSource};
 use crate::errors::{ErrorCode, Refusal};
@@ -112,6 +116,14 @@ pub enum ConnectFailure {
 }
 
 impl ConnectFailure {
+    pub fn describe(&self) -> String {
+        match self {
+            ConnectFailure::Bind(e) => format!("cannot bind the egress address: {e}"),
+            ConnectFailure::Connect(e) => e.to_string(),
+            ConnectFailure::Timeout => "timed out".into(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             ConnectFailure::Bind(_) => "bind",
@@ -141,4 +153,126 @@ pub async fn tcp(attempt: &Attempt, timeout: Duration) -> Result<TcpStream, Conn
         .map_err(ConnectFailure::Connect)?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// A database front's failure to reach and log in to its data source: the
+/// refusal for the client, the kind `upstream_errors_total` counts it
+/// under, and where it happened.
+pub struct LoginFailure {
+    pub refusal: Refusal,
+    pub kind: &'static str,
+    pub addr: Option<SocketAddr>,
+    pub egress_ip: Option<IpAddr>,
+}
+
+pub fn failure(code: ErrorCode, kind: &'static str, message: impl Into<String>) -> LoginFailure {
+    LoginFailure {
+        refusal: Refusal::new(code, message),
+        kind,
+        addr: None,
+        egress_ip: None,
+    }
+}
+
+/// Connects as `connect` says and runs `login` on the first connection
+/// made, all within the data source's `connect_timeout_ms`. A login that
+/// fails is not retried elsewhere: the next server would refuse the same
+/// password.
+pub async fn login<T, F, Fut>(
+    shared: &Shared,
+    config: &Config,
+    ds: &DataSource,
+    login: F,
+) -> Result<T, LoginFailure>
+where
+    F: FnOnce(TcpStream, Attempt) -> Fut,
+    Fut: std::future::Future<Output = Result<T, LoginFailure>>,
+{
+    let deadline = ds.connect_timeout;
+    let connected = async {
+        let addrs = judged_addresses(shared, config, ds)
+            .await
+            .map_err(|refusal| LoginFailure {
+                kind: if refusal.code == ErrorCode::EgressDenied {
+                    "egress"
+                } else {
+                    "resolve"
+                },
+                refusal,
+                addr: None,
+                egress_ip: None,
+            })?;
+        let mut egress_start = None;
+        let mut n = 0;
+        loop {
+            let attempt = attempt(ds, &addrs, &mut egress_start, n)
+                .map_err(|refusal| failure(refusal.code, "bind", refusal.message))?;
+            n += 1;
+            match tcp(&attempt, deadline).await {
+                Ok(tcp) => return Ok((tcp, attempt)),
+                Err(e) if n < attempt.limit && !matches!(e, ConnectFailure::Timeout) => {
+                    shared.metrics.count_upstream_error(&ds.name, e.kind());
+                }
+                Err(e) => {
+                    let code = match e {
+                        ConnectFailure::Timeout => ErrorCode::UpstreamTimeout,
+                        _ => ErrorCode::UpstreamUnreachable,
+                    };
+                    let mut f = failure(
+                        code,
+                        e.kind(),
+                        format!("connecting to {}: {}", attempt.addr, e.describe()),
+                    );
+                    f.addr = Some(attempt.addr);
+                    f.egress_ip = attempt.egress_ip;
+                    return Err(f);
+                }
+            }
+        }
+    };
+    let session = async {
+        let (tcp, attempt) = connected.await?;
+        login(tcp, attempt).await.map_err(|mut f| {
+            f.addr = Some(attempt.addr);
+            f.egress_ip = attempt.egress_ip;
+            f
+        })
+    };
+    match tokio::time::timeout(deadline, session).await {
+        Ok(result) => result,
+        Err(_) => Err(failure(
+            ErrorCode::UpstreamTimeout,
+            "timeout",
+            format!(
+                "connect, TLS and login did not finish within {} ms",
+                deadline.as_millis()
+            ),
+        )),
+    }
+}
+
+/// TLS with a database server, verified as the data source says (its
+/// `ca_file` or the system roots, and its host name, always sent as SNI).
+pub async fn db_tls(
+    tls: &Arc<rustls::ClientConfig>,
+    ds: &DataSource,
+    tcp: TcpStream,
+) -> Result<TlsStream<TcpStream>, LoginFailure> {
+    let name = ServerName::try_from(ds.upstream.sni.clone()).map_err(|_| {
+        failure(
+            ErrorCode::UpstreamTls,
+            "tls",
+            "the host is not a valid TLS server name",
+        )
+    })?;
+    TlsConnector::from(Arc::clone(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| {
+            failure(
+                ErrorCode::UpstreamTls,
+                "tls",
+                format!("TLS with the server failed: {e}"),
+            )
+        })
 }

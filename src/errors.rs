@@ -100,6 +100,31 @@ impl ErrorCode {
         }
     }
 
+    /// The error number and SQLSTATE of the MySQL front's ERR packet
+    /// (SPEC section 10). Codes the SPEC's table does not list use the
+    /// server's own number for the same condition (secure transport
+    /// required, host blocked, internal error).
+    pub fn mysql(self) -> (u16, &'static str) {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::TargetTooLong | ErrorCode::MethodNotAllowed => {
+                (1156, "08S01")
+            }
+            ErrorCode::CallerUnauthenticated => (1045, "28000"),
+            ErrorCode::CallerForbidden => (1044, "42000"),
+            ErrorCode::UnknownDatasource => (1049, "3D000"),
+            ErrorCode::EgressDenied => (1130, "08004"),
+            ErrorCode::UpstreamUnreachable
+            | ErrorCode::UpstreamTls
+            | ErrorCode::UpstreamTimeout => (2003, "08001"),
+            ErrorCode::UpstreamAuth | ErrorCode::CredentialUnavailable => (1045, "08004"),
+            ErrorCode::TooManyConnections => (1040, "08004"),
+            ErrorCode::ShuttingDown => (1053, "08S01"),
+            ErrorCode::TlsRequired => (3159, "HY000"),
+            ErrorCode::CallerThrottled => (1129, "HY000"),
+            ErrorCode::Internal => (1815, "HY000"),
+        }
+    }
+
     /// Whether the request failed on the way out (after sealgate let it
     /// through) rather than being refused by sealgate.
     pub fn is_upstream(self) -> bool {

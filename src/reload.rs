@@ -65,18 +65,21 @@ fn swap_tls(shared: &Shared, next: &Config) {
         handles.replace(&tls.cert, tls.client_verifier.as_ref(), "proxy.tls");
         shared.record_cert_expiry(tls);
     }
-    let postgres_tls = next.postgres.as_ref().and_then(|p| p.tls.as_ref());
-    if let (Some(handles), Some(tls)) = (&shared.postgres_tls, postgres_tls) {
-        handles.replace(&tls.cert, tls.client_verifier.as_ref(), "postgres.tls");
+    for (handles, front, section) in [
+        (&shared.postgres_tls, &next.postgres, "postgres.tls"),
+        (&shared.mysql_tls, &next.mysql, "mysql.tls"),
+    ] {
+        if let (Some(handles), Some(tls)) = (handles, front.as_ref().and_then(|p| p.tls.as_ref())) {
+            handles.replace(&tls.cert, tls.client_verifier.as_ref(), section);
+        }
     }
 }
 
 /// A database front's listeners and limits, bound at start.
 fn db_listeners(
-    config: &Config,
+    front: &Option<crate::config::DbFront>,
 ) -> Option<(Vec<std::net::SocketAddr>, Option<std::path::PathBuf>, bool)> {
-    config
-        .postgres
+    front
         .as_ref()
         .map(|p| (p.listen.clone(), p.listen_unix.clone(), p.tls.is_some()))
 }
@@ -106,7 +109,14 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
             handshake_timeout(current) != handshake_timeout(next),
         ),
         ("admin.listen", current.admin.listen != next.admin.listen),
-        ("postgres", db_listeners(current) != db_listeners(next)),
+        (
+            "postgres",
+            db_listeners(&current.postgres) != db_listeners(&next.postgres),
+        ),
+        (
+            "mysql",
+            db_listeners(&current.mysql) != db_listeners(&next.mysql),
+        ),
         ("audit.output", current.audit.output != next.audit.output),
         (
             "log",

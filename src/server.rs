@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::http::limits::{HandshakeDeadline, Handshakes};
 use crate::http::{tls_settings, Limits};
 use crate::metrics::{CloseReason, Metrics};
+use crate::mysql::MysqlFront;
 use crate::postgres::PostgresFront;
 use crate::state::Shared;
 use crate::unix_listener::UnixListenerService;
@@ -87,24 +88,8 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     for addr in &tls_listen {
         drop(bind(*addr, "proxy TLS listener")?);
     }
-    let postgres_listen = config
-        .postgres
-        .as_ref()
-        .map(|p| p.listen.clone())
-        .unwrap_or_default();
-    for addr in &postgres_listen {
-        drop(bind(*addr, "postgres listener")?);
-    }
-    let postgres_unix = match config.postgres.as_ref().and_then(|p| p.listen_unix.clone()) {
-        None => None,
-        Some(path) => Some((
-            path.clone(),
-            crate::unix_listener::bind(&path).map_err(|source| StartError::Unix {
-                path: path.clone(),
-                source,
-            })?,
-        )),
-    };
+    let (postgres_listen, postgres_unix) = db_listeners(&config.postgres, "postgres listener")?;
+    let (mysql_listen, mysql_unix) = db_listeners(&config.mysql, "mysql listener")?;
     let metrics = Metrics::new()?;
     let audit = AuditLog::open(
         &config.audit.output,
@@ -168,17 +153,16 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         ));
     }
     if let Some(front) = PostgresFront::new(shared.clone()).map_err(StartError::Tls)? {
-        let mut postgres = Service::new("sealgate postgres".to_string(), front.clone());
-        for addr in &postgres_listen {
-            postgres.add_tcp(&addr.to_string());
-        }
-        server.add_service(postgres);
-        if let Some((path, listener)) = postgres_unix {
-            server.add_service(background_service(
-                "sealgate postgres unix listener",
-                UnixListenerService::new(front, path, listener),
-            ));
-        }
+        add_db_front(
+            &mut server,
+            "postgres",
+            front,
+            &postgres_listen,
+            postgres_unix,
+        );
+    }
+    if let Some(front) = MysqlFront::new(shared.clone()).map_err(StartError::Tls)? {
+        add_db_front(&mut server, "mysql", front, &mysql_listen, mysql_unix);
     }
     server.add_service(background_service(
         "sealgate admin",
@@ -189,6 +173,7 @@ pub fn serve(config: Config) -> Result<(), StartError> {
                 .iter()
                 .chain(&tls_listen)
                 .chain(&postgres_listen)
+                .chain(&mysql_listen)
                 .copied()
                 .collect(),
         ),
@@ -203,6 +188,58 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     shared.audit.flush_blocking(AUDIT_FLUSH_AFTER_GRACE);
     tracing::info!("sealgate stopped");
     Ok(())
+}
+
+/// A database front's TCP addresses (checked free now) and its Unix
+/// socket (bound now).
+type DbListeners = (
+    Vec<SocketAddr>,
+    Option<(std::path::PathBuf, std::os::unix::net::UnixListener)>,
+);
+
+fn db_listeners(
+    front: &Option<crate::config::DbFront>,
+    what: &'static str,
+) -> Result<DbListeners, StartError> {
+    let Some(front) = front else {
+        return Ok((Vec::new(), None));
+    };
+    for addr in &front.listen {
+        drop(bind(*addr, what)?);
+    }
+    let unix = match &front.listen_unix {
+        None => None,
+        Some(path) => Some((
+            path.clone(),
+            crate::unix_listener::bind(path).map_err(|source| StartError::Unix {
+                path: path.clone(),
+                source,
+            })?,
+        )),
+    };
+    Ok((front.listen.clone(), unix))
+}
+
+fn add_db_front<A>(
+    server: &mut Server,
+    name: &str,
+    front: A,
+    listen: &[SocketAddr],
+    unix: Option<(std::path::PathBuf, std::os::unix::net::UnixListener)>,
+) where
+    A: pingora::apps::ServerApp + Clone + Send + Sync + 'static,
+{
+    let mut service = Service::new(format!("sealgate {name}"), front.clone());
+    for addr in listen {
+        service.add_tcp(&addr.to_string());
+    }
+    server.add_service(service);
+    if let Some((path, listener)) = unix {
+        server.add_service(background_service(
+            &format!("sealgate {name} unix listener"),
+            UnixListenerService::new(front, path, listener),
+        ));
+    }
 }
 
 fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {

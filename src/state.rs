@@ -26,6 +26,8 @@ pub struct Shared {
     pub tls: Option<TlsHandles>,
     /// The same for TLS inside the PostgreSQL protocol.
     pub postgres_tls: Option<TlsHandles>,
+    /// And inside the MySQL protocol.
+    pub mysql_tls: Option<TlsHandles>,
     /// Counts reloads; long-lived database sessions wait on it to check
     /// whether the new config still grants what they stand on.
     pub config_changes: tokio::sync::watch::Sender<u64>,
@@ -74,14 +76,16 @@ impl Shared {
             .tls
             .as_ref()
             .map(|t| TlsHandles::new(&t.cert, t.client_verifier.as_ref()));
-        let postgres_tls = config
-            .postgres
-            .as_ref()
-            .and_then(|p| p.tls.as_ref())
-            .map(|t| TlsHandles::new(&t.cert, t.client_verifier.as_ref()));
+        let db_tls = |front: &Option<crate::config::DbFront>| {
+            front
+                .as_ref()
+                .and_then(|p| p.tls.as_ref())
+                .map(|t| TlsHandles::new(&t.cert, t.client_verifier.as_ref()))
+        };
         Arc::new(Shared {
             tls,
-            postgres_tls,
+            postgres_tls: db_tls(&config.postgres),
+            mysql_tls: db_tls(&config.mysql),
             config_changes: tokio::sync::watch::Sender::new(0),
             config: ArcSwap::from_pointee(config),
             resolver: Resolver::default(),

@@ -39,14 +39,15 @@ pub struct Upstream {
 impl Upstream {
     pub fn from_url(url: &Url) -> Result<Upstream, String> {
         // A database's TLS is negotiated inside its protocol and chosen by
-        // the data source's `sslmode`; verified TLS is the default.
+        // the data source's `sslmode` or `ssl_mode`; verified TLS is the default.
         let (tls, default_port) = match url.scheme() {
             "https" => (true, None),
             "http" => (false, None),
             "postgresql" | "postgres" => (true, Some(5432)),
+            "mysql" | "mariadb" => (true, Some(3306)),
             other => {
                 return Err(format!(
-                    "scheme `{other}` is not supported; use http://, https:// or postgresql://"
+                    "scheme `{other}` is not supported; use http://, https://, postgresql:// or mysql://"
                 ))
             }
         };

@@ -41,6 +41,7 @@ const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 const DEFAULT_POSTGRES_LISTEN: &str = "127.0.0.1:6432";
+const DEFAULT_MYSQL_LISTEN: &str = "127.0.0.1:3307";
 const DEFAULT_DB_HANDSHAKE_TIMEOUT_S: u64 = 10;
 const DEFAULT_DB_MAX_CONNECTIONS: usize = 1024;
 /// An hour: longer than any sane upstream timeout, short enough to catch a
@@ -62,6 +63,8 @@ pub struct Config {
     pub datasources: HashMap<String, Arc<DataSource>>,
     /// The PostgreSQL front (`[postgres]`), when configured.
     pub postgres: Option<DbFront>,
+    /// The MySQL front (`[mysql]`), when configured.
+    pub mysql: Option<DbFront>,
     /// Data sources the egress policy refuses. `check` fails on them;
     /// `run` serves the rest and answers these with 403 `egress_denied`.
     pub egress_problems: Vec<ConfigError>,
@@ -111,7 +114,8 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
 }
 
-/// A database front's listeners (`[postgres]`, SPEC section 9).
+/// A database front's listeners (`[postgres]`, `[mysql]`, SPEC sections 9
+/// and 10).
 pub struct DbFront {
     pub listen: Vec<SocketAddr>,
     pub listen_unix: Option<PathBuf>,
@@ -169,6 +173,7 @@ pub enum StatementAudit {
 pub enum Protocol {
     Http,
     Postgres,
+    Mysql,
 }
 
 impl Protocol {
@@ -176,12 +181,14 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Postgres => "postgres",
+            Protocol::Mysql => "mysql",
         }
     }
 
     fn of_scheme(scheme: &str) -> Protocol {
         match scheme {
             "postgresql" | "postgres" => Protocol::Postgres,
+            "mysql" | "mariadb" => Protocol::Mysql,
             _ => Protocol::Http,
         }
     }
@@ -195,7 +202,7 @@ impl Protocol {
                 CredentialKind::Header,
                 CredentialKind::Query,
             ],
-            Protocol::Postgres => &[CredentialKind::Password],
+            Protocol::Postgres | Protocol::Mysql => &[CredentialKind::Password],
         }
     }
 }
@@ -255,6 +262,8 @@ pub struct DataSource {
     /// For databases with TLS: the verified client configuration (the
     /// `ca_file`, else the system roots).
     pub db_tls: Option<Arc<rustls::ClientConfig>>,
+    /// MySQL: `LOAD DATA LOCAL` may run (the server then reads client files).
+    pub local_infile: bool,
     pub region: Option<Arc<Region>>,
     /// The policy's verdict on this destination, judged at load.
     pub egress: Result<Arc<Rule>, Denial>,
@@ -493,6 +502,10 @@ fn parse_with(
         .postgres
         .as_ref()
         .map(|front| v.db_front("postgres", front, &callers, DEFAULT_POSTGRES_LISTEN));
+    let mysql = raw
+        .mysql
+        .as_ref()
+        .map(|front| v.db_front("mysql", front, &callers, DEFAULT_MYSQL_LISTEN));
     let statements = v.one_of(
         &raw.audit.statements,
         "audit.statements",
@@ -564,6 +577,7 @@ fn parse_with(
             statements,
         },
         postgres,
+        mysql,
         log,
         egress,
         callers,
@@ -1195,22 +1209,47 @@ impl Validator<'_> {
                 }
             },
         };
-        let verify_tls = match (&raw.sslmode, protocol) {
-            (Some(mode), Protocol::Http) => {
-                self.sink.at(
-                    mode.span(),
-                    key("sslmode"),
-                    "only a postgresql:// data source has an sslmode",
-                );
-                true
-            }
-            (mode, _) => self.one_of(
-                mode,
-                &key("sslmode"),
-                &[("verify-full", true), ("disable", false)],
-                true,
+        // Each database names its TLS setting as its own clients do.
+        let (tls_key, tls_choices, mode) = match protocol {
+            Protocol::Mysql => (
+                "ssl_mode",
+                [("verify_identity", true), ("disabled", false)],
+                &raw.ssl_mode,
+            ),
+            _ => (
+                "sslmode",
+                [("verify-full", true), ("disable", false)],
+                &raw.sslmode,
             ),
         };
+        for (field, value, owner) in [
+            ("sslmode", &raw.sslmode, "postgresql://"),
+            ("ssl_mode", &raw.ssl_mode, "mysql://"),
+        ] {
+            if let Some(value) = value
+                .as_ref()
+                .filter(|_| field != tls_key || protocol == Protocol::Http)
+            {
+                self.sink.at(
+                    value.span(),
+                    key(field),
+                    format!("only a {owner} data source has an {field}"),
+                );
+            }
+        }
+        let verify_tls =
+            protocol == Protocol::Http || self.one_of(mode, &key(tls_key), &tls_choices, true);
+        if let Some(infile) = raw
+            .local_infile
+            .as_ref()
+            .filter(|_| protocol != Protocol::Mysql)
+        {
+            self.sink.at(
+                infile.span(),
+                key("local_infile"),
+                "only a mysql:// data source has local_infile",
+            );
+        }
         let mut upstream = upstream;
         if let Some(u) = upstream.as_mut().filter(|_| protocol != Protocol::Http) {
             u.tls = verify_tls;
@@ -1326,12 +1365,15 @@ impl Validator<'_> {
         let private = context
             .egress
             .private_destination(&upstream.host, upstream.port);
-        if protocol == Protocol::Postgres && !upstream.tls && !private {
-            let at = raw.sslmode.as_ref().map_or(raw.url.span(), |m| m.span());
+        if protocol != Protocol::Http && !upstream.tls && !private {
+            let at = mode.as_ref().map_or(raw.url.span(), |m| m.span());
             self.sink.at(
                 at,
-                key("sslmode"),
-                "\"disable\" is only for a destination an allow_private entry admits",
+                key(tls_key),
+                format!(
+                    "\"{}\" is only for a destination an allow_private entry admits",
+                    tls_choices[1].0
+                ),
             );
             return None;
         }
@@ -1353,6 +1395,7 @@ impl Validator<'_> {
             protocol,
             database,
             db_tls,
+            local_infile: raw.local_infile.as_ref().is_some_and(|v| *v.get_ref()),
             region: region?,
             egress,
             pool_key,

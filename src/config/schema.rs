@@ -27,9 +27,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub datasources: BTreeMap<Spanned<String>, RawDataSource>,
     pub postgres: Option<RawDbFront>,
+    pub mysql: Option<RawDbFront>,
 }
 
-/// A database front (`[postgres]`): its own listeners, TLS negotiated
+/// A database front (`[postgres]`, `[mysql]`): its own listeners, TLS negotiated
 /// inside the protocol.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,4 +177,9 @@ pub struct RawDataSource {
     pub caller_credentials: BTreeMap<Spanned<String>, RawCredential>,
     /// PostgreSQL data sources: `verify-full` (default) or `disable`.
     pub sslmode: Option<Spanned<String>>,
+    /// MySQL data sources: `verify_identity` (default) or `disabled`.
+    pub ssl_mode: Option<Spanned<String>>,
+    /// MySQL data sources: whether `LOAD DATA LOCAL` may run; it lets the
+    /// server read files from the client, so it is off unless set.
+    pub local_infile: Option<Spanned<bool>>,
 }

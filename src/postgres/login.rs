@@ -4,23 +4,20 @@
 //! may name the user, so only its SQLSTATE goes on.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
 use super::wire::{self, ReadError};
 use super::Io;
 use crate::config::{Config, DataSource};
-use crate::connect::{self, Attempt};
+use crate::connect::{self, failure, Attempt, LoginFailure};
 use crate::credentials::Credential;
-use crate::errors::{ErrorCode, Refusal};
+use crate::errors::ErrorCode;
 use crate::state::Shared;
 
 /// A logged-in upstream session, ready for queries.
@@ -35,23 +32,6 @@ pub struct Upstream {
     pub greeting: BytesMut,
 }
 
-/// A failure with the kind `upstream_errors_total` counts it under.
-pub struct LoginFailure {
-    pub refusal: Refusal,
-    pub kind: &'static str,
-    pub addr: Option<SocketAddr>,
-    pub egress_ip: Option<IpAddr>,
-}
-
-fn failure(code: ErrorCode, kind: &'static str, message: impl Into<String>) -> LoginFailure {
-    LoginFailure {
-        refusal: Refusal::new(code, message),
-        kind,
-        addr: None,
-        egress_ip: None,
-    }
-}
-
 /// Connects and logs in within the data source's `connect_timeout_ms`,
 /// trying each resolved (and egress) address once.
 pub async fn open(
@@ -61,75 +41,10 @@ pub async fn open(
     credential: Option<&Credential>,
     parameters: &[(String, String)],
 ) -> Result<Upstream, LoginFailure> {
-    let deadline = ds.connect_timeout;
-    let attempt = async {
-        let addrs = connect::judged_addresses(shared, config, ds)
-            .await
-            .map_err(|refusal| LoginFailure {
-                kind: if refusal.code == ErrorCode::EgressDenied {
-                    "egress"
-                } else {
-                    "resolve"
-                },
-                refusal,
-                addr: None,
-                egress_ip: None,
-            })?;
-        let mut egress_start = None;
-        let mut n = 0;
-        loop {
-            let attempt = connect::attempt(ds, &addrs, &mut egress_start, n)
-                .map_err(|refusal| failure(refusal.code, "bind", refusal.message))?;
-            n += 1;
-            match connect::tcp(&attempt, deadline).await {
-                Ok(tcp) => {
-                    return login(tcp, &attempt, ds, credential, parameters)
-                        .await
-                        .map_err(|mut f| {
-                            f.addr = Some(attempt.addr);
-                            f.egress_ip = attempt.egress_ip;
-                            f
-                        })
-                }
-                Err(e) if n < attempt.limit && !matches!(e, connect::ConnectFailure::Timeout) => {
-                    shared.metrics.count_upstream_error(&ds.name, e.kind());
-                }
-                Err(e) => {
-                    let code = match e {
-                        connect::ConnectFailure::Timeout => ErrorCode::UpstreamTimeout,
-                        _ => ErrorCode::UpstreamUnreachable,
-                    };
-                    let mut f = failure(
-                        code,
-                        e.kind(),
-                        format!("connecting to {}: {}", attempt.addr, describe(&e)),
-                    );
-                    f.addr = Some(attempt.addr);
-                    f.egress_ip = attempt.egress_ip;
-                    return Err(f);
-                }
-            }
-        }
-    };
-    match tokio::time::timeout(deadline, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(failure(
-            ErrorCode::UpstreamTimeout,
-            "timeout",
-            format!(
-                "connect, TLS and login did not finish within {} ms",
-                deadline.as_millis()
-            ),
-        )),
-    }
-}
-
-fn describe(e: &connect::ConnectFailure) -> String {
-    match e {
-        connect::ConnectFailure::Bind(e) => format!("cannot bind the egress address: {e}"),
-        connect::ConnectFailure::Connect(e) => e.to_string(),
-        connect::ConnectFailure::Timeout => "timed out".into(),
-    }
+    connect::login(shared, config, ds, |tcp, attempt| async move {
+        login(tcp, &attempt, ds, credential, parameters).await
+    })
+    .await
 }
 
 /// Asks for TLS (SSLRequest) and verifies the server as `ds` says.
@@ -169,23 +84,7 @@ pub async fn secure(
             ))
         }
     }
-    let name = ServerName::try_from(ds.upstream.sni.clone()).map_err(|_| {
-        failure(
-            ErrorCode::UpstreamTls,
-            "tls",
-            "the host is not a valid TLS server name",
-        )
-    })?;
-    let stream = TlsConnector::from(Arc::clone(tls))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| {
-            failure(
-                ErrorCode::UpstreamTls,
-                "tls",
-                format!("TLS with the server failed: {e}"),
-            )
-        })?;
+    let stream = connect::db_tls(tls, ds, tcp).await?;
     let end_point = stream
         .get_ref()
         .1
@@ -359,7 +258,7 @@ async fn write<W: AsyncWrite + Unpin>(io: &mut W, out: &mut BytesMut) -> Result<
 pub async fn cancel(ds: &DataSource, attempt: &Attempt, key: (u32, u32)) -> Result<(), String> {
     let tcp = connect::tcp(attempt, ds.connect_timeout)
         .await
-        .map_err(|e| describe(&e))?;
+        .map_err(|e| e.describe())?;
     let (mut io, _) = secure(tcp, ds).await.map_err(|f| f.refusal.message)?;
     let mut out = BytesMut::new();
     frontend::cancel_request(key.0 as i32, key.1 as i32, &mut out);

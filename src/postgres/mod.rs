@@ -14,25 +14,21 @@ mod wire;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
-use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
-use crate::access;
-use crate::audit::AuditRecord;
-use crate::callers::{self, Caller, Identified, Presented};
-use crate::config::{Config, CredentialSource, DataSource, Protocol, StatementAudit};
+use crate::config::{Protocol, StatementAudit};
 use crate::errors::{ErrorCode, Refusal};
-use crate::state::{RequestId, Shared};
-use crate::throttle::Peer;
+use crate::sessions::{self, ClientPeer, OpenSession, SessionLog, StatementLog};
+use crate::state::Shared;
 use wire::ReadError;
 
 /// A byte stream either leg may be: TCP, Unix, or TLS over either.
@@ -101,39 +97,6 @@ impl ServerApp for PostgresFront {
     }
 }
 
-/// What one session's audit record and metrics are made of.
-struct SessionLog {
-    id: RequestId,
-    started: Instant,
-    config: Arc<Config>,
-    caller: Option<Arc<Caller>>,
-    /// No callers are configured and the peer is local.
-    local: bool,
-    datasource: Option<Arc<DataSource>>,
-    client_user: Option<String>,
-    db_user: Option<String>,
-    credential: Option<CredentialSource>,
-    upstream: Option<SocketAddr>,
-    egress_ip: Option<std::net::IpAddr>,
-    tally: relay::Tally,
-    statements: u64,
-    refusal: Option<Refusal>,
-    /// An error code for an ending that is not a refusal.
-    error: Option<&'static str>,
-}
-
-impl SessionLog {
-    /// The identified caller; `local` for a local peer when no callers are
-    /// configured; none when the caller was not identified.
-    fn caller_name(&self) -> Option<&str> {
-        match (&self.caller, self.local) {
-            (Some(c), _) => Some(c.name.as_str()),
-            (None, true) => Some(callers::LOCAL),
-            (None, false) => None,
-        }
-    }
-}
-
 /// How the handshake ended without a session.
 enum Unstarted {
     /// Refused: the client is sent the ErrorResponse.
@@ -156,23 +119,7 @@ impl Inner {
             .and_then(|d| d.peer_addr().cloned())
             .and_then(|a| a.as_inet().copied());
         let unix_uid = crate::unix_listener::peer_uid();
-        let mut log = SessionLog {
-            id: shared.next_request_id(),
-            started: Instant::now(),
-            config: shared.config.load_full(),
-            caller: None,
-            local: false,
-            datasource: None,
-            client_user: None,
-            db_user: None,
-            credential: None,
-            upstream: None,
-            egress_ip: None,
-            tally: relay::Tally::default(),
-            statements: 0,
-            refusal: None,
-            error: None,
-        };
+        let mut log = SessionLog::new(shared, Protocol::Postgres);
         let mut io: Option<Box<dyn Io>> = Some(Box::new(stream));
         let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
             let refusal = Refusal::new(
@@ -183,7 +130,7 @@ impl Inner {
                 let _ = wire::send(io, &refusal_message(&refusal)).await;
             }
             log.refusal = Some(refusal);
-            return self.finish(log).await;
+            return sessions::finish(&self.shared, log).await;
         };
         let handshake = tokio::time::timeout(
             self.handshake_timeout,
@@ -198,7 +145,7 @@ impl Inner {
                     let _ = wire::send(io, &refusal_message(&refusal)).await;
                 }
                 log.refusal = Some(refusal);
-                return self.finish(log).await;
+                return sessions::finish(&self.shared, log).await;
             }
             Err(_) => {
                 log.refusal = Some(Refusal::new(
@@ -208,11 +155,11 @@ impl Inner {
                         self.handshake_timeout.as_secs()
                     ),
                 ));
-                return self.finish(log).await;
+                return sessions::finish(&self.shared, log).await;
             }
         };
         self.session(handshaken, &mut log).await;
-        self.finish(log).await;
+        sessions::finish(&self.shared, log).await;
     }
 
     /// Startup, TLS and caller authentication, within the handshake
@@ -330,41 +277,17 @@ impl Inner {
                 .map_err(|_| Unstarted::Silent)?;
         }
 
-        let loopback = peer.is_some_and(|a| a.ip().to_canonical().is_loopback());
-        let local = loopback || unix_uid.is_some();
-        if !secured && !local {
-            return Err(Unstarted::Refused(Refusal::new(
-                ErrorCode::TlsRequired,
-                "connections from other hosts must use TLS (sslmode=verify-full)",
-            )));
-        }
-        let callers = &log.config.callers;
-        let throttle_peer = unix_uid
-            .map(Peer::Uid)
-            .or(peer.map(|a| Peer::of_ip(a.ip())));
-        let throttle = &self.shared.throttle;
-        if throttle_peer.is_some_and(|p| throttle.is_blocked(p, Instant::now())) {
-            return Err(Unstarted::Refused(Refusal::new(
-                ErrorCode::CallerThrottled,
-                "too many failed caller identifications from this peer; retry later",
-            )));
-        }
-        let identity = match &tls_identity {
-            Some(Ok(identity)) => Some(identity.as_str()),
-            Some(Err(why)) => {
-                return Err(Unstarted::Refused(Refusal::new(
-                    ErrorCode::CallerUnauthenticated,
-                    why.clone(),
-                )))
-            }
-            None => None,
+        let client = ClientPeer {
+            addr: peer,
+            unix_uid,
+            tls_identity,
+            secured,
         };
-        let known_by_connection = identity
-            .and_then(|id| callers.by_tls_identity(id))
-            .or_else(|| unix_uid.and_then(|uid| callers.by_unix_uid(uid)))
-            .is_some();
+        client
+            .admissible(&self.shared, "sslmode=verify-full")
+            .map_err(Unstarted::Refused)?;
         let mut token = None;
-        if !callers.is_empty() && !known_by_connection && identity.is_none() {
+        if client.needs_token(&log.config) {
             // A caller token as the password: only where it cannot be
             // read on the way (TLS, loopback, Unix).
             wire::send(stream, &wire::authentication(3))
@@ -384,56 +307,15 @@ impl Inner {
                 Err(_) => return Err(Unstarted::Silent),
             }
         }
-        let presented = Presented {
-            tls_identity: identity,
-            unix_uid,
-            token: None,
-            password: token.as_deref().map(|t| t.as_slice()),
-            local_peer: local,
-        };
-        match callers.identify(&presented) {
-            Identified::Caller(caller) => log.caller = Some(caller),
-            Identified::Local => log.local = true,
-            Identified::Unauthenticated(why) => {
-                if let Some(p) = throttle_peer {
-                    throttle.failed(p, Instant::now());
-                }
-                self.shared
-                    .metrics
-                    .caller_identification_failures
-                    .with_label_values(&["refused"])
-                    .inc();
-                let why = if token.is_none() && identity.is_none() && unix_uid.is_none() {
-                    "no caller identity: send the caller token as the password, or use a client certificate"
-                } else {
-                    why
-                };
-                return Err(Unstarted::Refused(Refusal::new(
-                    ErrorCode::CallerUnauthenticated,
-                    why,
-                )));
-            }
-        }
-        let ds = log
-            .config
-            .datasources
-            .get(&database)
-            .filter(|ds| ds.protocol == Protocol::Postgres)
-            .cloned()
-            .ok_or_else(|| {
-                Unstarted::Refused(Refusal::new(
-                    ErrorCode::UnknownDatasource,
-                    format!(
-                        "no PostgreSQL data source named \"{}\"",
-                        database.escape_default()
-                    ),
-                ))
-            })?;
-        log.datasource = Some(ds.clone());
-        let admitted = access::admit(&self.shared.metrics, log.caller.as_deref(), &ds)
+        client
+            .identify(
+                &self.shared,
+                log,
+                token.as_deref().map(|t| t.as_slice()),
+                "no caller identity: send the caller token as the password, or use a client certificate",
+            )
             .map_err(Unstarted::Refused)?;
-        log.credential = admitted.source;
-        log.db_user = admitted.credential.and_then(|c| c.username.clone());
+        sessions::choose(&self.shared, log, &database, "PostgreSQL").map_err(Unstarted::Refused)?;
         let io = io.take().ok_or(Unstarted::Silent)?;
         Ok(Handshaken {
             io,
@@ -490,44 +372,27 @@ impl Inner {
             log.error = Some("client_closed");
             return;
         }
-        let active = shared
-            .metrics
-            .db
-            .active_sessions
-            .with_label_values(&[ds.name.as_str()]);
-        let _open = OpenSession::new(&self.shared, active);
-        let info = tracking::SessionInfo {
-            request_id: log.id.as_str().to_string(),
-            caller: log.caller_name().map(str::to_string),
-            datasource: ds.name.clone(),
-            region: ds.region.as_ref().map(|r| r.name.clone()),
-            upstream: log.upstream,
-            egress_ip: log.egress_ip,
-            credential: log.credential,
-            client_user: log.client_user.clone(),
-            db_user: log.db_user.clone(),
+        let _open = OpenSession::new(&self.shared, &ds.name);
+        let Some(info) = log.info() else {
+            return;
         };
         let audit_statements = log.config.audit.statements == StatementAudit::Fingerprint;
-        let tracker = tracking::Tracker::new(shared, &info, audit_statements);
-        let stop = self.stop_reason(
+        let tracker = tracking::Tracker::new(StatementLog::new(shared, info, audit_statements));
+        let stop = sessions::stop_reason(
+            shared,
             log.caller.clone(),
             ds.clone(),
             log.credential,
             log.config.generation,
         );
-        let ended = relay::relay(
-            io,
-            upstream.io,
-            &mut log.tally,
-            &tracker,
-            &shared.audit,
-            stop,
-        )
-        .await;
+        let mut tally = relay::Tally::default();
+        let ended = relay::relay(io, upstream.io, &mut tally, &tracker, &shared.audit, stop).await;
         log.statements = tracker.statements.load(Ordering::Relaxed);
+        log.request_bytes = tally.request_bytes;
+        log.response_bytes = tally.response_bytes;
         log.error = match ended {
             relay::Ended::Client | relay::Ended::ClientFailed => None,
-            relay::Ended::Server if log.tally.terminated => None,
+            relay::Ended::Server if tally.terminated => None,
             relay::Ended::Server => {
                 shared.metrics.count_upstream_error(&ds.name, "closed");
                 Some(ErrorCode::UpstreamUnreachable.as_str())
@@ -536,39 +401,6 @@ impl Inner {
             relay::Ended::Malformed => Some(ErrorCode::BadRequest.as_str()),
         };
         drop(registered);
-    }
-
-    /// Resolves when the session must end: the drain's grace period is
-    /// over, or a reload withdrew its data source, credential or grant.
-    /// Each reload is judged once.
-    async fn stop_reason(
-        &self,
-        caller: Option<Arc<Caller>>,
-        ds: Arc<DataSource>,
-        source: Option<CredentialSource>,
-        mut checked: u64,
-    ) -> (&'static str, String) {
-        let mut ending = self.shared.lifecycle.sessions_end();
-        let mut changes = self.shared.config_changes.subscribe();
-        loop {
-            if *ending.borrow_and_update() {
-                return (
-                    ErrorCode::ShuttingDown.as_str(),
-                    "sealgate is shutting down".into(),
-                );
-            }
-            let config = self.shared.config.load();
-            if checked != config.generation {
-                checked = config.generation;
-                if let Some(why) = withdrawn(&config, caller.as_deref(), &ds, source) {
-                    return (ErrorCode::ShuttingDown.as_str(), why);
-                }
-            }
-            tokio::select! {
-                _ = ending.changed() => {}
-                _ = changes.changed() => {}
-            }
-        }
     }
 
     async fn forward_cancel(&self, pid: u32, secret: u32) {
@@ -581,139 +413,6 @@ impl Inner {
         {
             tracing::warn!(datasource = %target.datasource.name, error = %e, "forwarding a cancel request failed");
         }
-    }
-
-    /// The session's one audit record, and its metrics.
-    async fn finish(&self, log: SessionLog) {
-        let shared = &self.shared;
-        let (decision, reason) = access::verdict(log.refusal.as_ref(), log.datasource.as_deref());
-        let error = log.refusal.as_ref().map(|r| r.code.as_str()).or(log.error);
-        let datasource = log.datasource.as_ref().map(|d| d.name.as_str());
-        let caller = log.caller_name();
-        let record = AuditRecord {
-            ts: SystemTime::now(),
-            event: Some("session"),
-            request_id: log.id.as_str(),
-            caller,
-            datasource,
-            method: "postgres",
-            path: None,
-            upstream: log.upstream,
-            egress_ip: log.egress_ip,
-            region: log.datasource.as_ref().and_then(|d| d.region_name()),
-            decision,
-            reason,
-            status: None,
-            request_bytes: log.tally.request_bytes,
-            response_bytes: log.tally.response_bytes,
-            duration: log.started.elapsed(),
-            error,
-            protocol: Protocol::Postgres.as_str(),
-            credential: log.credential.map(CredentialSource::as_str),
-            client_user: log.client_user.as_deref(),
-            db_user: log.db_user.as_deref(),
-            statements: Some(log.statements),
-            statement: None,
-        };
-        shared.audit.record(&record).await;
-        // Data source and caller labels only when they are the config's.
-        let ds_label = datasource.unwrap_or(crate::metrics::NO_DATASOURCE);
-        let caller_label = caller.unwrap_or("-");
-        shared
-            .metrics
-            .db
-            .sessions
-            .with_label_values(&[ds_label, caller_label, error.unwrap_or("ok")])
-            .inc();
-        if let Some(ds) = datasource {
-            shared
-                .metrics
-                .db
-                .session_duration
-                .with_label_values(&[ds])
-                .observe(log.started.elapsed().as_secs_f64());
-            shared
-                .metrics
-                .request_bytes
-                .with_label_values(&[ds])
-                .inc_by(log.tally.request_bytes);
-            shared
-                .metrics
-                .response_bytes
-                .with_label_values(&[ds])
-                .inc_by(log.tally.response_bytes);
-        }
-    }
-}
-
-/// Why a reload ends a session, if it does: its data source removed, its
-/// credential changed or revoked, or its caller's grant withdrawn.
-fn withdrawn(
-    config: &Config,
-    caller: Option<&Caller>,
-    ds: &DataSource,
-    source: Option<CredentialSource>,
-) -> Option<String> {
-    let Some(now) = config
-        .datasources
-        .get(&ds.name)
-        .filter(|d| d.protocol == Protocol::Postgres)
-    else {
-        return Some(format!("data source \"{}\" was removed", ds.name));
-    };
-    if let Some(caller) = caller {
-        let granted = config
-            .callers
-            .get(&caller.name)
-            .is_some_and(|c| c.may_use(&ds.name));
-        if !granted {
-            return Some(format!(
-                "caller \"{}\" may no longer use data source \"{}\"",
-                caller.name, ds.name
-            ));
-        }
-    }
-    let name = caller.map(|c| c.name.as_str());
-    let login = |d: &DataSource| {
-        d.credential_for(name)
-            .and_then(|(state, source)| Some((state.ready()?.login()?, source)))
-            .map(|((user, password), source)| {
-                (user.to_string(), password.expose().to_string(), source)
-            })
-            .map(|(user, password, source)| (user, Zeroizing::new(password), source))
-    };
-    let unchanged = match (login(ds), login(now)) {
-        (Some(before), Some(after)) => before == after,
-        (None, None) => source.is_none(),
-        _ => false,
-    };
-    (!unchanged).then(|| format!("the credential of data source \"{}\" changed", ds.name))
-}
-
-/// Counts a session in the drain and in `db_active_sessions` while it lives.
-struct OpenSession<'a> {
-    shared: &'a Shared,
-    active: IntGauge,
-}
-
-impl<'a> OpenSession<'a> {
-    fn new(shared: &'a Shared, active: IntGauge) -> Self {
-        shared
-            .lifecycle
-            .open_sessions
-            .fetch_add(1, Ordering::SeqCst);
-        active.inc();
-        OpenSession { shared, active }
-    }
-}
-
-impl Drop for OpenSession<'_> {
-    fn drop(&mut self) {
-        self.shared
-            .lifecycle
-            .open_sessions
-            .fetch_sub(1, Ordering::SeqCst);
-        self.active.dec();
     }
 }
 

@@ -7,15 +7,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
-use prometheus::{Histogram, IntCounter};
-
-use crate::audit::{AuditRecord, Decision, StatementFields};
-use crate::config::CredentialSource;
-use crate::metrics::DB_COMMANDS;
-use crate::state::Shared;
+use crate::sessions::{Finished, StatementLog};
 use crate::statements::{normalize, Dialect, Normalized};
 
 /// How much of a query's text is read for its normalised form; a longer
@@ -30,19 +25,6 @@ const SERVER_CAPTURE: usize = 256;
 /// names are executed without text (PgBouncer-style clients prepare a
 /// bounded set).
 const MAX_NAMES: usize = 1024;
-
-/// Who the statements belong to, for their audit records.
-pub struct SessionInfo {
-    pub request_id: String,
-    pub caller: Option<String>,
-    pub datasource: String,
-    pub region: Option<String>,
-    pub upstream: Option<std::net::SocketAddr>,
-    pub egress_ip: Option<std::net::IpAddr>,
-    pub credential: Option<CredentialSource>,
-    pub client_user: Option<String>,
-    pub db_user: Option<String>,
-}
 
 struct Pending {
     text: Option<Arc<Normalized>>,
@@ -66,14 +48,7 @@ struct State {
 }
 
 pub struct Tracker<'a> {
-    shared: &'a Shared,
-    session: &'a SessionInfo,
-    /// This data source's series, looked up once per session and per
-    /// command instead of at every statement.
-    duration: Histogram,
-    by_command: [OnceLock<IntCounter>; DB_COMMANDS.len() + 1],
-    /// `[audit] statements = "fingerprint"`.
-    audit: bool,
+    log: StatementLog<'a>,
     state: Mutex<State>,
     /// Statements the client sent (simple queries and executes).
     pub statements: AtomicU64,
@@ -87,17 +62,9 @@ fn cstr(bytes: &[u8]) -> (&[u8], &[u8]) {
 }
 
 impl<'a> Tracker<'a> {
-    pub fn new(shared: &'a Shared, session: &'a SessionInfo, audit: bool) -> Self {
+    pub fn new(log: StatementLog<'a>) -> Self {
         Tracker {
-            duration: shared
-                .metrics
-                .db
-                .statement_duration
-                .with_label_values(&[session.datasource.as_str()]),
-            by_command: std::array::from_fn(|_| OnceLock::new()),
-            shared,
-            session,
-            audit,
+            log,
             state: Mutex::new(State::default()),
             statements: AtomicU64::new(0),
         }
@@ -110,8 +77,8 @@ impl<'a> Tracker<'a> {
     /// How much of a client message's body to look at.
     pub fn client_peek(&self, tag: u8) -> usize {
         match tag {
-            b'Q' | b'P' if self.audit => QUERY_CAPTURE,
-            b'B' | b'E' if self.audit => NAME_CAPTURE,
+            b'Q' | b'P' if self.log.audit => QUERY_CAPTURE,
+            b'B' | b'E' if self.log.audit => NAME_CAPTURE,
             _ => 0,
         }
     }
@@ -124,7 +91,7 @@ impl<'a> Tracker<'a> {
     }
 
     fn text(&self, sql: &[u8]) -> Option<Arc<Normalized>> {
-        self.audit.then(|| {
+        self.log.audit.then(|| {
             let sql = cstr(sql).0;
             Arc::new(normalize(&String::from_utf8_lossy(sql), Dialect::Postgres))
         })
@@ -147,7 +114,7 @@ impl<'a> Tracker<'a> {
                 };
                 state.pending.push_back(pending);
             }
-            b'P' if self.audit => {
+            b'P' if self.log.audit => {
                 let (name, rest) = cstr(body);
                 if name.is_empty() || state.prepared.len() < MAX_NAMES {
                     if let Some(text) = self.text(rest) {
@@ -155,7 +122,7 @@ impl<'a> Tracker<'a> {
                     }
                 }
             }
-            b'B' if self.audit => {
+            b'B' if self.log.audit => {
                 let (portal, rest) = cstr(body);
                 let statement = cstr(rest).0;
                 if portal.is_empty() || state.portals.len() < MAX_NAMES {
@@ -196,24 +163,25 @@ impl<'a> Tracker<'a> {
                     }
                 }
                 let (text, started) = state.current.clone().unwrap_or((None, Instant::now()));
-                let took = started.elapsed();
-                if tag == b'C' {
-                    let tag_text = String::from_utf8_lossy(cstr(body).0);
-                    let verb = tag_text.split(' ').next().unwrap_or("");
-                    let index = DB_COMMANDS
-                        .iter()
-                        .position(|c| c.eq_ignore_ascii_case(verb))
-                        .unwrap_or(DB_COMMANDS.len());
-                    let command = DB_COMMANDS.get(index).copied().unwrap_or("OTHER");
-                    let rows = tag_text.rsplit(' ').next().and_then(|n| n.parse().ok());
-                    self.count(index, command, took);
-                    if let Some(text) = &text {
-                        let line = self.record(text, Some(command), rows, None, took);
-                        state.records.push(line);
+                let tag_text = String::from_utf8_lossy(cstr(body).0);
+                let done = if tag == b'C' {
+                    Finished {
+                        text: text.as_deref(),
+                        verb: tag_text.split(' ').next(),
+                        rows: tag_text.rsplit(' ').next().and_then(|n| n.parse().ok()),
+                        sqlstate: None,
+                        took: started.elapsed(),
                     }
-                } else if let Some(text) = &text {
-                    let sqlstate = super::wire::error_field(body, b'C');
-                    let line = self.record(text, None, None, sqlstate, took);
+                } else {
+                    Finished {
+                        text: text.as_deref(),
+                        verb: None,
+                        rows: None,
+                        sqlstate: Some(super::wire::error_field(body, b'C').unwrap_or("XX000")),
+                        took: started.elapsed(),
+                    }
+                };
+                if let Some(line) = self.log.finished(&done) {
                     state.records.push(line);
                 }
             }
@@ -227,65 +195,10 @@ impl<'a> Tracker<'a> {
         }
     }
 
-    fn count(&self, index: usize, command: &str, took: Duration) {
-        self.by_command[index]
-            .get_or_init(|| {
-                self.shared
-                    .metrics
-                    .db
-                    .statements
-                    .with_label_values(&[self.session.datasource.as_str(), command])
-            })
-            .inc();
-        self.duration.observe(took.as_secs_f64());
-    }
-
-    fn record(
-        &self,
-        text: &Normalized,
-        command: Option<&str>,
-        rows: Option<u64>,
-        sqlstate: Option<&str>,
-        took: Duration,
-    ) -> Vec<u8> {
-        let s = self.session;
-        crate::audit::encode(&AuditRecord {
-            ts: SystemTime::now(),
-            event: Some("statement"),
-            request_id: &s.request_id,
-            caller: s.caller.as_deref(),
-            datasource: Some(&s.datasource),
-            method: "postgres",
-            path: None,
-            upstream: s.upstream,
-            egress_ip: s.egress_ip,
-            region: s.region.as_deref(),
-            decision: Decision::Allow,
-            reason: None,
-            status: None,
-            request_bytes: 0,
-            response_bytes: 0,
-            duration: took,
-            error: None,
-            protocol: "postgres",
-            credential: s.credential.map(CredentialSource::as_str),
-            client_user: s.client_user.as_deref(),
-            db_user: s.db_user.as_deref(),
-            statements: None,
-            statement: Some(StatementFields {
-                command,
-                rows,
-                sqlstate,
-                text: &text.text,
-                fingerprint: &text.fingerprint,
-            }),
-        })
-    }
-
     /// Statement records made since the last call, for the audit writer;
     /// none without statement audit (nor a lock taken).
     pub fn take_records(&self) -> Option<Vec<Vec<u8>>> {
-        if !self.audit {
+        if !self.log.audit {
             return None;
         }
         Some(std::mem::take(&mut self.state().records))

@@ -859,4 +859,43 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut seen)).await;
     seen
 }
+pub mod mysql;
 pub mod postgres;
+
+/// Database servers refuse to run as root, and CI runs as root: then the
+/// command runs as the system user the server's package created.
+pub fn as_system_user<'a>(cmd: &'a mut Command, user: &str) -> &'a mut Command {
+    use std::os::unix::process::CommandExt;
+    if nix::unistd::geteuid().is_root() {
+        let user = nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("the {user} user (created by the server's package)"));
+        cmd.gid(user.gid.as_raw()).uid(user.uid.as_raw());
+    }
+    cmd
+}
+
+/// Gives `path` to that user when we are root.
+pub fn chown_to_system_user(path: &Path, user: &str) {
+    if nix::unistd::geteuid().is_root() {
+        let user = nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("the {user} user"));
+        nix::unistd::chown(path, Some(user.uid), Some(user.gid)).expect("chown");
+    }
+}
+
+/// 24 random letters and digits: easy to spot in any output.
+pub fn random_password() -> String {
+    let mut bytes = [0u8; 24];
+    getrandom::getrandom(&mut bytes).expect("random");
+    bytes
+        .iter()
+        .map(|b| {
+            let chars = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+            chars[*b as usize % chars.len()] as char
+        })
+        .collect()
+}

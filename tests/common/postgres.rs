@@ -6,11 +6,10 @@
 //! run as that user.
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::{free_port, TestCa};
+use super::{free_port, random_password, TestCa};
 
 /// Logins of the test cluster, each allowed only by its method, only over
 /// TLS (pg_hba `hostssl`).
@@ -25,26 +24,16 @@ pub fn bin_dir() -> PathBuf {
         .expect("a PostgreSQL server under /usr/lib/postgresql (./dev.sh setup installs it)")
 }
 
-/// Runs as the `postgres` user when we are root.
+/// The server's processes and files belong to this user when we are
+/// root.
+const SERVER_USER: &str = "postgres";
+
 fn as_server_user(cmd: &mut Command) -> &mut Command {
-    if nix::unistd::geteuid().is_root() {
-        let user = nix::unistd::User::from_name("postgres")
-            .ok()
-            .flatten()
-            .expect("the postgres user (created by the postgresql package)");
-        cmd.gid(user.gid.as_raw()).uid(user.uid.as_raw());
-    }
-    cmd
+    super::as_system_user(cmd, SERVER_USER)
 }
 
 fn chown_to_server_user(path: &Path) {
-    if nix::unistd::geteuid().is_root() {
-        let user = nix::unistd::User::from_name("postgres")
-            .ok()
-            .flatten()
-            .expect("postgres user");
-        nix::unistd::chown(path, Some(user.uid), Some(user.gid)).expect("chown");
-    }
+    super::chown_to_system_user(path, SERVER_USER)
 }
 
 pub struct PgServer {
@@ -212,19 +201,6 @@ impl Drop for PgServer {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-/// 24 random letters and digits: easy to spot in any output.
-fn random_password() -> String {
-    let mut bytes = [0u8; 24];
-    getrandom::getrandom(&mut bytes).expect("random");
-    bytes
-        .iter()
-        .map(|b| {
-            let chars = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-            chars[*b as usize % chars.len()] as char
-        })
-        .collect()
 }
 
 /// tokio-postgres over TLS with rustls (the `tokio-postgres-rustls` crate

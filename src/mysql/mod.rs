@@ -1,0 +1,478 @@
+//! The MySQL / MariaDB front (SPEC section 10): an app connects with any
+//! MySQL client and no database password; sealgate greets it, identifies
+//! the caller, picks the data source named by the handshake's database,
+//! logs in upstream with the sealed password over verified TLS, and
+//! relays the session. Served by pingora like the other fronts.
+//!
+//! sealgate greets before it knows the server, so it announces only what
+//! it relays correctly with any supported server: no compression, no
+//! query attributes, no optional metadata, no `CLIENT_DEPRECATE_EOF`
+//! (EOF packets mark where responses end, which the relay follows).
+
+mod login;
+mod relay;
+mod tracking;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mysql_common::constants::{CapabilityFlags, StatusFlags};
+use mysql_common::io::ParseBuf;
+use mysql_common::packets::{AuthPlugin, AuthSwitchRequest, HandshakePacket, HandshakeResponse};
+use mysql_common::proto::MySerialize;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
+use zeroize::Zeroizing;
+
+use crate::config::{Protocol, StatementAudit};
+use crate::errors::{ErrorCode, Refusal};
+use crate::sessions::{self, ClientPeer, OpenSession, SessionLog, StatementLog};
+use crate::state::Shared;
+use wire::ReadError;
+
+/// A byte stream either leg may be: TCP, Unix, or TLS over either.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+/// What sealgate's greeting announces: the common ground of MySQL 5.7+,
+/// 8.x and MariaDB 10.x; clients that switch behaviour on versions take
+/// the 5.7 dialect every supported server speaks.
+const SERVER_VERSION: &str = "5.7.99-sealgate";
+/// utf8mb4_general_ci, known to every supported server.
+const DEFAULT_COLLATION: u8 = 45;
+/// A caller token sent through `mysql_clear_password`; tokens are short.
+const MAX_TOKEN_PACKET: usize = 1024;
+
+/// The capabilities sealgate relays (`CLIENT_SSL` is added when
+/// `[mysql.tls]` is set).
+const RELAYED: CapabilityFlags = CapabilityFlags::CLIENT_LONG_PASSWORD
+    .union(CapabilityFlags::CLIENT_FOUND_ROWS)
+    .union(CapabilityFlags::CLIENT_LONG_FLAG)
+    .union(CapabilityFlags::CLIENT_CONNECT_WITH_DB)
+    .union(CapabilityFlags::CLIENT_NO_SCHEMA)
+    .union(CapabilityFlags::CLIENT_ODBC)
+    .union(CapabilityFlags::CLIENT_LOCAL_FILES)
+    .union(CapabilityFlags::CLIENT_IGNORE_SPACE)
+    .union(CapabilityFlags::CLIENT_PROTOCOL_41)
+    .union(CapabilityFlags::CLIENT_INTERACTIVE)
+    .union(CapabilityFlags::CLIENT_IGNORE_SIGPIPE)
+    .union(CapabilityFlags::CLIENT_TRANSACTIONS)
+    .union(CapabilityFlags::CLIENT_SECURE_CONNECTION)
+    .union(CapabilityFlags::CLIENT_MULTI_STATEMENTS)
+    .union(CapabilityFlags::CLIENT_MULTI_RESULTS)
+    .union(CapabilityFlags::CLIENT_PS_MULTI_RESULTS)
+    .union(CapabilityFlags::CLIENT_PLUGIN_AUTH)
+    .union(CapabilityFlags::CLIENT_CONNECT_ATTRS)
+    .union(CapabilityFlags::CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA)
+    .union(CapabilityFlags::CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS)
+    .union(CapabilityFlags::CLIENT_SESSION_TRACK);
+
+/// The front, shared by its TCP and Unix listeners.
+#[derive(Clone)]
+pub struct MysqlFront {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Connection ids in greetings (the server's own stay upstream).
+    connection_ids: AtomicU32,
+}
+
+impl MysqlFront {
+    pub fn new(shared: Arc<Shared>) -> Result<Option<MysqlFront>, String> {
+        let config = shared.config.load();
+        let Some(front) = &config.mysql else {
+            return Ok(None);
+        };
+        let tls = match &shared.mysql_tls {
+            None => None,
+            Some(handles) => Some(TlsAcceptor::from(crate::tls::in_protocol_server_config(
+                handles.cert.clone(),
+                handles.client.clone(),
+            )?)),
+        };
+        Ok(Some(MysqlFront {
+            inner: Arc::new(Inner {
+                handshake_timeout: front.handshake_timeout,
+                permits: Arc::new(tokio::sync::Semaphore::new(front.max_connections)),
+                tls,
+                connection_ids: AtomicU32::new(1),
+                shared: shared.clone(),
+            }),
+        }))
+    }
+}
+
+#[async_trait]
+impl ServerApp for MysqlFront {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.inner.serve(stream).await;
+        None
+    }
+}
+
+/// How the handshake ended without a session.
+enum Unstarted {
+    /// Refused: the client is sent the ERR packet with this sequence id.
+    Refused(Refusal, u8),
+    /// Nothing to answer: the client went away.
+    Silent,
+}
+
+/// A client that finished the handshake: who it is and where it goes.
+struct Handshaken {
+    io: Box<dyn Io>,
+    hello: login::ClientHello,
+    /// The sequence id of sealgate's next packet to the client.
+    seq: u8,
+}
+
+fn refusal_packet(refusal: &Refusal, seq: u8) -> Vec<u8> {
+    let (number, sqlstate) = refusal.code.mysql();
+    wire::err_packet(
+        seq,
+        number,
+        sqlstate,
+        refusal.code.as_str(),
+        &refusal.message,
+    )
+}
+
+/// A nonce for the greeting and auth switch: 20 bytes, none of them 0
+/// (clients read the second part as NUL-terminated).
+fn nonce() -> Result<[u8; 20], Unstarted> {
+    let mut nonce = [0u8; 20];
+    getrandom::getrandom(&mut nonce).map_err(|_| Unstarted::Silent)?;
+    for b in &mut nonce {
+        *b = 1 + *b % 127;
+    }
+    Ok(nonce)
+}
+
+impl Inner {
+    async fn serve(self: &Arc<Self>, stream: Stream) {
+        let shared = &self.shared;
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().cloned())
+            .and_then(|a| a.as_inet().copied());
+        let unix_uid = crate::unix_listener::peer_uid();
+        let mut log = SessionLog::new(shared, Protocol::Mysql);
+        let mut io: Option<Box<dyn Io>> = Some(Box::new(stream));
+        let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+            let refusal = Refusal::new(
+                ErrorCode::TooManyConnections,
+                "mysql.max_connections reached; try again later",
+            );
+            if let Some(io) = io.as_mut() {
+                let _ = wire::send(io, &refusal_packet(&refusal, 0)).await;
+            }
+            log.refusal = Some(refusal);
+            return sessions::finish(shared, log).await;
+        };
+        let handshake = tokio::time::timeout(
+            self.handshake_timeout,
+            self.handshake(&mut io, &mut log, peer, unix_uid),
+        )
+        .await;
+        let handshaken = match handshake {
+            Ok(Ok(handshaken)) => handshaken,
+            Ok(Err(Unstarted::Silent)) => return,
+            Ok(Err(Unstarted::Refused(refusal, seq))) => {
+                if let Some(io) = io.as_mut() {
+                    let _ = wire::send(io, &refusal_packet(&refusal, seq)).await;
+                }
+                log.refusal = Some(refusal);
+                return sessions::finish(shared, log).await;
+            }
+            Err(_) => {
+                log.refusal = Some(Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "the handshake did not finish within {} s",
+                        self.handshake_timeout.as_secs()
+                    ),
+                ));
+                return sessions::finish(shared, log).await;
+            }
+        };
+        self.session(handshaken, &mut log).await;
+        sessions::finish(shared, log).await;
+    }
+
+    /// Greeting, TLS, handshake response and caller authentication, within
+    /// the handshake timeout. `io` is taken over by TLS when the client
+    /// asks for it.
+    async fn handshake(
+        &self,
+        io: &mut Option<Box<dyn Io>>,
+        log: &mut SessionLog,
+        peer: Option<SocketAddr>,
+        unix_uid: Option<u32>,
+    ) -> Result<Handshaken, Unstarted> {
+        let nonce = nonce()?;
+        let mut offered = RELAYED;
+        offered.set(CapabilityFlags::CLIENT_SSL, self.tls.is_some());
+        let scramble_2 = [&nonce[8..], &[0][..]].concat();
+        let greeting = HandshakePacket::new(
+            10,
+            SERVER_VERSION.as_bytes(),
+            self.connection_ids.fetch_add(1, Ordering::Relaxed),
+            nonce[..8].try_into().unwrap_or_default(),
+            Some(&scramble_2[..]),
+            offered,
+            DEFAULT_COLLATION,
+            StatusFlags::SERVER_STATUS_AUTOCOMMIT,
+            Some(AuthPlugin::MysqlNativePassword.as_bytes()),
+        );
+        let mut payload = Vec::new();
+        greeting.serialize(&mut payload);
+        let mut out = Vec::new();
+        wire::packet(&mut out, 0, &payload);
+        let stream = io.as_mut().ok_or(Unstarted::Silent)?;
+        wire::send(stream, &out)
+            .await
+            .map_err(|_| Unstarted::Silent)?;
+
+        let bad = |text: &str, seq: u8| {
+            Unstarted::Refused(Refusal::new(ErrorCode::BadRequest, text.to_string()), seq)
+        };
+        let mut seq = 1u8;
+        let mut tls_identity = None;
+        let mut secured = false;
+        let response = loop {
+            let stream = io.as_mut().ok_or(Unstarted::Silent)?;
+            let (got, payload) = match wire::read_packet(stream, wire::MAX_HANDSHAKE_PACKET).await {
+                Ok(packet) => packet,
+                Err(ReadError::Length(len)) => {
+                    return Err(bad(
+                        &format!(
+                            "a handshake packet of {len} bytes (at most {} are accepted)",
+                            wire::MAX_HANDSHAKE_PACKET
+                        ),
+                        seq,
+                    ))
+                }
+                Err(ReadError::Closed | ReadError::Io) => return Err(Unstarted::Silent),
+            };
+            if got != seq {
+                return Err(bad(
+                    "a handshake packet out of sequence",
+                    got.wrapping_add(1),
+                ));
+            }
+            seq = seq.wrapping_add(1);
+            let flags = payload.get(..4).map(|f| {
+                CapabilityFlags::from_bits_truncate(u32::from_le_bytes([f[0], f[1], f[2], f[3]]))
+            });
+            let ssl_request = payload.len() == 32
+                && flags.is_some_and(|f| f.contains(CapabilityFlags::CLIENT_SSL));
+            if !ssl_request {
+                break payload;
+            }
+            let (Some(acceptor), false) = (&self.tls, secured) else {
+                return Err(bad("an unexpected TLS request", seq));
+            };
+            // Bytes sent before the TLS handshake would be taken as if
+            // they came through TLS.
+            let mut early = [0u8; 1];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::ZERO, stream.read(&mut early)).await {
+                if n > 0 {
+                    return Err(bad("unencrypted data after the TLS request", seq));
+                }
+                return Err(Unstarted::Silent);
+            }
+            let Some(plain) = io.take() else {
+                return Err(Unstarted::Silent);
+            };
+            let tls = acceptor
+                .accept(plain)
+                .await
+                .map_err(|_| Unstarted::Silent)?;
+            tls_identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| crate::tls::uri_san(leaf));
+            *io = Some(Box::new(tls));
+            secured = true;
+        };
+        let parsed: Result<HandshakeResponse<'_>, _> = ParseBuf(&response).parse(());
+        let Ok(hello) = parsed else {
+            return Err(bad("a malformed handshake response", seq));
+        };
+        let client_capabilities = hello.capabilities();
+        if !client_capabilities.contains(CapabilityFlags::CLIENT_PROTOCOL_41) {
+            return Err(bad("a client of the pre-4.1 protocol", seq));
+        }
+        log.client_user = Some(String::from_utf8_lossy(hello.user()).into_owned());
+        let database = hello
+            .db_name()
+            .filter(|d| !d.is_empty())
+            .map(|d| String::from_utf8_lossy(d).into_owned());
+        let client = ClientPeer {
+            addr: peer,
+            unix_uid,
+            tls_identity,
+            secured,
+        };
+        client
+            .admissible(&self.shared, "--ssl-mode=VERIFY_IDENTITY")
+            .map_err(|r| Unstarted::Refused(r, seq))?;
+        let mut token = None;
+        if client.needs_token(&log.config) {
+            let sent_clear = hello.auth_plugin() == Some(&AuthPlugin::MysqlClearPassword);
+            let mut data = if sent_clear {
+                Zeroizing::new(hello.scramble_buf().to_vec())
+            } else {
+                // The token is asked for in clear text: only where it
+                // cannot be read on the way (TLS, loopback, Unix).
+                let switch =
+                    AuthSwitchRequest::new(AuthPlugin::MysqlClearPassword.as_bytes(), &nonce[..]);
+                let mut payload = Vec::new();
+                switch.serialize(&mut payload);
+                let mut out = Vec::new();
+                wire::packet(&mut out, seq, &payload);
+                let stream = io.as_mut().ok_or(Unstarted::Silent)?;
+                wire::send(stream, &out)
+                    .await
+                    .map_err(|_| Unstarted::Silent)?;
+                seq = seq.wrapping_add(1);
+                match wire::read_packet(stream, MAX_TOKEN_PACKET).await {
+                    Ok((got, payload)) if got == seq => {
+                        seq = seq.wrapping_add(1);
+                        Zeroizing::new(payload)
+                    }
+                    Ok((got, _)) => {
+                        return Err(bad("an auth packet out of sequence", got.wrapping_add(1)))
+                    }
+                    Err(ReadError::Length(_)) => return Err(bad("an oversized auth packet", seq)),
+                    Err(_) => return Err(Unstarted::Silent),
+                }
+            };
+            if data.last() == Some(&0) {
+                data.pop();
+            }
+            token = Some(data);
+        }
+        client
+            .identify(
+                &self.shared,
+                log,
+                token.as_deref().map(|t| t.as_slice()),
+                "no caller identity: send the caller token as the password (mysql_clear_password), or use a client certificate",
+            )
+            .map_err(|r| Unstarted::Refused(r, seq))?;
+        let Some(database) = database else {
+            return Err(Unstarted::Refused(
+                Refusal::new(
+                    ErrorCode::UnknownDatasource,
+                    "the handshake names no database: name the data source as the database",
+                ),
+                seq,
+            ));
+        };
+        sessions::choose(&self.shared, log, &database, "MySQL")
+            .map_err(|r| Unstarted::Refused(r, seq))?;
+        let io = io.take().ok_or(Unstarted::Silent)?;
+        Ok(Handshaken {
+            io,
+            hello: login::ClientHello {
+                capabilities: client_capabilities & offered,
+                max_packet_size: response
+                    .get(4..8)
+                    .map_or(0, |m| u32::from_le_bytes([m[0], m[1], m[2], m[3]])),
+                collation: hello.collation(),
+                attributes: hello.connect_attributes(),
+            },
+            seq,
+        })
+    }
+
+    /// Logs in upstream and relays the session.
+    async fn session(&self, handshaken: Handshaken, log: &mut SessionLog) {
+        let Handshaken { mut io, hello, seq } = handshaken;
+        let Some(ds) = log.datasource.clone() else {
+            return;
+        };
+        let shared = &self.shared;
+        // Nothing goes out that the audit trail could not record.
+        shared.audit.wait_writable().await;
+        let caller = log.caller.as_ref().map(|c| c.name.as_str());
+        let credential = ds
+            .credential_for(caller)
+            .and_then(|(state, _)| state.ready());
+        let upstream = match login::open(shared, &log.config, &ds, credential, &hello).await {
+            Ok(upstream) => upstream,
+            Err(failure) => {
+                if !matches!(failure.kind, "egress") {
+                    shared.metrics.count_upstream_error(&ds.name, failure.kind);
+                }
+                log.upstream = failure.addr;
+                log.egress_ip = failure.egress_ip;
+                let _ = wire::send(&mut io, &refusal_packet(&failure.refusal, seq)).await;
+                log.refusal = Some(failure.refusal);
+                return;
+            }
+        };
+        log.upstream = Some(upstream.addr);
+        log.egress_ip = upstream.egress_ip;
+        let mut ok = Vec::new();
+        wire::packet(&mut ok, seq, &upstream.ok);
+        if wire::send(&mut io, &ok).await.is_err() {
+            log.error = Some("client_closed");
+            return;
+        }
+        let _open = OpenSession::new(shared, &ds.name);
+        let Some(info) = log.info() else {
+            return;
+        };
+        let audit_statements = log.config.audit.statements == StatementAudit::Fingerprint;
+        let tracker = tracking::Tracker::new(
+            StatementLog::new(shared, info, audit_statements),
+            ds.local_infile,
+        );
+        let stop = sessions::stop_reason(
+            shared,
+            log.caller.clone(),
+            ds.clone(),
+            log.credential,
+            log.config.generation,
+        );
+        let mut tally = relay::Tally::default();
+        let ended = relay::relay(io, upstream.io, &mut tally, &tracker, &shared.audit, stop).await;
+        log.statements = tracker.statements.load(Ordering::Relaxed);
+        log.request_bytes = tally.request_bytes;
+        log.response_bytes = tally.response_bytes;
+        log.error = match ended {
+            relay::Ended::Client | relay::Ended::ClientFailed => None,
+            relay::Ended::Server if tally.quit => None,
+            relay::Ended::Server => {
+                shared.metrics.count_upstream_error(&ds.name, "closed");
+                Some(ErrorCode::UpstreamUnreachable.as_str())
+            }
+            relay::Ended::Stopped => Some(ErrorCode::ShuttingDown.as_str()),
+            relay::Ended::Refused(code) => Some(code),
+            relay::Ended::ServerRefused => {
+                shared.metrics.count_upstream_error(&ds.name, "protocol");
+                Some(ErrorCode::BadRequest.as_str())
+            }
+        };
+    }
+}
