@@ -27,7 +27,7 @@ use mysql_common::proto::MySerialize;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
@@ -128,7 +128,8 @@ impl ServerApp for MysqlFront {
 
 /// How the handshake ended without a session.
 enum Unstarted {
-    /// Refused: the client is sent the ERR packet with this sequence id.
+    /// Refused: the client is sent the ERR packet with this sequence id
+    /// (unless its connection is gone, as after a failed TLS handshake).
     Refused(Refusal, u8),
     /// Nothing to answer: the client went away.
     Silent,
@@ -288,22 +289,21 @@ impl Inner {
             let (Some(acceptor), false) = (&self.tls, secured) else {
                 return Err(bad("an unexpected TLS request", seq));
             };
-            // Bytes sent before the TLS handshake would be taken as if
-            // they came through TLS.
-            let mut early = [0u8; 1];
-            if let Ok(Ok(n)) = tokio::time::timeout(Duration::ZERO, stream.read(&mut early)).await {
-                if n > 0 {
-                    return Err(bad("unencrypted data after the TLS request", seq));
-                }
-                return Err(Unstarted::Silent);
-            }
+            // The client starts TLS right after its request (MySQL has no
+            // answer to wait for), so anything but a TLS handshake fails
+            // here: the connection is closed and the attempt audited.
             let Some(plain) = io.take() else {
                 return Err(Unstarted::Silent);
             };
-            let tls = acceptor
-                .accept(plain)
-                .await
-                .map_err(|_| Unstarted::Silent)?;
+            let tls = acceptor.accept(plain).await.map_err(|e| {
+                Unstarted::Refused(
+                    Refusal::new(
+                        ErrorCode::BadRequest,
+                        format!("TLS after the TLS request failed: {e}"),
+                    ),
+                    seq,
+                )
+            })?;
             tls_identity = tls
                 .get_ref()
                 .1

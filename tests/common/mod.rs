@@ -728,6 +728,40 @@ impl TestCa {
             .expect("leaf cert");
         (cert.pem(), key.serialize_pem())
     }
+
+    /// A leaf with an RSA key, the key in PKCS#1 PEM: some clients
+    /// (mysql_async) read no other kind. ring cannot make RSA keys, so the
+    /// `openssl` tool (from Debian's openssl, which ca-certificates needs)
+    /// makes it.
+    pub fn issue_rsa(&self, sans: Vec<rcgen::SanType>) -> (String, String) {
+        let openssl = |args: &[&str], input: &[u8]| {
+            use std::io::Write;
+            let mut child = Command::new("openssl")
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("openssl");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input)
+                .expect("write");
+            let out = child.wait_with_output().expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}");
+            String::from_utf8(out.stdout).expect("PEM")
+        };
+        let pkcs1 = openssl(&["genrsa", "-traditional", "2048"], b"");
+        let pkcs8 = openssl(&["pkcs8", "-topk8", "-nocrypt"], pkcs1.as_bytes());
+        let key = rcgen::KeyPair::from_pem(&pkcs8).expect("RSA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+        params.subject_alt_names = sans;
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("leaf cert");
+        (cert.pem(), pkcs1)
+    }
 }
 
 pub fn dns(name: &str) -> rcgen::SanType {

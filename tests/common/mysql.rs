@@ -73,6 +73,8 @@ impl MariaServer {
                 "--innodb-buffer-pool-size=16M",
                 "--skip-log-bin",
                 "--max-connections=60",
+                "--max-allowed-packet=64M",
+                "--local-infile=1",
             ])
             .arg(format!(
                 "--ssl-cert={}",
