@@ -103,7 +103,11 @@ impl ErrorCode {
     /// The error number and SQLSTATE of the MySQL front's ERR packet
     /// (SPEC section 10). Codes the SPEC's table does not list use the
     /// server's own number for the same condition (secure transport
-    /// required, host blocked, internal error).
+    /// required, host blocked, internal error). An upstream that cannot be
+    /// reached is 1429 (the server's "unable to connect to foreign data
+    /// source"), not the SPEC's 2003: a server-sent error in the client
+    /// range 2000-2999 during the handshake reaches a libmariadb user as
+    /// "2027 Received malformed packet", its message lost.
     pub fn mysql(self) -> (u16, &'static str) {
         match self {
             ErrorCode::BadRequest | ErrorCode::TargetTooLong | ErrorCode::MethodNotAllowed => {
@@ -115,7 +119,7 @@ impl ErrorCode {
             ErrorCode::EgressDenied => (1130, "08004"),
             ErrorCode::UpstreamUnreachable
             | ErrorCode::UpstreamTls
-            | ErrorCode::UpstreamTimeout => (2003, "08001"),
+            | ErrorCode::UpstreamTimeout => (1429, "08001"),
             ErrorCode::UpstreamAuth | ErrorCode::CredentialUnavailable => (1045, "08004"),
             ErrorCode::TooManyConnections => (1040, "08004"),
             ErrorCode::ShuttingDown => (1053, "08S01"),

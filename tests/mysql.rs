@@ -8,6 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use common::mysql::{MariaServer, DATABASE, ED25519_USER, NATIVE_USER};
 use common::*;
@@ -474,4 +475,489 @@ async fn mysql_async_over_tls_by_token_and_by_client_certificate() {
         assert_eq!(who, Some((format!("{expected}@127.0.0.1"), "1".into())));
         conn.disconnect().await.unwrap();
     }
+}
+
+/// One MySQL packet.
+fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+    out.push(seq);
+    out.extend_from_slice(payload);
+    out
+}
+
+const PROTOCOL_41: u32 = 0x0200;
+const CONNECT_WITH_DB: u32 = 0x0008;
+const SECURE_CONNECTION: u32 = 0x8000;
+const PLUGIN_AUTH: u32 = 0x8_0000;
+const SSL: u32 = 0x0800;
+
+/// A handshake response of user `app` with no password.
+fn handshake_response(capabilities: u32, database: Option<&str>) -> Vec<u8> {
+    let capabilities = capabilities | database.map_or(0, |_| CONNECT_WITH_DB);
+    let mut out = capabilities.to_le_bytes().to_vec();
+    out.extend_from_slice(&(16u32 << 20).to_le_bytes());
+    out.push(45);
+    out.extend_from_slice(&[0; 23]);
+    out.extend_from_slice(b"app\0");
+    out.push(0);
+    if let Some(db) = database {
+        out.extend_from_slice(db.as_bytes());
+        out.push(0);
+    }
+    out.extend_from_slice(b"mysql_native_password\0");
+    out
+}
+
+const CLIENT: u32 = PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH;
+
+async fn read_packet(stream: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await.ok()?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((head[3], payload))
+}
+
+/// Connects, reads the greeting, sends `bytes`, and reads packets until
+/// sealgate closes (within 10 s).
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let greeting = read_packet(&mut stream).await.expect("greeting");
+    assert_eq!(
+        (greeting.0, greeting.1[0]),
+        (0, 10),
+        "a protocol 10 greeting"
+    );
+    let _ = stream.write_all(bytes).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(packet) = read_packet(&mut stream).await {
+            got.push(packet);
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "sealgate did not close the connection; got {got:?}"
+    );
+    got
+}
+
+/// The sequence id, error number, SQLSTATE and message of an ERR packet.
+fn err_of(packet: &(u8, Vec<u8>)) -> Option<(u8, u16, String, String)> {
+    let (seq, p) = packet;
+    if p.first() != Some(&0xff) || p.get(3) != Some(&b'#') {
+        return None;
+    }
+    Some((
+        *seq,
+        u16::from_le_bytes([p[1], p[2]]),
+        String::from_utf8_lossy(&p[4..9]).into_owned(),
+        String::from_utf8_lossy(&p[9..]).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_handshakes_and_refused_commands_get_err_packets_and_are_audited() {
+    let f = tokio::task::spawn_blocking(|| {
+        Fixture::build("info", "handshake_timeout_s = 1", |s| s.mysql_tls())
+    })
+    .await
+    .unwrap();
+    let login = packet(1, &handshake_response(CLIENT, Some("crm")));
+    let after_login = |command: Vec<u8>| {
+        let mut bytes = login.clone();
+        bytes.extend(command);
+        bytes
+    };
+    let mut oversized = vec![0x70, 0x11, 0x01, 1];
+    oversized.extend(vec![b'x'; 1000]);
+    let mut ssl_then_plain = packet(1, &handshake_response(CLIENT | SSL, None)[..32]);
+    ssl_then_plain.extend(packet(2, &handshake_response(CLIENT, Some("crm"))));
+    let cases: Vec<(&str, Vec<u8>, Option<(u8, u16, &str, &str)>)> = vec![
+        (
+            "oversized",
+            oversized,
+            Some((
+                1,
+                1156,
+                "08S01",
+                "sealgate: bad_request: a handshake packet of 70000 bytes",
+            )),
+        ),
+        (
+            "out of sequence",
+            packet(3, &handshake_response(CLIENT, Some("crm"))),
+            Some((
+                4,
+                1156,
+                "08S01",
+                "sealgate: bad_request: a handshake packet out of sequence",
+            )),
+        ),
+        (
+            "pre-4.1",
+            packet(1, &handshake_response(SECURE_CONNECTION, Some("crm"))),
+            Some((
+                2,
+                1156,
+                "08S01",
+                "sealgate: bad_request: a client of the pre-4.1 protocol",
+            )),
+        ),
+        (
+            "malformed",
+            packet(1, &[0, 2, 0, 0]),
+            Some((
+                2,
+                1156,
+                "08S01",
+                "sealgate: bad_request: a malformed handshake response",
+            )),
+        ),
+        (
+            "no database",
+            packet(1, &handshake_response(CLIENT, None)),
+            Some((
+                2,
+                1049,
+                "3D000",
+                "sealgate: unknown_datasource: the handshake names no database",
+            )),
+        ),
+        (
+            "unknown",
+            packet(1, &handshake_response(CLIENT, Some("nope"))),
+            Some((
+                2,
+                1049,
+                "3D000",
+                "sealgate: unknown_datasource: no MySQL data source named \"nope\"",
+            )),
+        ),
+        ("TLS request, then plaintext", ssl_then_plain, None),
+        (
+            "command out of sequence",
+            after_login(packet(3, b"\x03SELECT 1")),
+            Some((
+                4,
+                1156,
+                "08S01",
+                "sealgate: bad_request: a command packet out of sequence",
+            )),
+        ),
+        (
+            "empty command",
+            after_login(packet(0, b"")),
+            Some((
+                1,
+                1156,
+                "08S01",
+                "sealgate: bad_request: an empty command packet",
+            )),
+        ),
+        (
+            "COM_CHANGE_USER",
+            after_login(packet(0, b"\x11root\0\0")),
+            Some((
+                1,
+                1227,
+                "42000",
+                "sealgate: bad_request: COM_CHANGE_USER is not supported",
+            )),
+        ),
+        (
+            "COM_BINLOG_DUMP",
+            after_login(packet(0, b"\x12\0\0\0\0\0\0\0\0\0\0")),
+            Some((
+                1,
+                1227,
+                "42000",
+                "sealgate: bad_request: replication commands are not relayed",
+            )),
+        ),
+    ];
+    for (what, bytes, expected) in &cases {
+        let got = exchange(f.listen, bytes).await;
+        let error = got.iter().find_map(err_of);
+        match expected {
+            None => assert!(
+                error.is_none() && got.is_empty(),
+                "{what}: closed without an answer: {got:?}"
+            ),
+            Some((seq, number, state, text)) => {
+                let (s, n, st, t) = error.unwrap_or_else(|| panic!("{what}: no ERR in {got:?}"));
+                assert_eq!((s, n, st.as_str()), (*seq, *number, *state), "{what}: {t}");
+                assert!(t.starts_with(text), "{what}: {t}");
+            }
+        }
+    }
+    // A client that stalls is closed after handshake_timeout_s.
+    let started = std::time::Instant::now();
+    let got = exchange(f.listen, &login[..10]).await;
+    assert!(got.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    let sessions = f.sg.audit_sessions(cases.len() + 1);
+    let count = |code: &str| sessions.iter().filter(|s| s["error"] == code).count();
+    assert_eq!(count("bad_request"), cases.len() - 2 + 1, "{sessions:#?}");
+    assert_eq!(count("unknown_datasource"), 2, "{sessions:#?}");
+    let tls = sessions.iter().find(|s| {
+        s["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("TLS after the TLS request failed"))
+    });
+    assert!(tls.is_some(), "{sessions:#?}");
+    f.sg.assert_metrics(&[
+        "sealgate_db_sessions_total{caller=\"local\",datasource=\"crm\",result=\"bad_request\"} 4",
+    ]);
+}
+
+/// A MySQL server written here from the protocol documentation, for what
+/// the MariaDB server cannot show: `caching_sha2_password` (MySQL 8's
+/// default, which no package this machine reaches serves), a server
+/// without TLS, and one that asks the client for a file. Each connection:
+/// greeting, optional TLS, the scramble checked, fast or full
+/// authentication, then OK to every query (a file request to one that
+/// says LOCAL).
+#[derive(Clone)]
+struct Sha2Peer {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    password: String,
+    full: bool,
+}
+
+use std::sync::Arc;
+
+trait SyncIo: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> SyncIo for T {}
+
+fn sync_read(io: &mut dyn SyncIo) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 4];
+    io.read_exact(&mut head).ok()?;
+    let mut payload = vec![0u8; u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize];
+    io.read_exact(&mut payload).ok()?;
+    Some((head[3], payload))
+}
+
+fn sync_send(io: &mut dyn SyncIo, seq: u8, payload: &[u8]) -> Option<()> {
+    io.write_all(&packet(seq, payload)).ok()?;
+    io.flush().ok()
+}
+
+fn sha256(parts: &[&[u8]]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().to_vec()
+}
+
+impl Sha2Peer {
+    fn start(self) -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let peer = self.clone();
+                std::thread::spawn(move || peer.serve(stream));
+            }
+        });
+        port
+    }
+
+    fn serve(&self, tcp: std::net::TcpStream) -> Option<()> {
+        let nonce = b"0123456789abcdefghij";
+        let mut io: Box<dyn SyncIo> = Box::new(tcp.try_clone().ok()?);
+        let caps: u32 = CLIENT
+            | CONNECT_WITH_DB
+            | 0x2000
+            | 0x2_0000
+            | 0x4_0000
+            | 0x80_0000
+            | 0x80
+            | 0x20_0000
+            | if self.tls.is_some() { SSL } else { 0 };
+        let mut greeting = vec![10];
+        greeting.extend_from_slice(b"8.0.36\0");
+        greeting.extend_from_slice(&7u32.to_le_bytes());
+        greeting.extend_from_slice(&nonce[..8]);
+        greeting.push(0);
+        greeting.extend_from_slice(&(caps as u16).to_le_bytes());
+        greeting.push(255);
+        greeting.extend_from_slice(&2u16.to_le_bytes());
+        greeting.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
+        greeting.push(21);
+        greeting.extend_from_slice(&[0; 10]);
+        greeting.extend_from_slice(&nonce[8..]);
+        greeting.push(0);
+        greeting.extend_from_slice(b"caching_sha2_password\0");
+        sync_send(&mut *io, 0, &greeting)?;
+        let (mut seq, mut response) = sync_read(&mut *io)?;
+        if response.len() == 32 {
+            let conn = rustls::ServerConnection::new(self.tls.clone()?).ok()?;
+            io = Box::new(rustls::StreamOwned::new(conn, tcp));
+            (seq, response) = sync_read(&mut *io)?;
+        }
+        let mut rest = &response[32..];
+        let user_end = rest.iter().position(|&b| b == 0)?;
+        rest = &rest[user_end + 1..];
+        let len = rest[0] as usize;
+        let scramble = rest[1..1 + len].to_vec();
+        let expected: Vec<u8> = sha256(&[self.password.as_bytes()])
+            .iter()
+            .zip(sha256(&[
+                &sha256(&[&sha256(&[self.password.as_bytes()])]),
+                nonce,
+            ]))
+            .map(|(a, b)| a ^ b)
+            .collect();
+        let mut seq = seq + 1;
+        let denied = |io: &mut dyn SyncIo, seq: u8| {
+            let mut err = vec![0xff, 0x15, 0x04, b'#'];
+            err.extend_from_slice(
+                b"28000Access denied for user 'sha2_user'@'localhost' (using password: YES)",
+            );
+            sync_send(io, seq, &err)
+        };
+        if scramble != expected {
+            return denied(&mut *io, seq);
+        }
+        if self.full {
+            sync_send(&mut *io, seq, &[0x01, 0x04])?;
+            let (got, clear) = sync_read(&mut *io)?;
+            seq = got + 1;
+            if clear != [self.password.as_bytes(), b"\0"].concat() {
+                return denied(&mut *io, seq);
+            }
+        } else {
+            sync_send(&mut *io, seq, &[0x01, 0x03])?;
+            seq += 1;
+        }
+        sync_send(&mut *io, seq, &[0, 0, 0, 2, 0, 0, 0])?;
+        loop {
+            let (_, command) = sync_read(&mut *io)?;
+            match command.first() {
+                Some(0x01) | None => return Some(()),
+                Some(0x03) if command.windows(5).any(|w| w == b"LOCAL") => {
+                    sync_send(&mut *io, 1, b"\xfb/etc/passwd")?
+                }
+                _ => sync_send(&mut *io, 1, &[0, 0, 0, 2, 0, 0, 0])?,
+            }
+        }
+    }
+}
+
+#[test]
+fn caching_sha2_fast_and_full_authentication_and_what_sealgate_refuses_to_do() {
+    let f = Fixture::build("info", "", |s| {
+        let mut extra = String::new();
+        let tls = s.ca.server_config(&["localhost"]);
+        for (name, tls, full, ssl_mode, password) in [
+            (
+                "sha2_full_tls",
+                Some(tls.clone()),
+                true,
+                "verify_identity",
+                "right",
+            ),
+            ("sha2_fast_plain", None, false, "disabled", "right"),
+            ("sha2_full_plain", None, true, "disabled", "right"),
+            (
+                "sha2_wrong",
+                Some(tls.clone()),
+                false,
+                "verify_identity",
+                "wrong",
+            ),
+            ("no_tls", None, false, "verify_identity", "right"),
+        ] {
+            let port = Sha2Peer {
+                tls,
+                password: "right".into(),
+                full,
+            }
+            .start();
+            let sealed = seal(s.config, name, "password", password);
+            // Plaintext only to an address allow_private admits.
+            let (host, ca) = match ssl_mode {
+                "disabled" => ("127.0.0.1", ""),
+                _ => ("localhost", "ca_file = \"db-ca.pem\"\n"),
+            };
+            extra.push_str(&format!(
+                "[datasources.{name}]\nurl = \"mysql://{host}:{port}/app\"\n{ca}\
+                 ssl_mode = \"{ssl_mode}\"\nconnect_timeout_ms = 2000\n\
+                 credential = {{ kind = \"password\", username = \"sha2_user\", password = \"{sealed}\" }}\n"
+            ));
+        }
+        write_loopback_policy(s.dir);
+        extra
+    });
+    for (ds, expected) in [
+        ("sha2_full_tls", Ok(())),
+        ("sha2_fast_plain", Ok(())),
+        ("sha2_full_plain", Err("ERROR 1045 (08004): sealgate: upstream_auth: the server needs caching_sha2_password's full authentication, which sealgate does only over TLS")),
+        ("sha2_wrong", Err("ERROR 1045 (08004): sealgate: upstream_auth: the data source refused the login (error 1045, SQLSTATE 28000)")),
+        ("no_tls", Err("ERROR 1429 (08001): sealgate: upstream_tls: the server declined TLS (ssl_mode is verify_identity)")),
+    ] {
+        let (code, _, err) = f.mariadb(ds, "DO 1");
+        match expected {
+            Ok(()) => assert_eq!(code, 0, "{ds}: {err}"),
+            Err(want) => {
+                assert!(err.contains(want), "{ds}: {err}");
+                assert!(!err.contains("Access denied"), "{ds}: the server's words: {err}");
+            }
+        }
+    }
+    // A server that asks for a client file without the data source's
+    // consent: the request never reaches the client.
+    let (code, _, err) = mariadb(&[
+        "-h",
+        "127.0.0.1",
+        "-P",
+        &f.listen.port().to_string(),
+        "-u",
+        "app",
+        "--skip-ssl",
+        "--local-infile=1",
+        "-D",
+        "sha2_full_tls",
+        "-e",
+        "LOAD DATA LOCAL INFILE 'x' INTO TABLE t",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("ERROR 1148 (42000)")
+            && err.contains("sealgate: bad_request: the server asked for a client file"),
+        "{err}"
+    );
+    let sessions = f.sg.audit_sessions(6);
+    let error = |ds: &str| {
+        sessions
+            .iter()
+            .filter(|s| s["datasource"] == ds)
+            .map(|s| s["error"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        error("sha2_full_tls"),
+        vec![serde_json::Value::Null, "bad_request".into()]
+    );
+    assert_eq!(
+        error("sha2_full_plain"),
+        vec![serde_json::Value::from("upstream_auth")]
+    );
+    assert_eq!(
+        error("no_tls"),
+        vec![serde_json::Value::from("upstream_tls")]
+    );
+    f.sg.assert_metrics(&[
+        "sealgate_upstream_errors_total{datasource=\"sha2_wrong\",kind=\"auth\"} 1",
+        "sealgate_upstream_errors_total{datasource=\"no_tls\",kind=\"tls\"} 1",
+        "sealgate_upstream_errors_total{datasource=\"sha2_full_tls\",kind=\"protocol\"} 1",
+    ]);
 }
