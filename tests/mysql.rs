@@ -560,6 +560,9 @@ fn err_of(packet: &(u8, Vec<u8>)) -> Option<(u8, u16, String, String)> {
     ))
 }
 
+/// An ERR packet's sequence id, number, SQLSTATE and message start.
+type Expected = (u8, u16, &'static str, &'static str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_handshakes_and_refused_commands_get_err_packets_and_are_audited() {
     let f = tokio::task::spawn_blocking(|| {
@@ -577,7 +580,7 @@ async fn malformed_handshakes_and_refused_commands_get_err_packets_and_are_audit
     oversized.extend(vec![b'x'; 1000]);
     let mut ssl_then_plain = packet(1, &handshake_response(CLIENT | SSL, None)[..32]);
     ssl_then_plain.extend(packet(2, &handshake_response(CLIENT, Some("crm"))));
-    let cases: Vec<(&str, Vec<u8>, Option<(u8, u16, &str, &str)>)> = vec![
+    let cases: Vec<(&str, Vec<u8>, Option<Expected>)> = vec![
         (
             "oversized",
             oversized,
@@ -960,4 +963,355 @@ fn caching_sha2_fast_and_full_authentication_and_what_sealgate_refuses_to_do() {
         "sealgate_upstream_errors_total{datasource=\"no_tls\",kind=\"tls\"} 1",
         "sealgate_upstream_errors_total{datasource=\"sha2_full_tls\",kind=\"protocol\"} 1",
     ]);
+}
+
+/// A server that accepts and says nothing.
+fn silent_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().flatten().collect();
+        drop(held);
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_get_the_specs_errors_and_never_the_servers_words() {
+    use mysql_async::prelude::*;
+    let silent = silent_server();
+    let f = tokio::task::spawn_blocking(move || {
+        Fixture::build("info", "", |s| {
+            let mut extra = String::new();
+            let mut add = |name: &str, url: String, password: &str| {
+                let sealed = seal(s.config, name, "password", password);
+                extra.push_str(&format!(
+                    "[datasources.{name}]\nurl = \"{url}\"\nca_file = \"db-ca.pem\"\nconnect_timeout_ms = 1000\n\
+                     credential = {{ kind = \"password\", username = \"{NATIVE_USER}\", password = \"{sealed}\" }}\n"
+                ));
+            };
+            add("wrongpw", format!("mysql://localhost:{}/{DATABASE}", s.db.port), "not-the-password");
+            add("wrongname", format!("mysql://127.0.0.1:{}/{DATABASE}", s.db.port), s.db.password(NATIVE_USER));
+            add("silent", format!("mysql://localhost:{silent}/{DATABASE}"), "x");
+            add("elsewhere", format!("mysql://10.1.2.3:3306/{DATABASE}"), "x");
+            extra
+        })
+    })
+    .await
+    .unwrap();
+    let cases = [
+        ("wrongpw", 1045, "08004", "sealgate: upstream_auth: the data source refused the login (error 1045, SQLSTATE 28000)"),
+        ("wrongname", 1429, "08001", "sealgate: upstream_tls: TLS with the server failed"),
+        ("silent", 1429, "08001", "sealgate: upstream_timeout"),
+        ("elsewhere", 1130, "08004", "sealgate: egress_denied: 10.1.2.3:3306 matches no [egress] allow entry"),
+    ];
+    for (ds, number, sqlstate, message) in cases {
+        let got = exchange(f.listen, &packet(1, &handshake_response(CLIENT, Some(ds)))).await;
+        let (seq, n, state, text) = got
+            .iter()
+            .find_map(err_of)
+            .unwrap_or_else(|| panic!("{ds}: {got:?}"));
+        assert_eq!(
+            (seq, n, state.as_str()),
+            (2, number, sqlstate),
+            "{ds}: {text}"
+        );
+        assert!(text.starts_with(message), "{ds}: {text}");
+        assert!(!text.contains("Access denied"), "{text}");
+    }
+    f.sg.assert_metrics(&[
+        "sealgate_upstream_errors_total{datasource=\"wrongpw\",kind=\"auth\"} 1",
+        "sealgate_upstream_errors_total{datasource=\"wrongname\",kind=\"tls\"} 1",
+        "sealgate_upstream_errors_total{datasource=\"silent\",kind=\"timeout\"} 1",
+    ]);
+
+    // The server ends a session mid-result: the client's session ends,
+    // and so does sealgate's, recorded as the upstream's failure.
+    let mut conn = mysql_async::Conn::new(opts(&f, "crm")).await.unwrap();
+    let id: Option<u64> = conn.query_first("SELECT CONNECTION_ID()").await.unwrap();
+    let streaming = tokio::spawn(async move {
+        conn.query_iter("SELECT REPEAT('x', 100), seq FROM seq_1_to_100000000")
+            .await?
+            .for_each(|_| {})
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let db = &f.db;
+    tokio::task::block_in_place(|| db.root_sql(&format!("KILL {}", id.unwrap())));
+    let ended = tokio::time::timeout(Duration::from_secs(10), streaming)
+        .await
+        .expect("ends");
+    assert!(ended.unwrap().is_err());
+    let sessions = f.sg.audit_sessions(cases.len() + 1);
+    let by_ds = |ds: &str| {
+        sessions
+            .iter()
+            .find(|s| s["datasource"] == ds)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(by_ds("wrongpw")["error"], "upstream_auth");
+    assert_eq!(by_ds("wrongpw")["decision"], "allow");
+    assert_eq!(by_ds("silent")["error"], "upstream_timeout");
+    assert_eq!(by_ds("elsewhere")["decision"], "deny");
+    assert_eq!(by_ds("crm")["error"], "upstream_unreachable");
+    assert!(by_ds("crm")["response_bytes"].as_u64().unwrap() > 100_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_are_audited_without_literals_parameters_or_server_error_text() {
+    use mysql_async::prelude::*;
+    let f = tokio::task::spawn_blocking(|| {
+        Fixture::start("[audit]\noutput = \"audit.log\"\nstatements = \"fingerprint\"\n")
+    })
+    .await
+    .unwrap();
+    let mut conn = mysql_async::Conn::new(opts(&f, "crm")).await.unwrap();
+    conn.query_drop(
+        "CREATE TEMPORARY TABLE notes (id INT, body TEXT); \
+         INSERT INTO notes VALUES (1, 'literal-secret-one'), (2, \"literal\\\"secret-two\") # literal-secret-comment",
+    )
+    .await
+    .unwrap();
+    let rows: Vec<i64> = conn
+        .exec(
+            "SELECT id FROM notes WHERE body <> ? AND id > 0",
+            ("bind-secret-three",),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let failed = conn
+        .query_drop(
+            "SELECT * FROM missing_table WHERE x = x'6c69746572616c2d7365637265742d666f7572'",
+        )
+        .await
+        .unwrap_err();
+    assert!(failed.to_string().contains("1146"), "{failed}");
+    let prepare_failed = conn
+        .prep("SELECT nope FROM missing_table WHERE y = 'literal-secret-five'")
+        .await;
+    assert!(prepare_failed.is_err());
+    conn.query_drop("SELECT 1").await.unwrap();
+    conn.disconnect().await.unwrap();
+
+    let sessions = f.sg.audit_sessions(1);
+    let audit = std::fs::read_to_string(f.sg.dir.path().join("audit.log")).unwrap();
+    let statements: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "statement")
+        .collect();
+    let find = |text: &str| {
+        statements
+            .iter()
+            .filter(|s| s["statement"].as_str().is_some_and(|t| t.contains(text)))
+            .collect::<Vec<_>>()
+    };
+    // A multi-statement query: one record per result, under its text.
+    let insert = find("INSERT INTO notes");
+    assert_eq!(insert.len(), 2, "{statements:#?}");
+    assert_eq!(
+        insert[0]["statement"],
+        "CREATE TEMPORARY TABLE notes (id INT, body TEXT); INSERT INTO notes VALUES (?, ?), (?, ?)"
+    );
+    assert_eq!(
+        (insert[1]["command"].as_str(), insert[1]["rows"].as_u64()),
+        (Some("CREATE"), Some(2))
+    );
+    let select = find("SELECT id FROM notes");
+    assert_eq!(
+        select.len(),
+        1,
+        "the execute, under its prepared text: {statements:#?}"
+    );
+    assert_eq!(
+        select[0]["statement"],
+        "SELECT id FROM notes WHERE body <> ? AND id > ?"
+    );
+    assert_eq!(
+        (select[0]["command"].as_str(), select[0]["rows"].as_u64()),
+        (Some("SELECT"), Some(2))
+    );
+    let missing = find("FROM missing_table");
+    assert_eq!(
+        missing.len(),
+        2,
+        "the failed query and the failed prepare: {statements:#?}"
+    );
+    assert!(missing
+        .iter()
+        .all(|m| m["sqlstate"] == "42S02" && m["command"].is_null()));
+    let one = find("SELECT ?");
+    assert_eq!(one[0]["fingerprint"].as_str().map(str::len), Some(16));
+    assert_eq!(one[0]["request_id"], sessions[0]["request_id"]);
+    assert_eq!(one[0]["method"], "mysql");
+    assert_eq!(
+        sessions[0]["statements"], 5,
+        "mysql_async's settings query, three queries and one execute: {:#?}",
+        sessions[0]
+    );
+    for leaked in [
+        "literal-secret",
+        "secret-two",
+        "bind-secret-three",
+        "6c69746572616c",
+        "doesn't exist",
+    ] {
+        assert!(!audit.contains(leaked), "{leaked} in the audit trail");
+    }
+    f.sg.assert_metrics(&["sealgate_db_statements_total{command=\"SELECT\",datasource=\"crm\"}"]);
+}
+
+/// Waits up to `within` for `task` to end with the server error `number`;
+/// returns its message.
+async fn ends_with<T: std::fmt::Debug + Send + 'static>(
+    task: tokio::task::JoinHandle<Result<T, mysql_async::Error>>,
+    within: Duration,
+    number: u16,
+) -> String {
+    let ended = tokio::time::timeout(within, task)
+        .await
+        .unwrap_or_else(|_| panic!("not ended within {within:?}"))
+        .unwrap();
+    match ended {
+        Err(mysql_async::Error::Server(e)) => {
+            assert_eq!(e.code, number, "{e:?}");
+            e.message
+        }
+        other => panic!("expected server error {number}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_credential_ends_its_sessions_with_1053_and_no_others() {
+    use mysql_async::prelude::*;
+    let f = tokio::task::spawn_blocking(|| Fixture::start(""))
+        .await
+        .unwrap();
+    let mut changed = mysql_async::Conn::new(opts(&f, "crm")).await.unwrap();
+    let mut kept = mysql_async::Conn::new(opts(&f, "crm_ed")).await.unwrap();
+    changed.query_drop("DO 1").await.unwrap();
+    let waiting = tokio::spawn(async move { changed.query_drop("DO SLEEP(20)").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    f.sg.edit_config(
+        &format!("username = \"{NATIVE_USER}\""),
+        &format!("username = \"{ED25519_USER}\""),
+    );
+    let sg = &f.sg;
+    tokio::task::block_in_place(|| reload_and_wait(sg, "ok", 1));
+    let text = ends_with(waiting, Duration::from_secs(1), 1053).await;
+    assert!(
+        text.contains("sealgate: shutting_down: the credential of data source \"crm\" changed"),
+        "{text}"
+    );
+    let user: Option<String> = kept.query_first("SELECT CURRENT_USER()").await.unwrap();
+    assert_eq!(
+        user.as_deref(),
+        Some("ed25519_user@127.0.0.1"),
+        "the other session goes on"
+    );
+    let sessions = f.sg.audit_sessions(1);
+    assert_eq!(sessions[0]["error"], "shutting_down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_lets_sessions_finish_and_ends_the_rest_with_1053() {
+    use mysql_async::prelude::*;
+    let mut f = tokio::task::spawn_blocking(|| {
+        Fixture::build("info", "max_connections = 1", |_| String::new())
+    })
+    .await
+    .unwrap();
+    let mut conn = mysql_async::Conn::new(opts(&f, "crm")).await.unwrap();
+    conn.query_drop("DO 1").await.unwrap();
+    // One connection is all max_connections allows.
+    // It is told so instead of a greeting, as a full server does.
+    let mut second = tokio::net::TcpStream::connect(f.listen).await.unwrap();
+    let first = read_packet(&mut second).await.expect("an answer");
+    let (seq, number, state, text) = err_of(&first).expect("refused");
+    assert_eq!((seq, number, state.as_str()), (0, 1040, "08004"), "{text}");
+    assert!(text.starts_with("sealgate: too_many_connections"), "{text}");
+    let started = std::time::Instant::now();
+    f.sg.signal(nix::sys::signal::Signal::SIGTERM);
+    // Still served during the grace period (5 s here).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conn.query_drop("DO 2").await.unwrap();
+    let waiting = tokio::spawn(async move { conn.query_drop("DO SLEEP(30)").await });
+    ends_with(waiting, Duration::from_secs(10), 1053).await;
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "not before the grace period ends"
+    );
+    let sg = &mut f.sg;
+    let status = tokio::task::block_in_place(|| sg.wait_exit(Duration::from_secs(10)));
+    assert!(status.is_some_and(|s| s.success()), "{:?}", f.sg.stderr());
+    let sessions = f.sg.audit_sessions(2);
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert_eq!(sessions[0]["error"], "too_many_connections");
+    assert_eq!(sessions[1]["error"], "shutting_down");
+    assert_eq!(
+        sessions[1]["statements"], 4,
+        "the settings query, two DOs and the sleep"
+    );
+}
+
+#[test]
+fn no_password_token_or_password_hash_appears_anywhere_at_trace_level() {
+    let (f, client) = callers_fixture("trace");
+    let mut seen = Vec::new();
+    let cert = format!("--ssl-cert={}", client.join("cert.pem").display());
+    let key = format!("--ssl-key={}", client.join("key.pem").display());
+    let token = format!("--password={TOKEN}");
+    let other = format!("--password={OTHER_TOKEN}");
+    for args in [
+        vec!["-D", "crm", token.as_str()],
+        vec!["-D", "crm", other.as_str()],
+        vec!["-D", "crm_ed", token.as_str()],
+        vec!["-D", "crm", cert.as_str(), key.as_str()],
+    ] {
+        let (_, out, err) = f.mariadb_tls(&client, &args, "SELECT CURRENT_USER()");
+        seen.extend_from_slice(format!("{out}{err}").as_bytes());
+    }
+    let (_, out, err) = mariadb(&[
+        "-h",
+        "127.0.0.1",
+        "-P",
+        &f.listen.port().to_string(),
+        "-u",
+        "app",
+        "--skip-ssl",
+        "-D",
+        "crm",
+        &token,
+        "-e",
+        "SELECT 1",
+    ]);
+    seen.extend_from_slice(format!("{out}{err}").as_bytes());
+    let sessions = f.sg.audit_sessions(5);
+    assert_eq!(sessions.len(), 5, "{sessions:#?}");
+
+    let mut secrets: Vec<String> = vec![TOKEN.into(), OTHER_TOKEN.into()];
+    for (_, password) in &f.db.passwords {
+        use sha1::{Digest, Sha1};
+        // What mysql_native_password stores and a stolen scramble proves.
+        let stage1 = Sha1::digest(password.as_bytes());
+        let stored = Sha1::digest(stage1);
+        secrets.push(password.clone());
+        secrets.push(stage1.iter().map(|b| format!("{b:02x}")).collect());
+        secrets.push(stored.iter().map(|b| format!("{b:02x}")).collect());
+    }
+    let audit = std::fs::read(f.sg.dir.path().join("audit.log")).unwrap();
+    for secret in &secrets {
+        let forms = secret_forms(secret, &[]);
+        assert_no_secret("what the clients saw", &seen, &forms);
+        assert_no_secret("the audit trail", &audit, &forms);
+        assert_no_secret("metrics", f.sg.metrics().as_bytes(), &forms);
+        assert_no_secret("stdout", f.sg.stdout().as_bytes(), &forms);
+        assert_no_secret("stderr", f.sg.stderr().as_bytes(), &forms);
+    }
+    assert!(
+        f.sg.stderr().contains("TRACE"),
+        "logging ran at trace level"
+    );
 }
