@@ -146,8 +146,33 @@ fn the_mariadb_client_logs_in_with_each_plugin_the_server_asks_for() {
             "{ds} logs in as {user} over TLS"
         );
     }
-    let sessions = f.sg.audit_sessions(2);
-    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    // The Unix socket; and a client asking for compression, which
+    // sealgate does not offer, goes on without it.
+    let socket = format!("--socket={}", f.socket.display());
+    let port = f.listen.port().to_string();
+    for args in [
+        vec![socket.as_str()],
+        vec!["-h", "127.0.0.1", "-P", &port, "--compress"],
+    ] {
+        let mut all = args.clone();
+        all.extend_from_slice(&[
+            "-u",
+            "app",
+            "--skip-ssl",
+            "-D",
+            "crm",
+            "-e",
+            "SELECT CURRENT_USER()",
+        ]);
+        let (code, out, err) = mariadb(&all);
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "native_user@127.0.0.1"),
+            "{args:?}: {err}"
+        );
+    }
+    let sessions = f.sg.audit_sessions(4);
+    assert_eq!(sessions.len(), 4, "{sessions:?}");
     for s in &sessions {
         assert_eq!(s["protocol"], "mysql");
         assert_eq!(s["method"], "mysql");
@@ -509,6 +534,17 @@ fn handshake_response(capabilities: u32, database: Option<&str>) -> Vec<u8> {
 }
 
 const CLIENT: u32 = PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH;
+/// COMPRESS, DEPRECATE_EOF, OPTIONAL_RESULTSET_METADATA, ZSTD,
+/// QUERY_ATTRIBUTES, MariaDB's PROGRESS.
+const NOT_RELAYED: u32 = 0x20 | 0x100_0000 | 0x200_0000 | 0x400_0000 | 0x800_0000 | 0x2000_0000;
+
+/// The capability flags of a greeting.
+fn greeting_capabilities(greeting: &[u8]) -> u32 {
+    let at = greeting.iter().position(|&b| b == 0).expect("version") + 1 + 4 + 8 + 1;
+    let low = u16::from_le_bytes([greeting[at], greeting[at + 1]]) as u32;
+    let high = u16::from_le_bytes([greeting[at + 5], greeting[at + 6]]) as u32;
+    low | high << 16
+}
 
 async fn read_packet(stream: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
@@ -530,6 +566,11 @@ async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
         (greeting.0, greeting.1[0]),
         (0, 10),
         "a protocol 10 greeting"
+    );
+    assert_eq!(
+        greeting_capabilities(&greeting.1) & NOT_RELAYED,
+        0,
+        "compression, query attributes, optional metadata and CLIENT_DEPRECATE_EOF are never offered"
     );
     let _ = stream.write_all(bytes).await;
     let mut got = Vec::new();
@@ -731,6 +772,8 @@ struct Sha2Peer {
     tls: Option<Arc<rustls::ServerConfig>>,
     password: String,
     full: bool,
+    /// Answer the login with a switch to this plugin instead.
+    switch: Option<&'static str>,
 }
 
 use std::sync::Arc;
@@ -820,6 +863,15 @@ impl Sha2Peer {
             .map(|(a, b)| a ^ b)
             .collect();
         let mut seq = seq + 1;
+        if let Some(plugin) = self.switch {
+            sync_send(
+                &mut *io,
+                seq,
+                &[b"\xfe", plugin.as_bytes(), b"\0", nonce, b"\0"].concat(),
+            )?;
+            // sealgate must hang up rather than answer.
+            return sync_read(&mut *io).map(|_| ());
+        }
         let denied = |io: &mut dyn SyncIo, seq: u8| {
             let mut err = vec![0xff, 0x15, 0x04, b'#'];
             err.extend_from_slice(
@@ -860,29 +912,48 @@ fn caching_sha2_fast_and_full_authentication_and_what_sealgate_refuses_to_do() {
     let f = Fixture::build("info", "", |s| {
         let mut extra = String::new();
         let tls = s.ca.server_config(&["localhost"]);
-        for (name, tls, full, ssl_mode, password) in [
+        for (name, tls, full, ssl_mode, password, switch) in [
             (
                 "sha2_full_tls",
                 Some(tls.clone()),
                 true,
                 "verify_identity",
                 "right",
+                None,
             ),
-            ("sha2_fast_plain", None, false, "disabled", "right"),
-            ("sha2_full_plain", None, true, "disabled", "right"),
+            ("sha2_fast_plain", None, false, "disabled", "right", None),
+            ("sha2_full_plain", None, true, "disabled", "right", None),
             (
                 "sha2_wrong",
                 Some(tls.clone()),
                 false,
                 "verify_identity",
                 "wrong",
+                None,
             ),
-            ("no_tls", None, false, "verify_identity", "right"),
+            ("no_tls", None, false, "verify_identity", "right", None),
+            (
+                "dialog",
+                Some(tls.clone()),
+                false,
+                "verify_identity",
+                "right",
+                Some("dialog"),
+            ),
+            (
+                "clear_plain",
+                None,
+                false,
+                "disabled",
+                "right",
+                Some("mysql_clear_password"),
+            ),
         ] {
             let port = Sha2Peer {
                 tls,
                 password: "right".into(),
                 full,
+                switch,
             }
             .start();
             let sealed = seal(s.config, name, "password", password);
@@ -906,6 +977,8 @@ fn caching_sha2_fast_and_full_authentication_and_what_sealgate_refuses_to_do() {
         ("sha2_full_plain", Err("ERROR 1045 (08004): sealgate: upstream_auth: the server needs caching_sha2_password's full authentication, which sealgate does only over TLS")),
         ("sha2_wrong", Err("ERROR 1045 (08004): sealgate: upstream_auth: the data source refused the login (error 1045, SQLSTATE 28000)")),
         ("no_tls", Err("ERROR 1429 (08001): sealgate: upstream_tls: the server declined TLS (ssl_mode is verify_identity)")),
+        ("dialog", Err("ERROR 1045 (08004): sealgate: upstream_auth: the server asked for the auth plugin \"dialog\", which sealgate does not support")),
+        ("clear_plain", Err("ERROR 1045 (08004): sealgate: upstream_auth: the server asked for the password in clear text over a connection without TLS; refused")),
     ] {
         let (code, _, err) = f.mariadb(ds, "DO 1");
         match expected {
@@ -938,7 +1011,7 @@ fn caching_sha2_fast_and_full_authentication_and_what_sealgate_refuses_to_do() {
             && err.contains("sealgate: bad_request: the server asked for a client file"),
         "{err}"
     );
-    let sessions = f.sg.audit_sessions(6);
+    let sessions = f.sg.audit_sessions(8);
     let error = |ds: &str| {
         sessions
             .iter()
