@@ -34,6 +34,18 @@ ensure_postgres() {
   apt_install postgresql postgresql-client
 }
 
+# The MySQL tests start a real MariaDB server (mariadbd, mariadb-install-db)
+# and talk to it with the mariadb client; some make an RSA client key with
+# the openssl tool.
+ensure_mariadb() {
+  if command -v mariadbd >/dev/null 2>&1 && command -v mariadb >/dev/null 2>&1 \
+    && command -v openssl >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "dev.sh: installing the MariaDB server and client (for the MySQL tests)" >&2
+  apt_install mariadb-server mariadb-client openssl
+}
+
 # llvm-profdata must come from rustc's own LLVM: rustup's llvm-tools.
 profdata_tool() {
   local tool
@@ -102,6 +114,7 @@ case "${1:-}" in
   test)
     ensure_build_tools
     ensure_postgres
+    ensure_mariadb
     exec cargo test --all-targets
     ;;
   release)
@@ -115,10 +128,12 @@ case "${1:-}" in
   setup)
     ensure_build_tools
     ensure_postgres
+    ensure_mariadb
     ;;
   bench-setup)
     ensure_build_tools
     ensure_postgres
+    ensure_mariadb
     ensure_bench_peers
     ;;
   *)

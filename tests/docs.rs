@@ -39,7 +39,9 @@ fn the_readme_documents_every_error_code_and_no_finished_work_as_coming() {
         "metrics, audit and packaging",
         "performance",
         "PostgreSQL",
+        "MySQL",
         "sections 8",
+        "sections 10",
     ] {
         assert!(
             !coming.contains(built),

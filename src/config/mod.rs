@@ -1028,7 +1028,7 @@ impl Validator<'_> {
                 self.sink.at(
                     at.span(),
                     key,
-                    "the URL's path must name the database, e.g. postgresql://db.internal:5432/orders",
+                    "the URL's path must name the database, e.g. postgresql://db.internal:5432/orders or mysql://db.internal:3306/crm",
                 );
                 None
             }
@@ -1516,6 +1516,37 @@ mod tests {
             ":6: datasources.db.credential.kind: `bearer` is not one of password (the kinds of a postgres data source)",
             ":9: datasources.api.sslmode: only a postgresql:// data source has an sslmode",
             ":12: datasources.db2.sslmode: `prefer` is not \"verify-full\" or \"disable\"",
+        ];
+        for want in expected {
+            assert!(e.iter().any(|line| line.contains(want)), "{want} in {e:#?}");
+        }
+    }
+
+    #[test]
+    fn mysql_settings_are_judged_with_their_lines() {
+        let e = errors(concat!(
+            "[mysql]\n",
+            "listen = [\"0.0.0.0:3307\"]\n",
+            "[datasources.crm]\n",
+            "url = \"mysql://crm.example.com/crm\"\n",
+            "ssl_mode = \"disabled\"\n",
+            "sslmode = \"disable\"\n",
+            "[datasources.pg]\n",
+            "url = \"postgresql://db.example.com/orders\"\n",
+            "ssl_mode = \"verify_identity\"\n",
+            "local_infile = true\n",
+            "[datasources.maria]\n",
+            "url = \"mariadb://maria.example.com:3306/\"\n",
+            "ssl_mode = \"required\"\n",
+        ));
+        let expected = [
+            ":2: mysql.listen: 0.0.0.0:3307 is not loopback: that needs [mysql.tls] and [callers]",
+            ":5: datasources.crm.ssl_mode: \"disabled\" is only for a destination an allow_private entry admits",
+            ":6: datasources.crm.sslmode: only a postgresql:// data source has an sslmode",
+            ":9: datasources.pg.ssl_mode: only a mysql:// data source has an ssl_mode",
+            ":10: datasources.pg.local_infile: only a mysql:// data source has local_infile",
+            ":12: datasources.maria.url: the URL's path must name the database",
+            ":13: datasources.maria.ssl_mode: `required` is not \"verify_identity\" or \"disabled\"",
         ];
         for want in expected {
             assert!(e.iter().any(|line| line.contains(want)), "{want} in {e:#?}");
