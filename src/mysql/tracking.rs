@@ -33,6 +33,8 @@ const MAX_PREPARED: usize = 1024;
 const COM_QUIT: u8 = 0x01;
 const COM_QUERY: u8 = 0x03;
 const COM_FIELD_LIST: u8 = 0x04;
+/// Answered with a result set, like a query.
+const COM_PROCESS_INFO: u8 = 0x0a;
 const COM_CHANGE_USER: u8 = 0x11;
 const COM_STMT_PREPARE: u8 = 0x16;
 const COM_STMT_EXECUTE: u8 = 0x17;
@@ -264,7 +266,7 @@ impl<'a> Tracker<'a> {
             }
             COM_QUERY => Expect::Results,
             COM_STMT_PREPARE => Expect::Prepare,
-            COM_STMT_EXECUTE => Expect::Results,
+            COM_STMT_EXECUTE | COM_PROCESS_INFO => Expect::Results,
             COM_STMT_FETCH => Expect::Fetch,
             COM_FIELD_LIST => Expect::Columns,
             COM_RESET_CONNECTION => {
