@@ -13,6 +13,7 @@ pub mod demo_postgres;
 pub mod echoes;
 pub mod egress;
 pub mod errors;
+pub mod framing;
 pub mod http;
 pub mod keytool;
 pub mod logging;

@@ -75,16 +75,12 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         .as_ref()
         .map(|t| t.listen.clone())
         .unwrap_or_default();
-    let unix_listener = match &config.proxy.listen_unix {
-        None => None,
-        Some(path) => Some((
-            path.clone(),
-            crate::unix_listener::bind(path).map_err(|source| StartError::Unix {
-                path: path.clone(),
-                source,
-            })?,
-        )),
-    };
+    let unix_listener = config
+        .proxy
+        .listen_unix
+        .as_deref()
+        .map(bind_unix)
+        .transpose()?;
     for addr in &tls_listen {
         drop(bind(*addr, "proxy TLS listener")?);
     }
@@ -207,16 +203,7 @@ fn db_listeners(
     for addr in &front.listen {
         drop(bind(*addr, what)?);
     }
-    let unix = match &front.listen_unix {
-        None => None,
-        Some(path) => Some((
-            path.clone(),
-            crate::unix_listener::bind(path).map_err(|source| StartError::Unix {
-                path: path.clone(),
-                source,
-            })?,
-        )),
-    };
+    let unix = front.listen_unix.as_deref().map(bind_unix).transpose()?;
     Ok((front.listen.clone(), unix))
 }
 
@@ -240,6 +227,16 @@ fn add_db_front<A>(
             UnixListenerService::new(front, path, listener),
         ));
     }
+}
+
+fn bind_unix(
+    path: &std::path::Path,
+) -> Result<(std::path::PathBuf, std::os::unix::net::UnixListener), StartError> {
+    let listener = crate::unix_listener::bind(path).map_err(|source| StartError::Unix {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((path.to_path_buf(), listener))
 }
 
 fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {

@@ -96,6 +96,60 @@ impl SessionLog {
     }
 }
 
+/// What a front's relay counts for the session's audit record.
+#[derive(Default)]
+pub struct Tally {
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// The client said goodbye (Terminate, COM_QUIT): the server closing
+    /// next is no failure.
+    pub goodbye: bool,
+}
+
+/// How a front's relay ended.
+pub enum Ended {
+    /// The client closed (after its goodbye or not).
+    Client,
+    /// The client connection failed.
+    ClientFailed,
+    /// The server closed the connection, or it failed.
+    Server,
+    /// Told to stop (drain over, or a reload withdrew the session's
+    /// grounds): the client was told so.
+    Stopped,
+    /// The client broke the protocol or sent what sealgate refuses; the
+    /// code is the audit's.
+    Refused(&'static str),
+    /// The server did what the session does not allow (a file request
+    /// without `local_infile`); the client was sent an error instead.
+    ServerRefused,
+}
+
+impl SessionLog {
+    /// What the relay counted, and the error its ending means; an upstream
+    /// that failed is counted.
+    pub fn relayed(&mut self, shared: &Shared, tally: Tally, statements: u64, ended: Ended) {
+        self.statements = statements;
+        self.request_bytes = tally.request_bytes;
+        self.response_bytes = tally.response_bytes;
+        let ds = self.datasource.as_ref().map_or("-", |d| d.name.as_str());
+        self.error = match ended {
+            Ended::Client | Ended::ClientFailed => None,
+            Ended::Server if tally.goodbye => None,
+            Ended::Server => {
+                shared.metrics.count_upstream_error(ds, "closed");
+                Some(ErrorCode::UpstreamUnreachable.as_str())
+            }
+            Ended::Stopped => Some(ErrorCode::ShuttingDown.as_str()),
+            Ended::Refused(code) => Some(code),
+            Ended::ServerRefused => {
+                shared.metrics.count_upstream_error(ds, "protocol");
+                Some(ErrorCode::BadRequest.as_str())
+            }
+        };
+    }
+}
+
 /// How a client connected, as far as identifying it goes.
 pub struct ClientPeer {
     pub addr: Option<SocketAddr>,

@@ -33,7 +33,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{Protocol, StatementAudit};
 use crate::errors::{ErrorCode, Refusal};
-use crate::sessions::{self, ClientPeer, OpenSession, SessionLog, StatementLog};
+use crate::sessions::{self, ClientPeer, OpenSession, SessionLog, StatementLog, Tally};
 use crate::state::Shared;
 use wire::ReadError;
 
@@ -455,24 +455,13 @@ impl Inner {
             log.credential,
             log.config.generation,
         );
-        let mut tally = relay::Tally::default();
+        let mut tally = Tally::default();
         let ended = relay::relay(io, upstream.io, &mut tally, &tracker, &shared.audit, stop).await;
-        log.statements = tracker.statements.load(Ordering::Relaxed);
-        log.request_bytes = tally.request_bytes;
-        log.response_bytes = tally.response_bytes;
-        log.error = match ended {
-            relay::Ended::Client | relay::Ended::ClientFailed => None,
-            relay::Ended::Server if tally.quit => None,
-            relay::Ended::Server => {
-                shared.metrics.count_upstream_error(&ds.name, "closed");
-                Some(ErrorCode::UpstreamUnreachable.as_str())
-            }
-            relay::Ended::Stopped => Some(ErrorCode::ShuttingDown.as_str()),
-            relay::Ended::Refused(code) => Some(code),
-            relay::Ended::ServerRefused => {
-                shared.metrics.count_upstream_error(&ds.name, "protocol");
-                Some(ErrorCode::BadRequest.as_str())
-            }
-        };
+        log.relayed(
+            shared,
+            tally,
+            tracker.statements.load(Ordering::Relaxed),
+            ended,
+        );
     }
 }

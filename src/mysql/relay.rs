@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use super::tracking::{ClientVerdict, ServerVerdict, Tracker};
 use super::wire;
 use crate::audit::AuditLog;
+use crate::sessions::{Ended, Tally};
 
 /// One read's worth.
 const CHUNK: usize = 16 * 1024;
@@ -123,33 +124,6 @@ impl Packets {
     }
 }
 
-/// What the relay counts for the session's audit record.
-#[derive(Default)]
-pub struct Tally {
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    /// The client sent COM_QUIT.
-    pub quit: bool,
-}
-
-/// How the relay ended.
-pub enum Ended {
-    /// The client closed (after COM_QUIT or not).
-    Client,
-    /// The server closed the connection, or it failed.
-    Server,
-    ClientFailed,
-    /// Told to stop (drain over, or a reload withdrew the session's
-    /// grounds): the client was sent ERR 1053.
-    Stopped,
-    /// The client broke the framing or sent a refused command; it was
-    /// sent the ERR packet.
-    Refused(&'static str),
-    /// The server did what the session does not allow (a file request
-    /// without `local_infile`); the client was sent an ERR packet.
-    ServerRefused,
-}
-
 /// Relays until either side ends or `stop` resolves. `stop` is acted on
 /// only where an ERR packet cannot land inside a response: between
 /// commands, or before the first packet of a command's response.
@@ -249,7 +223,7 @@ where
     };
     tally.request_bytes = up_bytes;
     tally.response_bytes = down_bytes;
-    tally.quit = tracker.quit();
+    tally.goodbye = tracker.quit();
     ended
 }
 

@@ -4,9 +4,10 @@
 //! (ERR, OK) and the few fields the relay reads. A length field only
 //! bounds how much is read, never how much is allocated up front.
 
-use std::io;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use crate::framing::read_body;
+pub use crate::framing::{send, ReadError};
 
 /// A packet's payload is at most this long; a longer one continues in the
 /// next packet.
@@ -29,26 +30,6 @@ pub const MORE_RESULTS_EXIST: u16 = 0x0008;
 /// A status flag: a cursor was opened, rows come with COM_STMT_FETCH.
 pub const CURSOR_EXISTS: u16 = 0x0040;
 
-/// Why a packet could not be read.
-#[derive(Debug)]
-pub enum ReadError {
-    Io,
-    /// Longer than the caller allows.
-    Length(usize),
-    /// The peer closed the connection before the packet was whole.
-    Closed,
-}
-
-impl From<io::Error> for ReadError {
-    fn from(e: io::Error) -> Self {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            ReadError::Closed
-        } else {
-            ReadError::Io
-        }
-    }
-}
-
 /// One packet read whole: its sequence id and payload, up to `max` bytes.
 pub async fn read_packet<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -60,12 +41,7 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     if len > max {
         return Err(ReadError::Length(len));
     }
-    let mut payload = Vec::new();
-    let got = r.take(len as u64).read_to_end(&mut payload).await?;
-    if got < len {
-        return Err(ReadError::Closed);
-    }
-    Ok((head[3], payload))
+    Ok((head[3], read_body(r, len).await?))
 }
 
 /// Appends one packet (payloads sealgate makes are far under 16 MiB).
@@ -132,11 +108,6 @@ pub fn err_fields(payload: &[u8]) -> Option<(u16, &str)> {
         _ => "HY000",
     };
     Some((number, state))
-}
-
-pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use super::tracking::Tracker;
 use super::wire;
 use crate::audit::AuditLog;
+use crate::sessions::{Ended, Tally};
 
 /// One read's worth; PostgreSQL's own socket buffers are 8 KiB.
 const CHUNK: usize = 16 * 1024;
@@ -89,30 +90,6 @@ impl Frames {
     }
 }
 
-/// What the relay counts for the session's audit record.
-#[derive(Default)]
-pub struct Tally {
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    /// The client sent Terminate.
-    pub terminated: bool,
-}
-
-/// How the relay ended.
-pub enum Ended {
-    /// The client closed (after Terminate or not).
-    Client,
-    /// The server closed the connection, or it failed.
-    Server,
-    /// The client connection failed.
-    ClientFailed,
-    /// Told to stop (drain over, or a reload withdrew the session's
-    /// grounds): the client was sent `ErrorResponse` 57P01.
-    Stopped,
-    /// The client broke the framing.
-    Malformed,
-}
-
 /// Relays until either side ends or `stop` resolves; `stop` is only acted
 /// on between messages to the client, so 57P01 never lands inside one.
 /// Statement records wait for the audit writer like request records do.
@@ -150,7 +127,7 @@ where
                 },
             );
             if followed.is_err() {
-                return Ended::Malformed;
+                return Ended::Refused(crate::errors::ErrorCode::BadRequest.as_str());
             }
             up_bytes += n as u64;
             if wire::send(&mut server_write, &buf[..n]).await.is_err() {
@@ -204,7 +181,7 @@ where
     };
     tally.request_bytes = up_bytes;
     tally.response_bytes = down_bytes;
-    tally.terminated = terminated;
+    tally.goodbye = terminated;
     ended
 }
 

@@ -2,10 +2,11 @@
 //! length checked before it is trusted: a length only bounds how much is
 //! read, never how much is allocated up front.
 
-use std::io;
-
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::framing::read_body;
+pub use crate::framing::{send, ReadError};
 
 /// PostgreSQL's own limit on a startup packet.
 pub const MAX_STARTUP_LEN: usize = 10_000;
@@ -19,36 +20,6 @@ pub const SSL_REQUEST: u32 = 80_877_103;
 pub const GSSENC_REQUEST: u32 = 80_877_104;
 pub const CANCEL_REQUEST: u32 = 80_877_102;
 pub const PROTOCOL_3: u32 = 3 << 16;
-
-/// Why a message could not be read.
-#[derive(Debug)]
-pub enum ReadError {
-    Io,
-    /// The length field is impossible or over the limit.
-    Length(usize),
-    /// The peer closed the connection before the message was whole.
-    Closed,
-}
-
-impl From<io::Error> for ReadError {
-    fn from(e: io::Error) -> Self {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            ReadError::Closed
-        } else {
-            ReadError::Io
-        }
-    }
-}
-
-/// Reads `len` bytes, growing the buffer only as bytes arrive.
-async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, ReadError> {
-    let mut body = Vec::new();
-    let got = r.take(len as u64).read_to_end(&mut body).await?;
-    if got < len {
-        return Err(ReadError::Closed);
-    }
-    Ok(body)
-}
 
 /// A startup-phase packet (no type byte): its code and the rest.
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u32, Vec<u8>), ReadError> {
@@ -167,11 +138,6 @@ pub fn error_field(body: &[u8], wanted: u8) -> Option<&str> {
         rest = &tail[end + 1..];
     }
     None
-}
-
-pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }
 
 #[cfg(test)]

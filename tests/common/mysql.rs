@@ -32,6 +32,11 @@ impl MariaServer {
             .expect("chmod");
         chown_to_system_user(dir.path(), SERVER_USER);
         let data = dir.path().join("data");
+        // Each server its own temporary directory: parallel bootstraps in
+        // one /tmp lose each other's temporary tables.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).expect("tmpdir");
+        chown_to_system_user(&tmp, SERVER_USER);
         let out = as_system_user(&mut Command::new("mariadb-install-db"), SERVER_USER)
             .args([
                 "--no-defaults",
@@ -39,6 +44,7 @@ impl MariaServer {
                 "--skip-test-db",
             ])
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .stdin(Stdio::null())
             .output()
             .expect("mariadb-install-db (./dev.sh setup installs mariadb-server)");
@@ -60,6 +66,7 @@ impl MariaServer {
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--port={port}"))
             .arg(format!(
                 "--pid-file={}",
