@@ -146,6 +146,17 @@ fn the_mariadb_client_logs_in_with_each_plugin_the_server_asks_for() {
             "{ds} logs in as {user} over TLS"
         );
     }
+    // The character set of the client's handshake (latin1_swedish_ci
+    // here) is the upstream session's.
+    let mut latin1 = handshake_response(CLIENT, Some("crm"));
+    latin1[8] = 8;
+    let mut bytes = packet(1, &latin1);
+    bytes.extend(packet(0, b"\x03SELECT @@character_set_client"));
+    bytes.extend(packet(0, b"\x01"));
+    let got = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(exchange(f.listen, &bytes));
+    assert!(got.iter().any(|(_, p)| p == b"\x06latin1"), "{got:?}");
     // The Unix socket; and a client asking for compression, which
     // sealgate does not offer, goes on without it.
     let socket = format!("--socket={}", f.socket.display());
@@ -171,8 +182,8 @@ fn the_mariadb_client_logs_in_with_each_plugin_the_server_asks_for() {
             "{args:?}: {err}"
         );
     }
-    let sessions = f.sg.audit_sessions(4);
-    assert_eq!(sessions.len(), 4, "{sessions:?}");
+    let sessions = f.sg.audit_sessions(5);
+    assert_eq!(sessions.len(), 5, "{sessions:?}");
     for s in &sessions {
         assert_eq!(s["protocol"], "mysql");
         assert_eq!(s["method"], "mysql");
