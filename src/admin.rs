@@ -248,6 +248,26 @@ fn credential_json(state: &CredentialState) -> serde_json::Value {
                 fields.insert("name".into(), name.as_str().into());
             }
             fields.insert("state".into(), "ready".into());
+            if let Some(client) = c.minted() {
+                let (status, expiry) = client.status();
+                fields.insert("token_url".into(), client.token_url.as_str().into());
+                fields.insert(
+                    "token".into(),
+                    serde_json::json!({
+                        "state": status.as_str(),
+                        "expires_at": expiry.map(crate::audit::rfc3339),
+                    }),
+                );
+            }
+            if let Some(at) = c.expires_at {
+                fields.insert(
+                    "expires_at".into(),
+                    crate::audit::rfc3339(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(at),
+                    )
+                    .into(),
+                );
+            }
         }
         CredentialState::Unavailable { .. } => {
             fields.insert("state".into(), "unavailable".into());

@@ -97,6 +97,13 @@ impl Decision {
 /// `at` in RFC 3339, UTC, to the microsecond (`2026-11-22T23:50:41.123456Z`):
 /// fixed width, so the trail sorts and lines up. Written by hand because
 /// every request records one; instants before 1970 are written as 1970.
+/// A time as the audit trail writes it, for admin output.
+pub fn rfc3339(at: SystemTime) -> String {
+    let mut out = Vec::with_capacity(32);
+    write_rfc3339(&mut out, at);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn write_rfc3339(out: &mut Vec<u8>, at: SystemTime) {
     let since_epoch = at
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -160,6 +167,8 @@ pub enum Event {
     Start,
     Reload,
     Drain,
+    /// A minted credential was fetched (or failed to be): never the token.
+    CredentialRefresh,
 }
 
 impl Event {
@@ -168,6 +177,7 @@ impl Event {
             Event::Start => "start",
             Event::Reload => "reload",
             Event::Drain => "drain",
+            Event::CredentialRefresh => "credential_refresh",
         }
     }
 }

@@ -16,19 +16,20 @@ use tokio_rustls::TlsConnector;
 use crate::config::{Config, DataSource};
 use crate::errors::{ErrorCode, Refusal};
 use crate::state::Shared;
-use crate::upstream::Addresses;
+use crate::upstream::{Addresses, Upstream};
 
 /// How many resolved addresses one request or session may try.
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 
-/// The data source's addresses, resolved (or reused) and judged: if any
-/// is blocked, none is used. Failures are counted.
+/// The addresses of `target` (the data source's upstream, or a host it
+/// needs, such as its token endpoint), resolved (or reused) and judged: if
+/// any is blocked, none is used. Failures are counted as the data source's.
 pub async fn judged_addresses(
     shared: &Shared,
     config: &Config,
     ds: &DataSource,
+    target: &Upstream,
 ) -> Result<Addresses, Refusal> {
-    let target = &ds.upstream;
     let addrs = shared
         .resolver
         .resolve(&target.host, target.port, ds.connect_timeout)
@@ -182,6 +183,7 @@ pub async fn login<T, F, Fut>(
     shared: &Shared,
     config: &Config,
     ds: &DataSource,
+    target: &Upstream,
     login: F,
 ) -> Result<T, LoginFailure>
 where
@@ -190,7 +192,7 @@ where
 {
     let deadline = ds.connect_timeout;
     let connected = async {
-        let addrs = judged_addresses(shared, config, ds)
+        let addrs = judged_addresses(shared, config, ds, target)
             .await
             .map_err(|refusal| LoginFailure {
                 kind: if refusal.code == ErrorCode::EgressDenied {
@@ -251,14 +253,15 @@ where
     }
 }
 
-/// TLS with a database server, verified as the data source says (its
-/// `ca_file` or the system roots, and its host name, always sent as SNI).
-pub async fn db_tls(
+/// TLS with a server sealgate logs in to itself (a database, a token
+/// endpoint), verified as the data source says: its `ca_file` or the
+/// system roots, and the server's host name, always sent as SNI.
+pub async fn tls(
     tls: &Arc<rustls::ClientConfig>,
-    ds: &DataSource,
+    target: &Upstream,
     tcp: TcpStream,
 ) -> Result<TlsStream<TcpStream>, LoginFailure> {
-    let name = ServerName::try_from(ds.upstream.sni.clone()).map_err(|_| {
+    let name = ServerName::try_from(target.sni.clone()).map_err(|_| {
         failure(
             ErrorCode::UpstreamTls,
             "tls",

@@ -11,7 +11,10 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 use pingora::http::{RequestHeader, ResponseHeader};
 use zeroize::Zeroizing;
 
+use std::sync::Arc;
+
 use crate::echoes::Echoes;
+use crate::oauth2::OAuth2;
 use crate::secrets::Secret;
 
 /// RFC 3986 unreserved characters stay as they are; everything else in a
@@ -46,6 +49,8 @@ pub enum CredentialKind {
     Query,
     /// A database login: user name and password.
     Password,
+    /// An OAuth2 access token sealgate fetches with a client secret.
+    Oauth2,
 }
 
 impl CredentialKind {
@@ -56,6 +61,7 @@ impl CredentialKind {
             "header" => Some(CredentialKind::Header),
             "query" => Some(CredentialKind::Query),
             "password" => Some(CredentialKind::Password),
+            "oauth2" => Some(CredentialKind::Oauth2),
             _ => None,
         }
     }
@@ -67,6 +73,7 @@ impl CredentialKind {
             CredentialKind::Header => "header",
             CredentialKind::Query => "query",
             CredentialKind::Password => "password",
+            CredentialKind::Oauth2 => "oauth2",
         }
     }
 
@@ -76,6 +83,7 @@ impl CredentialKind {
             CredentialKind::Bearer => "token",
             CredentialKind::Basic | CredentialKind::Password => "password",
             CredentialKind::Header | CredentialKind::Query => "value",
+            CredentialKind::Oauth2 => "client_secret",
         }
     }
 }
@@ -92,6 +100,8 @@ enum Injection {
     Query { name: String, pair: Bytes },
     /// Not injected into anything: a database front logs in with it.
     Login(Secret),
+    /// A token fetched per data source; the request waits for one.
+    Minted(Arc<OAuth2>),
 }
 
 /// An opened credential, ready to inject.
@@ -104,6 +114,8 @@ pub struct Credential {
     injection: Injection,
     /// Every form in which the secret could come back in a response head.
     echoes: Echoes,
+    /// When the credential stops working (`expires_at`, Unix seconds).
+    pub expires_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Credential {
@@ -114,6 +126,42 @@ impl std::fmt::Debug for Credential {
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339 in UTC, as `expires_at` takes it)
+/// as Unix seconds.
+pub fn parse_utc(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| text.get(r)?.parse::<u64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1970..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&d)
+        || h > 23
+        || min > 59
+        || sec > 59
+    {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + min * 60 + sec)
 }
 
 /// Bytes that live in zeroizing memory: dropping the last clone wipes them.
@@ -151,6 +199,7 @@ impl Credential {
                 value,
             },
             echoes,
+            expires_at: None,
         })
     }
 
@@ -180,6 +229,7 @@ impl Credential {
                 value,
             },
             echoes,
+            expires_at: None,
         })
     }
 
@@ -198,6 +248,7 @@ impl Credential {
                 value: sensitive_header_value(value.expose().as_bytes().to_vec())?,
             },
             echoes: Echoes::of(&[value.expose().as_bytes()]),
+            expires_at: None,
         })
     }
 
@@ -220,6 +271,7 @@ impl Credential {
                 pair: zeroizing_bytes(pair),
             },
             echoes,
+            expires_at: None,
         })
     }
 
@@ -234,7 +286,28 @@ impl Credential {
             name: None,
             echoes: Echoes::of(&[password.expose().as_bytes()]),
             injection: Injection::Login(password),
+            expires_at: None,
         })
+    }
+
+    /// An OAuth2 credential: the access token is fetched by sealgate.
+    pub fn oauth2(client: OAuth2, secret: &Secret) -> Credential {
+        Credential {
+            kind: CredentialKind::Oauth2,
+            username: Some(client.client_id.clone()),
+            name: None,
+            echoes: Echoes::of(&[secret.expose().as_bytes()]),
+            injection: Injection::Minted(Arc::new(client)),
+            expires_at: None,
+        }
+    }
+
+    /// The token source of a credential sealgate mints.
+    pub fn minted(&self) -> Option<&Arc<OAuth2>> {
+        match &self.injection {
+            Injection::Minted(client) => Some(client),
+            _ => None,
+        }
     }
 
     /// The user name and password of a database login credential.
@@ -300,6 +373,22 @@ impl Credential {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expires_at_is_read_as_utc_and_nothing_else() {
+        assert_eq!(parse_utc("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_utc("2027-03-01T00:00:00Z"), Some(1_803_859_200));
+        assert_eq!(parse_utc("2024-02-29T12:30:45Z"), Some(1_709_209_845));
+        for bad in [
+            "2027-03-01",
+            "2027-03-01T00:00:00+01:00",
+            "2027-13-01T00:00:00Z",
+            "2027-03-01T24:00:00Z",
+            "x",
+        ] {
+            assert_eq!(parse_utc(bad), None, "{bad}");
+        }
+    }
     use crate::echoes::REDACTED;
 
     fn secret(s: &str) -> Secret {

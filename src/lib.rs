@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mysql;
 pub mod notify;
+pub mod oauth2;
 pub mod postgres;
 pub mod reload;
 pub mod secrets;

@@ -103,6 +103,11 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub active_requests: IntGauge,
     pub credential_open_failures: IntCounterVec,
+    /// Minted credentials' fetches (SPEC section 11), by result.
+    pub credential_refreshes: IntCounterVec,
+    /// When each data source's credential stops working: a token's expiry
+    /// or `expires_at`.
+    pub credential_expiry: GaugeVec,
     pub config_reloads: IntCounterVec,
     pub egress_denied: IntCounterVec,
     pub upstream_errors: IntCounterVec,
@@ -245,6 +250,20 @@ impl Metrics {
             ),
             &["datasource"],
         )?;
+        let credential_refreshes = IntCounterVec::new(
+            Opts::new(
+                "sealgate_credential_refreshes_total",
+                "Access token fetches, by result: ok, refused (the endpoint said no), http_error, invalid (an answer that is no token), unreachable, egress_denied.",
+            ),
+            &["datasource", "result"],
+        )?;
+        let credential_expiry = GaugeVec::new(
+            Opts::new(
+                "sealgate_credential_expiry_timestamp_seconds",
+                "When the data source's credential stops working (Unix seconds): its access token's expiry, or its expires_at.",
+            ),
+            &["datasource"],
+        )?;
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "sealgate_config_reloads_total",
@@ -338,6 +357,8 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(active_requests.clone()))?;
         registry.register(Box::new(credential_open_failures.clone()))?;
+        registry.register(Box::new(credential_refreshes.clone()))?;
+        registry.register(Box::new(credential_expiry.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         let no_datasource =
             DataSourceSeries::of(&duration, &request_bytes, &response_bytes, NO_DATASOURCE);
@@ -349,6 +370,8 @@ impl Metrics {
             duration,
             active_requests,
             credential_open_failures,
+            credential_refreshes,
+            credential_expiry,
             config_reloads,
             egress_denied,
             upstream_errors,

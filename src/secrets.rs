@@ -32,7 +32,7 @@ const MIN_SALT_LEN: usize = 16;
 const MIN_SALT_DISTINCT_BYTES: usize = 8;
 pub const KEY_LEN: usize = 32;
 /// The secret fields a credential can have; `seal --field` takes one.
-pub const SECRET_FIELDS: [&str; 3] = ["token", "password", "value"];
+pub const SECRET_FIELDS: [&str; 4] = ["token", "password", "value", "client_secret"];
 /// Where per-caller credentials of a data source live (SPEC section 8).
 pub const CALLER_CREDENTIALS: &str = "caller_credentials";
 

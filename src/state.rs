@@ -109,6 +109,24 @@ impl Shared {
         }
     }
 
+    /// Publishes each data source credential's `expires_at` (a minted
+    /// token's expiry is published when it is fetched).
+    pub fn record_credential_expiry(&self, config: &crate::config::Config) {
+        for ds in config.datasources.values() {
+            let expiry = ds
+                .credential
+                .as_ref()
+                .and_then(|c| c.ready())
+                .and_then(|c| c.expires_at);
+            if let Some(at) = expiry {
+                self.metrics
+                    .credential_expiry
+                    .with_label_values(&[ds.name.as_str()])
+                    .set(at as f64);
+            }
+        }
+    }
+
     pub fn next_request_id(&self) -> RequestId {
         RequestId::new(self.request_ids.next())
     }

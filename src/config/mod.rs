@@ -27,6 +27,7 @@ use crate::callers::Callers;
 use crate::credentials::{Credential, CredentialKind};
 use crate::egress::{Denial, EgressPolicy, Rule};
 use crate::metrics::DataSourceSeries;
+use crate::oauth2::{ClientAuth, OAuth2};
 use crate::secrets::{Keyring, Secret, SECRET_FIELDS};
 use crate::upstream::Upstream;
 
@@ -201,6 +202,7 @@ impl Protocol {
                 CredentialKind::Basic,
                 CredentialKind::Header,
                 CredentialKind::Query,
+                CredentialKind::Oauth2,
             ],
             Protocol::Postgres | Protocol::Mysql => &[CredentialKind::Password],
         }
@@ -831,9 +833,13 @@ impl Validator<'_> {
         caller: Option<&str>,
         c: &RawCredential,
         protocol: Protocol,
-        keys: Keys<'_>,
-        places: &[(&str, &str)],
+        opening: &Opening<'_>,
     ) -> Option<CredentialState> {
+        let Opening {
+            keys,
+            places,
+            ca_file,
+        } = *opening;
         let key =
             |field: &str| crate::secrets::field_key(ds, &crate::secrets::field_path(caller, field));
         let kinds = protocol.credential_kinds();
@@ -858,14 +864,39 @@ impl Validator<'_> {
             ("password", &c.password),
             ("name", &c.name),
             ("value", &c.value),
+            ("token_url", &c.token_url),
+            ("client_id", &c.client_id),
+            ("client_secret", &c.client_secret),
+            ("client_auth", &c.client_auth),
         ];
-        let wanted: &[&str] = match kind {
-            CredentialKind::Bearer => &["token"],
-            CredentialKind::Basic | CredentialKind::Password => &["username", "password"],
-            CredentialKind::Header | CredentialKind::Query => &["name", "value"],
+        let (wanted, optional): (&[&str], &[&str]) = match kind {
+            CredentialKind::Bearer => (&["token"], &[]),
+            CredentialKind::Basic | CredentialKind::Password => (&["username", "password"], &[]),
+            CredentialKind::Header | CredentialKind::Query => (&["name", "value"], &[]),
+            CredentialKind::Oauth2 => (
+                &["token_url", "client_id", "client_secret"],
+                &["client_auth"],
+            ),
         };
         let mut complete = true;
+        let oauth2_only = [
+            ("scopes", c.scopes.as_ref().map(|s| s.span())),
+            ("params", c.params.as_ref().map(|p| p.span())),
+        ];
+        for (field, span) in oauth2_only {
+            if let Some(span) = span.filter(|_| kind != CredentialKind::Oauth2) {
+                self.sink.at(
+                    span,
+                    key(field),
+                    format!("does not belong to a {} credential", kind.as_str()),
+                );
+                complete = false;
+            }
+        }
         for (field, value) in fields {
+            if optional.contains(&field) {
+                continue;
+            }
             match (wanted.contains(&field), value) {
                 (false, Some(v)) => {
                     self.sink.at(
@@ -909,6 +940,52 @@ impl Validator<'_> {
             CredentialKind::Header => Credential::header(public(&c.name), &secret),
             CredentialKind::Query => Credential::query(public(&c.name), &secret),
             CredentialKind::Password => Credential::password(public(&c.username), secret),
+            CredentialKind::Oauth2 => {
+                let client_auth = self.one_of(
+                    &c.client_auth,
+                    &key("client_auth"),
+                    &[("basic", ClientAuth::Basic), ("post", ClientAuth::Post)],
+                    ClientAuth::Basic,
+                );
+                let tls = match crate::tls::upstream_client_config(ca_file) {
+                    Ok(tls) => tls,
+                    Err(message) => {
+                        self.sink.at(c.kind.span(), key("token_url"), message);
+                        return None;
+                    }
+                };
+                let params: Vec<(String, String)> = c
+                    .params
+                    .as_ref()
+                    .map(|p| {
+                        p.get_ref()
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let scopes = c
+                    .scopes
+                    .as_ref()
+                    .map(|s| s.get_ref().as_slice())
+                    .unwrap_or_default();
+                let at = c.token_url.as_ref().map_or(c.kind.span(), |u| u.span());
+                match OAuth2::new(
+                    public(&c.token_url),
+                    public(&c.client_id),
+                    &secret,
+                    client_auth,
+                    scopes,
+                    &params,
+                    Some(tls),
+                ) {
+                    Ok(client) => Ok(Credential::oauth2(client, &secret)),
+                    Err(message) => {
+                        self.sink.at(at, key("token_url"), message);
+                        return None;
+                    }
+                }
+            }
         };
         let whole = match caller {
             None => format!("datasources.{ds}.credential"),
@@ -917,10 +994,27 @@ impl Validator<'_> {
                 crate::secrets::CALLER_CREDENTIALS
             ),
         };
+        let expires_at = match &c.expires_at {
+            None => None,
+            Some(at) => match crate::credentials::parse_utc(at.get_ref()) {
+                Some(t) => Some(t),
+                None => {
+                    self.sink.at(
+                        at.span(),
+                        key("expires_at"),
+                        "not a time like 2027-03-01T00:00:00Z",
+                    );
+                    return None;
+                }
+            },
+        };
         built
             .map_err(|msg| self.sink.at(c.kind.span(), whole, msg))
             .ok()
-            .map(CredentialState::Ready)
+            .map(|mut credential| {
+                credential.expires_at = expires_at;
+                CredentialState::Ready(credential)
+            })
     }
 
     fn open(
@@ -1254,7 +1348,13 @@ impl Validator<'_> {
         if let Some(u) = upstream.as_mut().filter(|_| protocol != Protocol::Http) {
             u.tls = verify_tls;
         }
-        if raw.ca_file.is_some() && upstream.as_ref().is_some_and(|u| !u.tls) {
+        // A token endpoint is verified with the same CA settings.
+        let mints = raw
+            .credential
+            .iter()
+            .chain(raw.caller_credentials.values())
+            .any(|c| c.token_url.is_some());
+        if raw.ca_file.is_some() && upstream.as_ref().is_some_and(|u| !u.tls) && !mints {
             if let Some(f) = &raw.ca_file {
                 self.sink.at(
                     f.span(),
@@ -1286,12 +1386,18 @@ impl Validator<'_> {
                 .hash(&mut h);
             h.finish()
         };
+        let ca_path = raw.ca_file.as_ref().map(|f| self.relative(f.get_ref()));
+        let opening = Opening {
+            keys: context.keys,
+            places,
+            ca_file: ca_path.as_deref(),
+        };
         // Every field is judged, whatever failed before it, so that one
         // run of `check` reports all there is to fix.
         let credential = raw
             .credential
             .as_ref()
-            .and_then(|c| self.credential(name.get_ref(), None, c, protocol, context.keys, places));
+            .and_then(|c| self.credential(name.get_ref(), None, c, protocol, &opening));
         let mut caller_credentials = HashMap::new();
         for (caller, c) in &raw.caller_credentials {
             let caller_key = format!(
@@ -1312,8 +1418,7 @@ impl Validator<'_> {
                 Some(caller.get_ref()),
                 c,
                 protocol,
-                context.keys,
-                places,
+                &opening,
             );
             match opened {
                 Some(state) => {
@@ -1377,6 +1482,40 @@ impl Validator<'_> {
             );
             return None;
         }
+        // A token endpoint is a destination of its own: the policy must
+        // allow it, and a client secret goes over https only.
+        let minted = credential
+            .iter()
+            .chain(caller_credentials.values())
+            .filter_map(|c| c.ready()?.minted());
+        for client in minted {
+            let target = client.target();
+            let at = raw
+                .credential
+                .as_ref()
+                .and_then(|c| c.token_url.as_ref())
+                .map_or(raw.url.span(), |u| u.span());
+            if let Err(denial) = context.egress.destination(&target.host, target.port) {
+                let problem = self.sink.error_at(
+                    at.clone(),
+                    key("credential.token_url"),
+                    format!("egress denied for the token endpoint: {}", denial.reason),
+                );
+                self.egress_problems.push(problem);
+            }
+            if !target.tls
+                && !context
+                    .egress
+                    .private_destination(&target.host, target.port)
+            {
+                self.sink.at(
+                    at,
+                    key("credential.token_url"),
+                    "a client secret is only sent over https://, or to a destination an allow_private entry admits",
+                );
+                return None;
+            }
+        }
         let has_credential = raw.credential.is_some() || !raw.caller_credentials.is_empty();
         if has_credential && !upstream.tls && !private {
             self.sink.at(
@@ -1410,6 +1549,15 @@ impl Validator<'_> {
             series: OnceLock::new(),
         })
     }
+}
+
+/// What opening a credential needs besides its own fields.
+#[derive(Clone, Copy)]
+struct Opening<'a> {
+    keys: Keys<'a>,
+    places: &'a [(&'a str, &'a str)],
+    /// The data source's `ca_file`, which a token endpoint is verified with.
+    ca_file: Option<&'a Path>,
 }
 
 /// Loads a PEM bundle of CA certificates, refusing anything pingora would

@@ -110,6 +110,15 @@ pub struct RawCredential {
     pub password: Option<Spanned<String>>,
     pub name: Option<Spanned<String>>,
     pub value: Option<Spanned<String>>,
+    /// `oauth2` (SPEC section 11).
+    pub token_url: Option<Spanned<String>>,
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub scopes: Option<Spanned<Vec<String>>>,
+    pub params: Option<Spanned<BTreeMap<String, String>>>,
+    /// Any kind: when the credential stops working (RFC 3339, UTC).
+    pub expires_at: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

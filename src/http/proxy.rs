@@ -27,6 +27,7 @@ use crate::credentials::Credential;
 use crate::errors::{classify, ErrorCode, Refusal};
 use crate::http::route;
 use crate::metrics::CloseReason;
+use crate::oauth2::Token;
 use crate::state::{RequestId, Shared};
 use crate::throttle::Peer;
 use crate::tls::TlsIdentity;
@@ -89,6 +90,9 @@ pub struct RequestCtx {
     egress_ip: Option<IpAddr>,
     /// Whose credential the request uses, once admitted.
     credential_source: Option<CredentialSource>,
+    /// The access token this request carries, for a credential sealgate
+    /// mints.
+    token: Option<Arc<Token>>,
     refusal: Option<Refusal>,
     /// Set once the request reached `request_filter`, with what its audit
     /// record needs should the request be cut off before `logging` runs.
@@ -243,6 +247,7 @@ impl ProxyHttp for SealgateProxy {
             egress_start: None,
             egress_ip: None,
             credential_source: None,
+            token: None,
             refusal: None,
             started_request: None,
             status_sent: 0,
@@ -359,6 +364,10 @@ impl ProxyHttp for SealgateProxy {
                 format!("{how}: it could leave the data source's base path"),
             )),
         };
+        let routed = match routed {
+            Ok(()) => self.mint(ctx).await,
+            Err(refusal) => Err(refusal),
+        };
         match routed {
             Ok(()) => Ok(false),
             Err(refusal) => {
@@ -378,18 +387,19 @@ impl ProxyHttp for SealgateProxy {
             return Error::e_explain(ErrorType::InternalError, "no data source chosen");
         };
         let target = &ds.upstream;
-        let addrs = match connect::judged_addresses(&self.shared, &ctx.config, &ds).await {
-            Ok(addrs) => addrs,
-            Err(refusal) => {
-                let denied = refusal.code == ErrorCode::EgressDenied;
-                ctx.refusal = Some(refusal);
-                return Err(if denied {
-                    Error::new_in(ErrorType::HTTPStatus(403))
-                } else {
-                    Error::new_up(ErrorType::ConnectError)
-                });
-            }
-        };
+        let addrs =
+            match connect::judged_addresses(&self.shared, &ctx.config, &ds, &ds.upstream).await {
+                Ok(addrs) => addrs,
+                Err(refusal) => {
+                    let denied = refusal.code == ErrorCode::EgressDenied;
+                    ctx.refusal = Some(refusal);
+                    return Err(if denied {
+                        Error::new_in(ErrorType::HTTPStatus(403))
+                    } else {
+                        Error::new_up(ErrorType::ConnectError)
+                    });
+                }
+            };
         let attempt = connect::attempt(&ds, &addrs, &mut ctx.egress_start, ctx.connect_attempts);
         ctx.connect_attempts += 1;
         let connect::Attempt {
@@ -507,6 +517,9 @@ impl ProxyHttp for SealgateProxy {
         if let Some(credential) = ctx.credential() {
             credential.inject_header(upstream_request)?;
         }
+        if let Some(token) = &ctx.token {
+            upstream_request.insert_header(header::AUTHORIZATION, token.header.clone())?;
+        }
         Ok(())
     }
 
@@ -525,6 +538,15 @@ impl ProxyHttp for SealgateProxy {
                 let revealed = credential.redact(upstream_response)?;
                 self.count_scrubbed(&ds.name, revealed);
             }
+            if let Some(token) = &ctx.token {
+                let revealed = token.echoes.redact_head(upstream_response)?;
+                self.count_scrubbed(&ds.name, revealed);
+                if upstream_response.status == http::StatusCode::UNAUTHORIZED {
+                    if let Some(client) = ctx.credential().and_then(|c| c.minted()) {
+                        client.rejected(token, &self.shared, &ctx.config, ds);
+                    }
+                }
+            }
         }
         // The reason phrase is free text only the upstream chose: it may
         // echo anything, and no client needs it.
@@ -541,7 +563,10 @@ impl ProxyHttp for SealgateProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let (Some(ds), Some(credential)) = (&ctx.datasource, ctx.credential()) {
-            let revealed = credential.redact_trailers(upstream_trailers);
+            let mut revealed = credential.redact_trailers(upstream_trailers);
+            if let Some(token) = &ctx.token {
+                revealed += token.echoes.redact_trailers(upstream_trailers);
+            }
             self.count_scrubbed(&ds.name, revealed);
         }
         Ok(())
@@ -681,6 +706,19 @@ impl SealgateProxy {
         }
         let admitted = access::admit(&self.shared.metrics, ctx.caller.as_deref(), ds)?;
         ctx.credential_source = admitted.source;
+        Ok(())
+    }
+
+    /// For a credential sealgate mints, the token the request will carry
+    /// (waiting for a fetch if there is none valid).
+    async fn mint(&self, ctx: &mut RequestCtx) -> std::result::Result<(), Refusal> {
+        let Some(client) = ctx.credential().and_then(|c| c.minted()).cloned() else {
+            return Ok(());
+        };
+        let Some(ds) = ctx.datasource.clone() else {
+            return Ok(());
+        };
+        ctx.token = Some(client.token(&self.shared, &ctx.config, &ds).await?);
         Ok(())
     }
 

@@ -60,9 +60,13 @@ pub async fn open(
     credential: Option<&Credential>,
     hello: &ClientHello,
 ) -> Result<Upstream, LoginFailure> {
-    connect::login(shared, config, ds, |tcp, attempt| async move {
-        login(tcp, &attempt, ds, credential, hello).await
-    })
+    connect::login(
+        shared,
+        config,
+        ds,
+        &ds.upstream,
+        |tcp, attempt| async move { login(tcp, &attempt, ds, credential, hello).await },
+    )
     .await
 }
 
@@ -216,7 +220,7 @@ async fn login(
             SslRequest::new(capabilities, hello.max_packet_size, hello.collation)
                 .serialize(&mut request);
             send(&mut tcp, &mut seq, &request).await?;
-            Box::new(connect::db_tls(config, ds, tcp).await?)
+            Box::new(connect::tls(config, &ds.upstream, tcp).await?)
         }
     };
     let Some((user, password)) = credential.and_then(|c| c.login()) else {

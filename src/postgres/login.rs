@@ -41,9 +41,13 @@ pub async fn open(
     credential: Option<&Credential>,
     parameters: &[(String, String)],
 ) -> Result<Upstream, LoginFailure> {
-    connect::login(shared, config, ds, |tcp, attempt| async move {
-        login(tcp, &attempt, ds, credential, parameters).await
-    })
+    connect::login(
+        shared,
+        config,
+        ds,
+        &ds.upstream,
+        |tcp, attempt| async move { login(tcp, &attempt, ds, credential, parameters).await },
+    )
     .await
 }
 
@@ -84,7 +88,7 @@ pub async fn secure(
             ))
         }
     }
-    let stream = connect::db_tls(tls, ds, tcp).await?;
+    let stream = connect::tls(tls, &ds.upstream, tcp).await?;
     let end_point = stream
         .get_ref()
         .1

@@ -1,0 +1,415 @@
+//! OAuth2 client-credentials data sources end to end (SPEC section 11): a
+//! token endpoint written here from RFC 6749 (it checks the client's
+//! authentication, basic or in the form, and the grant), behind TLS made
+//! by the test, and a resource server that accepts only the tokens it
+//! issued and still valid.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use common::*;
+use http_body_util::BodyExt;
+use hyper::{Request, Response};
+
+const CLIENT_ID: &str = "crm sync";
+const CLIENT_SECRET: &str = "oauth-client-secret-6c1f:09";
+
+/// What the token endpoint answers next.
+#[derive(Clone)]
+enum Answer {
+    /// A token living this many seconds.
+    Token(i64),
+    /// A status and a body (which echoes the secret, as some do).
+    Status(u16),
+    NotJson,
+    NoToken,
+    ExpiresIn(serde_json::Value),
+    Redirect,
+}
+
+#[derive(Default)]
+struct Issuer {
+    next: AtomicU64,
+    /// Valid tokens and when they stop being valid.
+    valid: Mutex<HashMap<String, Instant>>,
+    /// Every token request's form, without the secret.
+    requests: Mutex<Vec<HashMap<String, String>>>,
+    answer: Mutex<Option<Answer>>,
+}
+
+fn form(body: &[u8]) -> HashMap<String, String> {
+    url::form_urlencoded::parse(body).into_owned().collect()
+}
+
+impl Issuer {
+    fn answer(&self, a: Answer) {
+        *self.answer.lock().unwrap() = Some(a);
+    }
+
+    fn fetches(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// RFC 6749 2.3.1 and 4.4: the client authenticates by Basic (id and
+    /// secret form-encoded, then base64) or in the body, never both.
+    fn authenticated(&self, basic: Option<&str>, form: &HashMap<String, String>) -> bool {
+        let in_body = (form.get("client_id"), form.get("client_secret"));
+        match (basic, in_body) {
+            (Some(value), (None, None)) => {
+                let Some(decoded) = value
+                    .strip_prefix("Basic ")
+                    .and_then(|b| STANDARD.decode(b).ok())
+                    .and_then(|b| String::from_utf8(b).ok())
+                else {
+                    return false;
+                };
+                let Some((id, secret)) = decoded.split_once(':') else {
+                    return false;
+                };
+                let id = form_decode(id);
+                let secret = form_decode(secret);
+                id == CLIENT_ID && secret == CLIENT_SECRET
+            }
+            (None, (Some(id), Some(secret))) => id == CLIENT_ID && secret == CLIENT_SECRET,
+            _ => false,
+        }
+    }
+
+    async fn serve(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
+        let basic = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let content_type_ok = req
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v == "application/x-www-form-urlencoded");
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let mut fields = form(&body);
+        let ok = content_type_ok
+            && fields.get("grant_type").map(String::as_str) == Some("client_credentials")
+            && self.authenticated(basic.as_deref(), &fields);
+        fields.remove("client_secret");
+        self.requests.lock().unwrap().push(fields);
+        let json = |status: u16, v: serde_json::Value| {
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(full(v.to_string()))
+                .unwrap()
+        };
+        if !ok {
+            return json(
+                401,
+                serde_json::json!({"error": "invalid_client", "error_description": format!("bad secret for {CLIENT_SECRET}")}),
+            );
+        }
+        let answer = self
+            .answer
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(Answer::Token(3600));
+        match answer {
+            Answer::Token(seconds) => {
+                let token = format!(
+                    "at-{}-{}",
+                    self.next.fetch_add(1, Ordering::SeqCst),
+                    random_password()
+                );
+                let until = Instant::now() + Duration::from_secs(seconds.max(0) as u64);
+                self.valid.lock().unwrap().insert(token.clone(), until);
+                json(
+                    200,
+                    serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": seconds}),
+                )
+            }
+            Answer::Status(status) => json(
+                status,
+                serde_json::json!({"error": "temporarily_unavailable", "error_description": CLIENT_SECRET}),
+            ),
+            Answer::NotJson => Response::builder()
+                .status(200)
+                .body(full(format!("<html>{CLIENT_SECRET}</html>")))
+                .unwrap(),
+            Answer::NoToken => json(
+                200,
+                serde_json::json!({"token_type": "Bearer", "expires_in": 60}),
+            ),
+            Answer::ExpiresIn(v) => json(
+                200,
+                serde_json::json!({"access_token": "at-odd", "expires_in": v}),
+            ),
+            Answer::Redirect => Response::builder()
+                .status(302)
+                .header("location", "https://elsewhere.example/token")
+                .body(full(""))
+                .unwrap(),
+        }
+    }
+
+    /// The resource server: 200 for a token it issued and still valid.
+    async fn resource(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
+        let token = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let valid = token.as_ref().is_some_and(|t| {
+            self.valid
+                .lock()
+                .unwrap()
+                .get(t)
+                .is_some_and(|until| Instant::now() < *until)
+        });
+        let status = if valid { 200 } else { 401 };
+        Response::builder()
+            .status(status)
+            .body(full(if valid { "hello" } else { "no" }))
+            .unwrap()
+    }
+}
+
+fn form_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+struct Fixture {
+    issuer: Arc<Issuer>,
+    sg: Sealgate,
+}
+
+/// sealgate with data source `crm` (oauth2 with `client_auth`) in front of
+/// the resource server; the token endpoint on TLS from the test CA.
+async fn fixture(client_auth: &str, rust_log: &str) -> Fixture {
+    let issuer = Arc::new(Issuer::default());
+    let ca = TestCa::new("oauth2 test CA");
+    let endpoint = {
+        let issuer = issuer.clone();
+        upstream(
+            handler(move |req| issuer.clone().serve(req)),
+            Some(ca.server_config(&["localhost"])),
+        )
+        .await
+    };
+    let resource = {
+        let issuer = issuer.clone();
+        upstream(handler(move |req| issuer.clone().resource(req)), None).await
+    };
+    let client_auth = client_auth.to_string();
+    let rust_log = rust_log.to_string();
+    let sg = tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::new(dir.path());
+        let config = dir.path().join("sealgate.toml");
+        std::fs::write(&config, keys.toml("k1")).unwrap();
+        ca.write_pem(&dir.path().join("ca.pem"));
+        let sealed = seal(&config, "crm", "client_secret", CLIENT_SECRET);
+        let toml = format!(
+            "{}\n[datasources.crm]\nurl = \"http://{}/api\"\nca_file = \"ca.pem\"\n\
+             credential = {{ kind = \"oauth2\", token_url = \"https://localhost:{}/oauth2/token\", \
+             client_id = \"{CLIENT_ID}\", client_secret = \"{sealed}\", client_auth = \"{client_auth}\", \
+             scopes = [\"crm.read\", \"crm.write\"], params = {{ audience = \"https://api.example.com\" }} }}\n",
+            keys.toml("k1"),
+            resource.addr,
+            endpoint.addr.port()
+        );
+        Sealgate::start_logging(dir, &toml, &rust_log)
+    })
+    .await
+    .unwrap();
+    Fixture { issuer, sg }
+}
+
+impl Fixture {
+    async fn get(&self) -> (u16, serde_json::Value) {
+        let resp = get(self.sg.proxy, "/crm/records").await;
+        let status = resp.status().as_u16();
+        let body = body_bytes(resp).await;
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_fetched_once_with_basic_or_post_authentication_and_reused() {
+    for auth in ["basic", "post"] {
+        let f = fixture(auth, "info").await;
+        for _ in 0..20 {
+            assert_eq!(f.get().await.0, 200, "{auth}");
+        }
+        assert_eq!(f.issuer.fetches(), 1, "{auth}: one fetch for 20 requests");
+        let request = f.issuer.requests.lock().unwrap()[0].clone();
+        assert_eq!(
+            request.get("scope").map(String::as_str),
+            Some("crm.read crm.write")
+        );
+        assert_eq!(
+            request.get("audience").map(String::as_str),
+            Some("https://api.example.com")
+        );
+        assert_eq!(
+            request.contains_key("client_id"),
+            auth == "post",
+            "{auth}: {request:?}"
+        );
+        f.sg.assert_metrics(&[
+            "sealgate_credential_refreshes_total{datasource=\"crm\",result=\"ok\"} 1",
+        ]);
+        let expiry = f
+            .sg
+            .metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("sealgate_credential_expiry_timestamp_seconds{datasource=\"crm\"} ")
+                    .map(str::to_string)
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("the expiry gauge");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((expiry - now - 3600.0).abs() < 30.0, "{expiry} vs {now}");
+        let events = f.sg.audit_events();
+        assert!(
+            events
+                .iter()
+                .any(|e| e["event"] == "credential_refresh" && e["result"] == "ok"),
+            "{events:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_token_is_refreshed_ahead_of_expiry_and_a_burst_at_expiry_fetches_once() {
+    let f = fixture("basic", "info").await;
+    f.issuer.answer(Answer::Token(4));
+    assert_eq!(f.get().await.0, 200);
+    assert_eq!(f.issuer.fetches(), 1);
+    // A quarter of 4 s is left at 3 s: the next request starts a refresh
+    // in the background and is served with the current token.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(f.get().await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.issuer.fetches(), 2, "refreshed about 1 s before expiry");
+    // Requests at 100 ms intervals for 3 s fetch no more.
+    for _ in 0..25 {
+        assert_eq!(f.get().await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        f.issuer.fetches() <= 3,
+        "not a fetch per request: {}",
+        f.issuer.fetches()
+    );
+
+    // Let the token lapse, then 1,000 requests at once: exactly one fetch.
+    f.issuer.answer(Answer::Token(3600));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = f.issuer.fetches();
+    let burst = (0..1000).map(|_| get(f.sg.proxy, "/crm/records"));
+    let statuses: Vec<u16> = futures_util::future::join_all(burst)
+        .await
+        .into_iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{:?}",
+        statuses.iter().filter(|s| **s != 200).count()
+    );
+    assert_eq!(f.issuer.fetches() - before, 1, "one fetch for the burst");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_from_the_data_source_triggers_one_early_refresh() {
+    let f = fixture("basic", "info").await;
+    assert_eq!(f.get().await.0, 200);
+    // The resource server forgets the token (revoked).
+    f.issuer.valid.lock().unwrap().clear();
+    let (status, _) = f.get().await;
+    assert_eq!(status, 401, "the request itself is not retried");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.issuer.fetches(), 2);
+    assert_eq!(f.get().await.0, 200, "the new token works");
+    assert_eq!(f.issuer.fetches(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_faults_answer_503_and_never_pass_the_endpoints_words() {
+    let f = fixture("post", "info").await;
+    let cases = [
+        (
+            Answer::Status(503),
+            "http_error",
+            "the token endpoint answered 503 (temporarily_unavailable)",
+        ),
+        (
+            Answer::Status(400),
+            "refused",
+            "the token endpoint answered 400 (temporarily_unavailable)",
+        ),
+        (Answer::NotJson, "invalid", "not JSON"),
+        (Answer::NoToken, "invalid", "has no access_token"),
+        (
+            Answer::ExpiresIn(serde_json::json!(0)),
+            "invalid",
+            "expires_in",
+        ),
+        (
+            Answer::ExpiresIn(serde_json::json!(-5)),
+            "invalid",
+            "expires_in",
+        ),
+        (
+            Answer::ExpiresIn(serde_json::json!(99_999_999_999u64)),
+            "invalid",
+            "expires_in",
+        ),
+        (
+            Answer::Redirect,
+            "http_error",
+            "the token endpoint answered 302",
+        ),
+    ];
+    for (answer, result, text) in cases {
+        f.issuer.answer(answer);
+        let (status, body) = f.get().await;
+        assert_eq!(status, 503, "{text}: {body}");
+        assert_eq!(body["error"], "credential_unavailable", "{body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(text), "{message}");
+        assert!(!message.contains(CLIENT_SECRET), "{message}");
+        f.sg.assert_metrics(&[&format!(
+            "sealgate_credential_refreshes_total{{datasource=\"crm\",result=\"{result}\"}}"
+        )]);
+    }
+    // A token that works, then the endpoint fails: the token stays in use
+    // until it expires.
+    f.issuer.answer(Answer::Token(4));
+    assert_eq!(f.get().await.0, 200);
+    f.issuer.answer(Answer::Status(500));
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(
+        f.get().await.0,
+        200,
+        "the last token serves while a refresh fails"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(f.get().await.0, 503, "and not after it expired");
+    for (stream, text) in [("stderr", f.sg.stderr()), ("stdout", f.sg.stdout())] {
+        assert!(!text.contains(CLIENT_SECRET), "{stream}");
+        assert!(!text.contains("bad secret"), "{stream}");
+    }
+}
