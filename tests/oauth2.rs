@@ -157,6 +157,7 @@ impl Issuer {
 
     /// The resource server: 200 for a token it issued and still valid.
     async fn resource(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
+        let path_echoes = req.uri().path().ends_with("/echo");
         let token = req
             .headers()
             .get("authorization")
@@ -171,8 +172,11 @@ impl Issuer {
                 .is_some_and(|until| Instant::now() < *until)
         });
         let status = if valid { 200 } else { 401 };
+        // A debug endpoint that quotes the request's credential back.
+        let echo = token.filter(|_| path_echoes).unwrap_or_default();
         Response::builder()
             .status(status)
+            .header("x-seen-token", echo)
             .body(full(if valid { "hello" } else { "no" }))
             .unwrap()
     }
@@ -193,6 +197,12 @@ struct Fixture {
 /// sealgate with data source `crm` (oauth2 with `client_auth`) in front of
 /// the resource server; the token endpoint on TLS from the test CA.
 async fn fixture(client_auth: &str, rust_log: &str) -> Fixture {
+    fixture_with(client_auth, rust_log, "").await
+}
+
+/// The same, with `extra` config after the data source (`{sealed}` in it
+/// is a client secret sealed for data source `odd`).
+async fn fixture_with(client_auth: &str, rust_log: &str, extra: &str) -> Fixture {
     let issuer = Arc::new(Issuer::default());
     let ca = TestCa::new("oauth2 test CA");
     let endpoint = {
@@ -209,6 +219,7 @@ async fn fixture(client_auth: &str, rust_log: &str) -> Fixture {
     };
     let client_auth = client_auth.to_string();
     let rust_log = rust_log.to_string();
+    let extra = extra.to_string();
     let sg = tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir().unwrap();
         let keys = Keys::new(dir.path());
@@ -216,8 +227,10 @@ async fn fixture(client_auth: &str, rust_log: &str) -> Fixture {
         std::fs::write(&config, keys.toml("k1")).unwrap();
         ca.write_pem(&dir.path().join("ca.pem"));
         let sealed = seal(&config, "crm", "client_secret", CLIENT_SECRET);
+        let odd = seal(&config, "odd", "client_secret", CLIENT_SECRET);
+        let extra = extra.replace("{sealed}", &odd);
         let toml = format!(
-            "{}\n[datasources.crm]\nurl = \"http://{}/api\"\nca_file = \"ca.pem\"\n\
+            "{extra}\n{}\n[datasources.crm]\nurl = \"http://{}/api\"\nca_file = \"ca.pem\"\n\
              credential = {{ kind = \"oauth2\", token_url = \"https://localhost:{}/oauth2/token\", \
              client_id = \"{CLIENT_ID}\", client_secret = \"{sealed}\", client_auth = \"{client_auth}\", \
              scopes = [\"crm.read\", \"crm.write\"], params = {{ audience = \"https://api.example.com\" }} }}\n",
@@ -412,4 +425,93 @@ async fn token_endpoint_faults_answer_503_and_never_pass_the_endpoints_words() {
         assert!(!text.contains(CLIENT_SECRET), "{stream}");
         assert!(!text.contains("bad secret"), "{stream}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_shows_the_token_state_and_expires_at_feeds_the_gauge_and_a_denied_token_host_is_refused(
+) {
+    let extra = "[datasources.odd]\nurl = \"http://127.0.0.1:1/x\"\n\
+                 credential = { kind = \"oauth2\", token_url = \"https://10.9.9.9/token\", client_id = \"a\", \
+                 client_secret = \"{sealed}\", expires_at = \"2027-03-01T00:00:00Z\" }\n";
+    let f = fixture_with("basic", "info", extra).await;
+    let sg = &f.sg;
+    let listing = || -> serde_json::Value {
+        let (_, body) = http_get_blocking(sg.admin, "/v1/datasources").unwrap();
+        let all: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        all.into_iter().find(|d| d["name"] == "crm").unwrap()["credential"].clone()
+    };
+    let before = tokio::task::block_in_place(listing);
+    assert_eq!(before["kind"], "oauth2");
+    assert_eq!(before["client_secret"], "Encrypted on the server side");
+    assert_eq!(before["token"]["state"], "none", "{before}");
+    assert_eq!(f.get().await.0, 200);
+    let after = tokio::task::block_in_place(listing);
+    assert_eq!(after["token"]["state"], "fresh", "{after}");
+    assert!(
+        after["token"]["expires_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{after}"
+    );
+    f.sg.assert_metrics(&[
+        "sealgate_credential_expiry_timestamp_seconds{datasource=\"odd\"} 1803859200",
+    ]);
+    // The token host 10.9.9.9 matches no allow entry: nothing is fetched.
+    let resp = get(f.sg.proxy, "/odd/x").await;
+    assert_eq!(resp.status().as_u16(), 503);
+    let body = json(resp).await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the token host is not allowed"),
+        "{body}"
+    );
+    f.sg.assert_metrics(&[
+        "sealgate_credential_refreshes_total{datasource=\"odd\",result=\"egress_denied\"} 1",
+    ]);
+    let (code, _, err) =
+        tokio::task::block_in_place(|| check_config(f.sg.dir.path().join("sealgate.toml")));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("datasources.odd.credential.token_url: egress denied for the token endpoint"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_secret_or_token_appears_anywhere_at_trace_level() {
+    let f = fixture("basic", "trace").await;
+    let mut seen = Vec::new();
+    for path in ["/crm/records", "/crm/echo", "/crm/echo"] {
+        let resp = get(f.sg.proxy, path).await;
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        seen.extend_from_slice(format!("{:?}", resp.headers()).as_bytes());
+        seen.extend_from_slice(&body_bytes(resp).await);
+    }
+    // A failing endpoint that echoes the secret in its error body.
+    let tokens: Vec<String> = f.issuer.valid.lock().unwrap().keys().cloned().collect();
+    f.issuer.valid.lock().unwrap().clear();
+    f.issuer.answer(Answer::Status(500));
+    let resp = get(f.sg.proxy, "/crm/records").await;
+    seen.extend_from_slice(&body_bytes(resp).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut secrets = vec![CLIENT_SECRET.to_string()];
+    secrets.extend(tokens);
+    let audit = std::fs::read(f.sg.dir.path().join("audit.log")).unwrap();
+    for secret in &secrets {
+        let forms = secret_forms(secret, &[]);
+        assert_no_secret("what the client saw", &seen, &forms);
+        assert_no_secret("the audit trail", &audit, &forms);
+        assert_no_secret("metrics", f.sg.metrics().as_bytes(), &forms);
+        assert_no_secret("stdout", f.sg.stdout().as_bytes(), &forms);
+        assert_no_secret("stderr", f.sg.stderr().as_bytes(), &forms);
+    }
+    assert!(
+        f.sg.stderr().contains("TRACE"),
+        "logging ran at trace level"
+    );
+    f.sg.assert_metrics(&[
+        "sealgate_secrets_scrubbed_total{datasource=\"crm\",where=\"header\"} 2",
+    ]);
 }
