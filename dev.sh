@@ -46,6 +46,14 @@ ensure_mariadb() {
   apt_install mariadb-server mariadb-client openssl
 }
 
+# The SigV4 tests sign against moto in server mode (it recomputes every
+# signature), set up with boto3, which moto brings.
+ensure_moto() {
+  command -v moto_server >/dev/null 2>&1 && return 0
+  echo "dev.sh: installing moto[server] (the SigV4 tests' verifier)" >&2
+  python3 -m pip install -q 'moto[server]==5.0.28'
+}
+
 # llvm-profdata must come from rustc's own LLVM: rustup's llvm-tools.
 profdata_tool() {
   local tool
@@ -115,6 +123,7 @@ case "${1:-}" in
     ensure_build_tools
     ensure_postgres
     ensure_mariadb
+    ensure_moto
     exec cargo test --all-targets
     ;;
   release)
@@ -129,6 +138,7 @@ case "${1:-}" in
     ensure_build_tools
     ensure_postgres
     ensure_mariadb
+    ensure_moto
     ;;
   bench-setup)
     ensure_build_tools

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::echoes::Echoes;
 use crate::oauth2::OAuth2;
 use crate::secrets::Secret;
+use crate::sigv4::Sigv4;
 
 /// RFC 3986 unreserved characters stay as they are; everything else in a
 /// query name or value is percent-encoded.
@@ -51,6 +52,8 @@ pub enum CredentialKind {
     Password,
     /// An OAuth2 access token sealgate fetches with a client secret.
     Oauth2,
+    /// AWS Signature Version 4 over every request.
+    AwsSigv4,
 }
 
 impl CredentialKind {
@@ -62,6 +65,7 @@ impl CredentialKind {
             "query" => Some(CredentialKind::Query),
             "password" => Some(CredentialKind::Password),
             "oauth2" => Some(CredentialKind::Oauth2),
+            "aws_sigv4" => Some(CredentialKind::AwsSigv4),
             _ => None,
         }
     }
@@ -74,6 +78,7 @@ impl CredentialKind {
             CredentialKind::Query => "query",
             CredentialKind::Password => "password",
             CredentialKind::Oauth2 => "oauth2",
+            CredentialKind::AwsSigv4 => "aws_sigv4",
         }
     }
 
@@ -84,6 +89,7 @@ impl CredentialKind {
             CredentialKind::Basic | CredentialKind::Password => "password",
             CredentialKind::Header | CredentialKind::Query => "value",
             CredentialKind::Oauth2 => "client_secret",
+            CredentialKind::AwsSigv4 => "secret_access_key",
         }
     }
 }
@@ -102,6 +108,8 @@ enum Injection {
     Login(Secret),
     /// A token fetched per data source; the request waits for one.
     Minted(Arc<OAuth2>),
+    /// A signature made per request.
+    Signed(Box<Sigv4>),
 }
 
 /// An opened credential, ready to inject.
@@ -299,6 +307,28 @@ impl Credential {
             echoes: Echoes::of(&[secret.expose().as_bytes()]),
             injection: Injection::Minted(Arc::new(client)),
             expires_at: None,
+        }
+    }
+
+    /// AWS Signature Version 4: the keys are sealgate's, the signature
+    /// is made per request.
+    pub fn sigv4(signer: Sigv4, secrets: &[&Secret]) -> Credential {
+        let forms: Vec<&[u8]> = secrets.iter().map(|s| s.expose().as_bytes()).collect();
+        Credential {
+            kind: CredentialKind::AwsSigv4,
+            username: None,
+            name: Some(format!("{}/{}", signer.region, signer.service)),
+            echoes: Echoes::of(&forms),
+            injection: Injection::Signed(Box::new(signer)),
+            expires_at: None,
+        }
+    }
+
+    /// The signer of a credential that signs each request.
+    pub fn signer(&self) -> Option<&Sigv4> {
+        match &self.injection {
+            Injection::Signed(signer) => Some(signer),
+            _ => None,
         }
     }
 

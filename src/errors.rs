@@ -17,6 +17,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A request target longer than `route::MAX_TARGET`.
     TargetTooLong,
+    /// A body to be signed (SigV4, not S3) over the limit.
+    BodyTooLarge,
     /// Too many failed identifications from one peer.
     CallerThrottled,
     UpstreamUnreachable,
@@ -44,6 +46,7 @@ impl ErrorCode {
             ErrorCode::UnknownDatasource => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::TargetTooLong => 414,
+            ErrorCode::BodyTooLarge => 413,
             ErrorCode::CallerThrottled => 429,
             ErrorCode::TlsRequired => 403,
             ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls | ErrorCode::UpstreamAuth => {
@@ -61,6 +64,7 @@ impl ErrorCode {
         match self {
             ErrorCode::BadRequest | ErrorCode::TargetTooLong => "bad_request",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::CallerThrottled => "caller_throttled",
             ErrorCode::CallerUnauthenticated => "caller_unauthenticated",
             ErrorCode::CallerForbidden => "caller_forbidden",
@@ -82,9 +86,10 @@ impl ErrorCode {
     /// section 9).
     pub fn sqlstate(self) -> &'static str {
         match self {
-            ErrorCode::BadRequest | ErrorCode::TargetTooLong | ErrorCode::MethodNotAllowed => {
-                "08P01"
-            }
+            ErrorCode::BadRequest
+            | ErrorCode::TargetTooLong
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::BodyTooLarge => "08P01",
             ErrorCode::TlsRequired | ErrorCode::CallerForbidden => "28000",
             ErrorCode::CallerUnauthenticated | ErrorCode::CallerThrottled => "28P01",
             ErrorCode::UnknownDatasource => "3D000",
@@ -110,9 +115,10 @@ impl ErrorCode {
     /// "2027 Received malformed packet", its message lost.
     pub fn mysql(self) -> (u16, &'static str) {
         match self {
-            ErrorCode::BadRequest | ErrorCode::TargetTooLong | ErrorCode::MethodNotAllowed => {
-                (1156, "08S01")
-            }
+            ErrorCode::BadRequest
+            | ErrorCode::TargetTooLong
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::BodyTooLarge => (1156, "08S01"),
             ErrorCode::CallerUnauthenticated => (1045, "28000"),
             ErrorCode::CallerForbidden => (1044, "42000"),
             ErrorCode::UnknownDatasource => (1049, "3D000"),

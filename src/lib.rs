@@ -26,6 +26,7 @@ pub mod reload;
 pub mod secrets;
 pub mod server;
 pub mod sessions;
+pub mod sigv4;
 pub mod state;
 pub mod statements;
 pub mod throttle;

@@ -32,7 +32,15 @@ const MIN_SALT_LEN: usize = 16;
 const MIN_SALT_DISTINCT_BYTES: usize = 8;
 pub const KEY_LEN: usize = 32;
 /// The secret fields a credential can have; `seal --field` takes one.
-pub const SECRET_FIELDS: [&str; 4] = ["token", "password", "value", "client_secret"];
+pub const SECRET_FIELDS: [&str; 7] = [
+    "token",
+    "password",
+    "value",
+    "client_secret",
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+];
 /// Where per-caller credentials of a data source live (SPEC section 8).
 pub const CALLER_CREDENTIALS: &str = "caller_credentials";
 

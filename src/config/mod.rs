@@ -203,6 +203,7 @@ impl Protocol {
                 CredentialKind::Header,
                 CredentialKind::Query,
                 CredentialKind::Oauth2,
+                CredentialKind::AwsSigv4,
             ],
             Protocol::Postgres | Protocol::Mysql => &[CredentialKind::Password],
         }
@@ -868,6 +869,11 @@ impl Validator<'_> {
             ("client_id", &c.client_id),
             ("client_secret", &c.client_secret),
             ("client_auth", &c.client_auth),
+            ("access_key_id", &c.access_key_id),
+            ("secret_access_key", &c.secret_access_key),
+            ("session_token", &c.session_token),
+            ("region", &c.region),
+            ("service", &c.service),
         ];
         let (wanted, optional): (&[&str], &[&str]) = match kind {
             CredentialKind::Bearer => (&["token"], &[]),
@@ -876,6 +882,10 @@ impl Validator<'_> {
             CredentialKind::Oauth2 => (
                 &["token_url", "client_id", "client_secret"],
                 &["client_auth"],
+            ),
+            CredentialKind::AwsSigv4 => (
+                &["access_key_id", "secret_access_key", "region", "service"],
+                &["session_token"],
             ),
         };
         let mut complete = true;
@@ -917,6 +927,27 @@ impl Validator<'_> {
                 _ => {}
             }
         }
+        let client_auth = self.one_of(
+            &c.client_auth,
+            &key("client_auth"),
+            &[("basic", ClientAuth::Basic), ("post", ClientAuth::Post)],
+            ClientAuth::Basic,
+        );
+        let expires_at = match &c.expires_at {
+            None => None,
+            Some(at) => {
+                let parsed = crate::credentials::parse_utc(at.get_ref());
+                if parsed.is_none() {
+                    self.sink.at(
+                        at.span(),
+                        key("expires_at"),
+                        "not a time like 2027-03-01T00:00:00Z",
+                    );
+                    complete = false;
+                }
+                parsed
+            }
+        };
         let secret_field = kind.secret_field();
         let sealed = fields
             .iter()
@@ -940,13 +971,50 @@ impl Validator<'_> {
             CredentialKind::Header => Credential::header(public(&c.name), &secret),
             CredentialKind::Query => Credential::query(public(&c.name), &secret),
             CredentialKind::Password => Credential::password(public(&c.username), secret),
-            CredentialKind::Oauth2 => {
-                let client_auth = self.one_of(
-                    &c.client_auth,
-                    &key("client_auth"),
-                    &[("basic", ClientAuth::Basic), ("post", ClientAuth::Post)],
-                    ClientAuth::Basic,
+            CredentialKind::AwsSigv4 => {
+                for (field, value) in [("region", &c.region), ("service", &c.service)] {
+                    let word = public(value);
+                    let valid = !word.is_empty()
+                        && word
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                    if let Some(value) = value.as_ref().filter(|_| !valid) {
+                        self.sink.at(
+                            value.span(),
+                            key(field),
+                            "lowercase letters, digits and '-', e.g. eu-west-1 or s3",
+                        );
+                        return None;
+                    }
+                }
+                let mut others = Vec::new();
+                for (field, value) in [
+                    ("access_key_id", &c.access_key_id),
+                    ("session_token", &c.session_token),
+                ] {
+                    let Some(sealed) = value else {
+                        continue;
+                    };
+                    let path = crate::secrets::field_path(caller, field);
+                    match self.open(ds, &path, sealed, keys, places)? {
+                        Ok(opened) => others.push(opened),
+                        Err(reason) => return Some(CredentialState::Unavailable { kind, reason }),
+                    }
+                }
+                let session_token = others.get(1);
+                let access_key_id = others.first()?;
+                let signer = crate::sigv4::Sigv4::new(
+                    access_key_id,
+                    &secret,
+                    session_token,
+                    public(&c.region),
+                    public(&c.service),
                 );
+                let mut secrets = vec![&secret, access_key_id];
+                secrets.extend(session_token);
+                Ok(Credential::sigv4(signer, &secrets))
+            }
+            CredentialKind::Oauth2 => {
                 let tls = match crate::tls::upstream_client_config(ca_file) {
                     Ok(tls) => tls,
                     Err(message) => {
@@ -993,20 +1061,6 @@ impl Validator<'_> {
                 "datasources.{ds}.{}.{caller}",
                 crate::secrets::CALLER_CREDENTIALS
             ),
-        };
-        let expires_at = match &c.expires_at {
-            None => None,
-            Some(at) => match crate::credentials::parse_utc(at.get_ref()) {
-                Some(t) => Some(t),
-                None => {
-                    self.sink.at(
-                        at.span(),
-                        key("expires_at"),
-                        "not a time like 2027-03-01T00:00:00Z",
-                    );
-                    return None;
-                }
-            },
         };
         built
             .map_err(|msg| self.sink.at(c.kind.span(), whole, msg))
@@ -1664,6 +1718,30 @@ mod tests {
             ":6: datasources.db.credential.kind: `bearer` is not one of password (the kinds of a postgres data source)",
             ":9: datasources.api.sslmode: only a postgresql:// data source has an sslmode",
             ":12: datasources.db2.sslmode: `prefer` is not \"verify-full\" or \"disable\"",
+        ];
+        for want in expected {
+            assert!(e.iter().any(|line| line.contains(want)), "{want} in {e:#?}");
+        }
+    }
+
+    #[test]
+    fn minted_credentials_are_judged_with_their_lines() {
+        let e = errors(concat!(
+            "[datasources.crm]\n",
+            "url = \"https://crm.example.com\"\n",
+            "credential = { kind = \"oauth2\", token_url = \"https://login.example.com/token\", client_id = \"a\", client_secret = \"sealed:v1:k1:x\", client_auth = \"jwt\" }\n",
+            "[datasources.s3]\n",
+            "url = \"https://s3.example.com\"\n",
+            "credential = { kind = \"aws_sigv4\", access_key_id = \"sealed:v1:k1:x\", secret_access_key = \"sealed:v1:k1:y\", service = \"s3\" }\n",
+            "[datasources.api]\n",
+            "url = \"https://api.example.com\"\n",
+            "credential = { kind = \"bearer\", token = \"sealed:v1:k1:x\", scopes = [\"a\"], expires_at = \"soon\" }\n",
+        ));
+        let expected = [
+            ":9: datasources.api.credential.expires_at: not a time like 2027-03-01T00:00:00Z",
+            ":3: datasources.crm.credential.client_auth: `jwt` is not \"basic\" or \"post\"",
+            ":6: datasources.s3.credential.region: missing: a aws_sigv4 credential needs it",
+            ":9: datasources.api.credential.scopes: does not belong to a bearer credential",
         ];
         for want in expected {
             assert!(e.iter().any(|line| line.contains(want)), "{want} in {e:#?}");

@@ -117,6 +117,12 @@ pub struct RawCredential {
     pub client_auth: Option<Spanned<String>>,
     pub scopes: Option<Spanned<Vec<String>>>,
     pub params: Option<Spanned<BTreeMap<String, String>>>,
+    /// `aws_sigv4`: the keys (sealed) and what they sign for.
+    pub access_key_id: Option<Spanned<String>>,
+    pub secret_access_key: Option<Spanned<String>>,
+    pub session_token: Option<Spanned<String>>,
+    pub region: Option<Spanned<String>>,
+    pub service: Option<Spanned<String>>,
     /// Any kind: when the credential stops working (RFC 3339, UTC).
     pub expires_at: Option<Spanned<String>>,
 }

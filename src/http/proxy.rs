@@ -28,6 +28,7 @@ use crate::errors::{classify, ErrorCode, Refusal};
 use crate::http::route;
 use crate::metrics::CloseReason;
 use crate::oauth2::Token;
+use crate::sigv4::Payload;
 use crate::state::{RequestId, Shared};
 use crate::throttle::Peer;
 use crate::tls::TlsIdentity;
@@ -93,6 +94,8 @@ pub struct RequestCtx {
     /// The access token this request carries, for a credential sealgate
     /// mints.
     token: Option<Arc<Token>>,
+    /// The body read to sign its hash (SigV4 services other than S3).
+    signed_body: Option<bytes::Bytes>,
     refusal: Option<Refusal>,
     /// Set once the request reached `request_filter`, with what its audit
     /// record needs should the request be cut off before `logging` runs.
@@ -248,6 +251,7 @@ impl ProxyHttp for SealgateProxy {
             egress_ip: None,
             credential_source: None,
             token: None,
+            signed_body: None,
             refusal: None,
             started_request: None,
             status_sent: 0,
@@ -365,7 +369,10 @@ impl ProxyHttp for SealgateProxy {
             )),
         };
         let routed = match routed {
-            Ok(()) => self.mint(ctx).await,
+            Ok(()) => match self.mint(ctx).await {
+                Ok(()) => self.read_signed_body(session, ctx).await,
+                Err(refusal) => Err(refusal),
+            },
             Err(refusal) => Err(refusal),
         };
         match routed {
@@ -519,6 +526,16 @@ impl ProxyHttp for SealgateProxy {
         }
         if let Some(token) = &ctx.token {
             upstream_request.insert_header(header::AUTHORIZATION, token.header.clone())?;
+        }
+        if let Some(signer) = ctx.credential().and_then(|c| c.signer()) {
+            let payload = match &ctx.signed_body {
+                Some(body) => Payload::Whole(body),
+                None => Payload::Unsigned,
+            };
+            let scheme = if ds.upstream.tls { "https" } else { "http" };
+            signer
+                .sign(upstream_request, scheme, &ds.upstream.authority, payload)
+                .map_err(|why| Error::explain(ErrorType::InternalError, why))?;
         }
         Ok(())
     }
@@ -706,6 +723,62 @@ impl SealgateProxy {
         }
         let admitted = access::admit(&self.shared.metrics, ctx.caller.as_deref(), ds)?;
         ctx.credential_source = admitted.source;
+        Ok(())
+    }
+
+    /// For a SigV4 service that signs bodies (all but S3), the whole body,
+    /// read before the head is signed. pingora sends what it read from
+    /// its retry buffer, which holds `RETRY_BUFFER` bytes: a longer body
+    /// is refused.
+    async fn read_signed_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(), Refusal> {
+        let signs_body = ctx
+            .credential()
+            .and_then(|c| c.signer())
+            .is_some_and(|s| !s.streams());
+        if !signs_body {
+            return Ok(());
+        }
+        let too_large = || {
+            Refusal::new(
+                ErrorCode::BodyTooLarge,
+                format!(
+                    "a body signed for this service may be at most {} bytes",
+                    crate::sigv4::MAX_SIGNED_BODY
+                ),
+            )
+        };
+        let declared = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > crate::sigv4::MAX_SIGNED_BODY) {
+            return Err(too_large());
+        }
+        session.enable_retry_buffering();
+        let mut body = bytes::BytesMut::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > crate::sigv4::MAX_SIGNED_BODY {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(Refusal::new(
+                        ErrorCode::BadRequest,
+                        "the request body could not be read",
+                    ))
+                }
+            }
+        }
+        ctx.signed_body = Some(body.freeze());
         Ok(())
     }
 
