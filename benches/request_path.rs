@@ -161,6 +161,30 @@ fn bench(c: &mut Criterion) {
             })
         },
     );
+    let signer = sealgate::sigv4::Sigv4::new(
+        &secret("AKIDEXAMPLE"),
+        &secret("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
+        None,
+        "eu-west-1",
+        "s3",
+    );
+    c.bench_function(
+        "credentials: clone a request head and sign it (SigV4, S3)",
+        |b| {
+            b.iter(|| {
+                let mut req = head.clone();
+                signer
+                    .sign(
+                        &mut req,
+                        "https",
+                        "bucket.s3.eu-west-1.amazonaws.com",
+                        sealgate::sigv4::Payload::Unsigned,
+                    )
+                    .expect("sign");
+                black_box(req)
+            })
+        },
+    );
     let query = Credential::query("api_key", &token).expect("query");
     c.bench_function("credentials: add a query credential", |b| {
         b.iter(|| query.query_with_credential(black_box(Some("limit=10&api_key=mine"))))

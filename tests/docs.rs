@@ -22,6 +22,7 @@ fn the_readme_documents_every_error_code_and_no_finished_work_as_coming() {
         "tls_required",
         "too_many_connections",
         "shutting_down",
+        "body_too_large",
     ] {
         assert!(
             readme.contains(&format!("`{code}`")),
@@ -42,6 +43,9 @@ fn the_readme_documents_every_error_code_and_no_finished_work_as_coming() {
         "MySQL",
         "sections 8",
         "sections 10",
+        "sections 11",
+        "SigV4",
+        "OAuth2",
     ] {
         assert!(
             !coming.contains(built),
