@@ -200,8 +200,8 @@ async fn fixture(client_auth: &str, rust_log: &str) -> Fixture {
     fixture_with(client_auth, rust_log, "").await
 }
 
-/// The same, with `extra` config after the data source (`{sealed}` in it
-/// is a client secret sealed for data source `odd`).
+/// The same, with `extra` config before the data source (`{sealed:NAME}`
+/// in it becomes a client secret sealed for data source NAME).
 async fn fixture_with(client_auth: &str, rust_log: &str, extra: &str) -> Fixture {
     let issuer = Arc::new(Issuer::default());
     let ca = TestCa::new("oauth2 test CA");
@@ -227,8 +227,12 @@ async fn fixture_with(client_auth: &str, rust_log: &str, extra: &str) -> Fixture
         std::fs::write(&config, keys.toml("k1")).unwrap();
         ca.write_pem(&dir.path().join("ca.pem"));
         let sealed = seal(&config, "crm", "client_secret", CLIENT_SECRET);
-        let odd = seal(&config, "odd", "client_secret", CLIENT_SECRET);
-        let extra = extra.replace("{sealed}", &odd);
+        let mut extra = extra;
+        while let Some(at) = extra.find("{sealed:") {
+            let end = at + extra[at..].find('}').unwrap();
+            let sealed = seal(&config, &extra[at + 8..end], "client_secret", CLIENT_SECRET);
+            extra.replace_range(at..=end, &sealed);
+        }
         let toml = format!(
             "{extra}\n{}\n[datasources.crm]\nurl = \"http://{}/api\"\nca_file = \"ca.pem\"\n\
              credential = {{ kind = \"oauth2\", token_url = \"https://localhost:{}/oauth2/token\", \
@@ -432,7 +436,7 @@ async fn admin_shows_the_token_state_and_expires_at_feeds_the_gauge_and_a_denied
 ) {
     let extra = "[datasources.odd]\nurl = \"http://127.0.0.1:1/x\"\n\
                  credential = { kind = \"oauth2\", token_url = \"https://10.9.9.9/token\", client_id = \"a\", \
-                 client_secret = \"{sealed}\", expires_at = \"2027-03-01T00:00:00Z\" }\n";
+                 client_secret = \"{sealed:odd}\", expires_at = \"2027-03-01T00:00:00Z\" }\n";
     let f = fixture_with("basic", "info", extra).await;
     let sg = &f.sg;
     let listing = || -> serde_json::Value {
@@ -514,4 +518,41 @@ async fn no_client_secret_or_token_appears_anywhere_at_trace_level() {
     f.sg.assert_metrics(&[
         "sealgate_secrets_scrubbed_total{datasource=\"crm\",where=\"header\"} 2",
     ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_is_down_or_silent_answers_503_in_bounded_time() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().flatten().collect();
+        drop(held);
+    });
+    let extra = format!(
+        "[datasources.down]\nurl = \"http://127.0.0.1:1/x\"\nconnect_timeout_ms = 500\ntimeout_ms = 500\n\
+         credential = {{ kind = \"oauth2\", token_url = \"http://127.0.0.1:{REFUSING_PORT}/token\", client_id = \"a\", client_secret = \"{{sealed:down}}\" }}\n\
+         [datasources.silent]\nurl = \"http://127.0.0.1:1/x\"\nconnect_timeout_ms = 500\ntimeout_ms = 500\n\
+         credential = {{ kind = \"oauth2\", token_url = \"http://127.0.0.1:{silent_port}/token\", client_id = \"a\", client_secret = \"{{sealed:silent}}\" }}\n"
+    );
+    let f = fixture_with("basic", "info", &extra).await;
+    for (ds, text, result) in [
+        ("down", "connecting to 127.0.0.1:1", "unreachable"),
+        ("silent", "did not finish within 500 ms", "unreachable"),
+    ] {
+        let started = Instant::now();
+        let resp = get(f.sg.proxy, &format!("/{ds}/x")).await;
+        assert_eq!(resp.status().as_u16(), 503, "{ds}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{ds}: bounded by the data source's timeouts"
+        );
+        let body = json(resp).await;
+        assert!(
+            body["message"].as_str().unwrap_or_default().contains(text),
+            "{ds}: {body}"
+        );
+        f.sg.assert_metrics(&[&format!(
+            "sealgate_credential_refreshes_total{{datasource=\"{ds}\",result=\"{result}\"}} 1"
+        )]);
+    }
 }
