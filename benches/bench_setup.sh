@@ -7,6 +7,9 @@
 # start.sh runs, is put before the sealgate command (e.g. valgrind).
 #   proxy 127.0.0.1:18083, TLS 127.0.0.1:18444, admin 127.0.0.1:18990,
 #   data source "bench" (paths /bench/...), upstream 127.0.0.1:18080.
+# CREDENTIAL=oauth2 makes the credential an OAuth2 one instead, its token
+# ("test", as peerbench checks) fetched from a token endpoint on
+# 127.0.0.1:18070 that start.sh starts.
 
 # bench_binary: the build users ship (`./dev.sh release`, profile-guided),
 # or $SEALGATE_BIN, e.g. to compare a plain `cargo build --release`.
@@ -28,6 +31,8 @@ bench_workdir() {
 
 bench_cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [[ -f $work/token_endpoint.pid ]] && kill "$(cat "$work/token_endpoint.pid")" 2>/dev/null
+  true
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -52,7 +57,32 @@ bench_setup() {
   printf '[keys]\ndir = "%s/keys"\nprimary = "k1"\nsalt = "%s"\n' "$work" "$salt" >"$work/keys.toml"
   # peerbench checks that every proxy injects exactly `Authorization: Bearer test`.
   sealed=$(printf 'test' | "$sg" seal -c "$work/keys.toml" --datasource bench --field token)
+  local credential="{ kind = \"bearer\", token = \"$sealed\" }" token_endpoint=""
+  if [[ ${CREDENTIAL:-bearer} == oauth2 ]]; then
+    sealed=$(printf 'bench-client-secret' | "$sg" seal -c "$work/keys.toml" --datasource bench --field client_secret)
+    credential="{ kind = \"oauth2\", token_url = \"http://127.0.0.1:18070/token\", client_id = \"bench\", client_secret = \"$sealed\" }"
+    cat >"$work/token_endpoint.py" <<'PY'
+import http.server, json
+class Token(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = json.dumps({"access_token": "test", "token_type": "Bearer", "expires_in": 3600}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", 18070), Token).serve_forever()
+PY
+    token_endpoint="python3 $work/token_endpoint.py & echo \$! >$work/token_endpoint.pid"
+  fi
   bench_policy "$work/policies" 18080
+  if [[ ${CREDENTIAL:-bearer} == oauth2 ]]; then
+    bench_policy "$work/token-policy" 18070
+    cp "$work/token-policy/bench.toml" "$work/policies/token.toml"
+  fi
   cat >"$work/start.sh" <<SH
 #!/usr/bin/env bash
 cat >"$work/sealgate.toml" <<TOML
@@ -73,8 +103,9 @@ dir = "$work/policies"
 [datasources.bench]
 url = "http://\$PB_UPSTREAM"
 timeout_ms = 30000
-credential = { kind = "bearer", token = "$sealed" }
+credential = $credential
 TOML
+$token_endpoint
 RUST_LOG=warn exec \${SG_WRAPPER:-} "$sg" run -c "$work/sealgate.toml"
 SH
   chmod +x "$work/start.sh"
