@@ -238,6 +238,23 @@ impl Sealgate {
     }
 
     /// The configuration events of the audit trail (start, reload, drain).
+    /// Fails if any secret, in any encoding, is in what the clients saw
+    /// (`seen`), the audit file, the metrics or sealgate's output, which
+    /// must have logged at trace level.
+    pub fn assert_secrets_nowhere(&self, seen: &[u8], secrets: &[String]) {
+        let audit = std::fs::read(self.dir.path().join("audit.log")).unwrap_or_default();
+        let (metrics, stdout, stderr) = (self.metrics(), self.stdout(), self.stderr());
+        for secret in secrets {
+            let forms = secret_forms(secret, &[]);
+            assert_no_secret("what the clients saw", seen, &forms);
+            assert_no_secret("the audit trail", &audit, &forms);
+            assert_no_secret("metrics", metrics.as_bytes(), &forms);
+            assert_no_secret("stdout", stdout.as_bytes(), &forms);
+            assert_no_secret("stderr", stderr.as_bytes(), &forms);
+        }
+        assert!(stderr.contains("TRACE"), "logging ran at trace level");
+    }
+
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
         self.audit_trail()
             .into_iter()
