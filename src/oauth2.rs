@@ -36,6 +36,10 @@ const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 const MAX_REFRESH_AHEAD: Duration = Duration::from_secs(60);
 /// An `expires_in` over a year is taken for a mistake, not a lifetime.
 const MAX_EXPIRES_IN: u64 = 365 * 24 * 3600;
+/// After a failed fetch, requests are answered with its failure for this
+/// long instead of fetching again: a token endpoint that is down is asked
+/// once a second, not once per request.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// What a token without `expires_in` is assumed to live (RFC 6749 makes
 /// it optional; an hour is the common default).
 const DEFAULT_EXPIRES_IN: u64 = 3600;
@@ -271,7 +275,7 @@ impl OAuth2 {
                 .state()
                 .failed
                 .clone()
-                .filter(|(at, _)| *at >= waited_from);
+                .filter(|(at, _)| *at >= waited_from || at.elapsed() < RETRY_AFTER_FAILURE);
             match failed_meanwhile {
                 Some((_, why)) => Err(why),
                 None => self.fetch(shared, config, ds).await,
@@ -313,7 +317,13 @@ impl OAuth2 {
         ds: &Arc<DataSource>,
         generation: u64,
     ) {
-        if self.generation.load(Ordering::Acquire) != generation
+        let failed_lately = self
+            .state()
+            .failed
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < RETRY_AFTER_FAILURE);
+        if failed_lately
+            || self.generation.load(Ordering::Acquire) != generation
             || self.refreshing.swap(true, Ordering::AcqRel)
         {
             return;

@@ -401,6 +401,9 @@ async fn token_endpoint_faults_answer_503_and_never_pass_the_endpoints_words() {
         ),
     ];
     for (answer, result, text) in cases {
+        // A failure is answered for a second before the endpoint is asked
+        // again.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         f.issuer.answer(answer);
         let (status, body) = f.get().await;
         assert_eq!(status, 503, "{text}: {body}");
@@ -412,6 +415,16 @@ async fn token_endpoint_faults_answer_503_and_never_pass_the_endpoints_words() {
             "sealgate_credential_refreshes_total{{datasource=\"crm\",result=\"{result}\"}}"
         )]);
     }
+    // While it fails, the endpoint is asked about once a second, not once
+    // per request.
+    let before = f.issuer.fetches();
+    for _ in 0..30 {
+        assert_eq!(f.get().await.0, 503);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asked = f.issuer.fetches() - before;
+    assert!((1..=3).contains(&asked), "asked {asked} times in 1.5 s");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     // A token that works, then the endpoint fails: the token stays in use
     // until it expires.
     f.issuer.answer(Answer::Token(4));
