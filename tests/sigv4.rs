@@ -171,6 +171,14 @@ async fn s3_requests_are_signed_and_a_64_mib_upload_streams() {
         headers.get("x-amz-meta-note").map(|v| v.as_bytes()),
         Some(&b"kept and signed"[..])
     );
+    // A key that needs percent-encoding is signed as S3 wants it.
+    let (status, _, body) = send_to(&f.sg, put("/bucket/dir/a%20b.txt", b"odd".to_vec())).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let get = Request::get("/s3/bucket/dir/a%20b.txt")
+        .body(empty())
+        .unwrap();
+    let (status, _, body) = send_to(&f.sg, get).await;
+    assert_eq!((status, &body[..]), (200, &b"odd"[..]));
     // A signature moto recomputes and finds wrong: the check is real.
     let get = Request::get("/s3_wrong/bucket/big").body(empty()).unwrap();
     let (status, _, body) = send_to(&f.sg, get).await;
