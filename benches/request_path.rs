@@ -91,6 +91,73 @@ fn large_policy() -> EgressPolicy {
     policy
 }
 
+/// An OAuth2 credential with its token fetched once, for real, from a
+/// token endpoint on loopback: what every request between fetches uses.
+fn minted_bearer(
+    dir: &tempfile::TempDir,
+    keyring: &Keyring,
+    salt: &str,
+) -> Arc<sealgate::oauth2::OAuth2> {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    runtime.spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let body = r#"{"access_token":"bench-token","token_type":"Bearer","expires_in":3600}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    let sealed = keyring
+        .seal("crm", "client_secret", &secret("bench-client-secret"))
+        .expect("seal");
+    let policy = dir.path().join("policies");
+    std::fs::create_dir_all(&policy).expect("policy dir");
+    std::fs::write(
+        policy.join("p.toml"),
+        "[egress]\nallow = [\"127.0.0.1\"]\nallow_private = [\"127.0.0.1/32\"]\n",
+    )
+    .expect("policy");
+    let text = format!(
+        "[keys]\ndir = \"{}\"\nprimary = \"k1\"\nsalt = \"{}\"\n[policy]\ndir = \"policies\"\n[audit]\noutput = \"audit.log\"\n\
+         [datasources.crm]\nurl = \"http://127.0.0.1:1\"\n\
+         credential = {{ kind = \"oauth2\", token_url = \"http://127.0.0.1:{port}/token\", client_id = \"bench\", client_secret = \"{sealed}\" }}\n",
+        dir.path().display(),
+        salt,
+    );
+    let config =
+        sealgate::config::parse(&dir.path().join("sealgate.toml"), &text).expect("config");
+    let metrics = sealgate::metrics::Metrics::new().expect("metrics");
+    let audit = sealgate::audit::AuditLog::open(
+        &config.audit.output,
+        config.audit.on_full,
+        metrics.audit_dropped.clone(),
+    )
+    .expect("audit");
+    let shared = sealgate::state::Shared::new(config, metrics, audit);
+    let config = shared.config.load_full();
+    let ds = config.datasources.get("crm").expect("crm").clone();
+    let client = ds
+        .credential
+        .as_ref()
+        .and_then(|c| c.ready())
+        .and_then(|c| c.minted())
+        .expect("an oauth2 credential")
+        .clone();
+    runtime
+        .block_on(client.token(&shared, &config, &ds))
+        .expect("a token fetched");
+    client
+}
+
 fn bench(c: &mut Criterion) {
     let policy = large_policy();
     let resolved = [SocketAddr::from(([93, 184, 216, 34], 443))];
@@ -131,8 +198,8 @@ fn bench(c: &mut Criterion) {
     let key = dir.path().join("k1.key");
     std::fs::write(&key, secrets::new_master_key().expect("key").as_bytes()).expect("write key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let keyring =
-        Keyring::load(dir.path(), "k1", &secrets::new_salt().expect("salt")).expect("keyring");
+    let salt = secrets::new_salt().expect("salt");
+    let keyring = Keyring::load(dir.path(), "k1", &salt).expect("keyring");
     let token = secret("sk_live_51HxTestTokenValue0123456789abcdef");
     let envelope = keyring.seal("payments", "token", &token).expect("seal");
 
@@ -181,6 +248,19 @@ fn bench(c: &mut Criterion) {
                         sealgate::sigv4::Payload::Unsigned,
                     )
                     .expect("sign");
+                black_box(req)
+            })
+        },
+    );
+    let minted = minted_bearer(&dir, &keyring, &salt);
+    c.bench_function(
+        "credentials: clone a request head and inject a cached OAuth2 token",
+        |b| {
+            b.iter(|| {
+                let mut req = head.clone();
+                let token = minted.cached().expect("a token");
+                req.insert_header(http::header::AUTHORIZATION, token.header.clone())
+                    .expect("inject");
                 black_box(req)
             })
         },
