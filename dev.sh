@@ -54,6 +54,13 @@ ensure_moto() {
   python3 -m pip install -q 'moto[server]==5.0.28'
 }
 
+# The OAuth2 clock-step test steps sealgate's wall clock with libfaketime.
+ensure_faketime() {
+  [[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]] && return 0
+  echo "dev.sh: installing faketime (the OAuth2 clock-step test)" >&2
+  apt_install faketime
+}
+
 # llvm-profdata must come from rustc's own LLVM: rustup's llvm-tools.
 profdata_tool() {
   local tool
@@ -124,6 +131,7 @@ case "${1:-}" in
     ensure_postgres
     ensure_mariadb
     ensure_moto
+    ensure_faketime
     exec cargo test --all-targets
     ;;
   release)
@@ -139,6 +147,7 @@ case "${1:-}" in
     ensure_postgres
     ensure_mariadb
     ensure_moto
+    ensure_faketime
     ;;
   bench-setup)
     ensure_build_tools

@@ -133,8 +133,7 @@ fn minted_bearer(
         dir.path().display(),
         salt,
     );
-    let config =
-        sealgate::config::parse(&dir.path().join("sealgate.toml"), &text).expect("config");
+    let config = sealgate::config::parse(&dir.path().join("sealgate.toml"), &text).expect("config");
     let metrics = sealgate::metrics::Metrics::new().expect("metrics");
     let audit = sealgate::audit::AuditLog::open(
         &config.audit.output,

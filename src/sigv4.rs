@@ -28,10 +28,11 @@ pub const SIGNING_HEADERS: [&str; 4] = [
     "x-amz-security-token",
 ];
 
-/// The most of a body read to sign its hash (services other than S3):
-/// what pingora's retry buffer holds, which sends it on. SPEC section 11
-/// says 1 MiB; pingora 0.9 offers no way to send a longer body read ahead.
-pub const MAX_SIGNED_BODY: usize = 64 * 1024;
+/// The most of a body read to sign its hash (services other than S3).
+pub const MAX_SIGNED_BODY: usize = 1024 * 1024;
+/// What pingora's retry buffer holds: a body read ahead up to this size is
+/// sent on by pingora; a longer one sealgate sends itself.
+pub const PINGORA_RETRY_BUFFER: usize = 64 * 1024;
 
 pub struct Sigv4 {
     identity: Identity,

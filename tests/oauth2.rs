@@ -203,6 +203,20 @@ async fn fixture(client_auth: &str, rust_log: &str) -> Fixture {
 /// The same, with `extra` config before the data source (`{sealed:NAME}`
 /// in it becomes a client secret sealed for data source NAME).
 async fn fixture_with(client_auth: &str, rust_log: &str, extra: &str) -> Fixture {
+    fixture_clocked(client_auth, rust_log, extra, None).await
+}
+
+/// libfaketime, from Debian's faketime package (`./dev.sh` installs it).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The same, with sealgate's wall clock read from `clock` (libfaketime's
+/// offset file, e.g. `+0` then `+2h`); its monotonic clock stays true.
+async fn fixture_clocked(
+    client_auth: &str,
+    rust_log: &str,
+    extra: &str,
+    clock: Option<std::path::PathBuf>,
+) -> Fixture {
     let issuer = Arc::new(Issuer::default());
     let ca = TestCa::new("oauth2 test CA");
     let endpoint = {
@@ -220,6 +234,7 @@ async fn fixture_with(client_auth: &str, rust_log: &str, extra: &str) -> Fixture
     let client_auth = client_auth.to_string();
     let rust_log = rust_log.to_string();
     let extra = extra.to_string();
+    let clock = clock.clone();
     let sg = tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir().unwrap();
         let keys = Keys::new(dir.path());
@@ -242,6 +257,16 @@ async fn fixture_with(client_auth: &str, rust_log: &str, extra: &str) -> Fixture
             resource.addr,
             endpoint.addr.port()
         );
+        if let Some(clock) = &clock {
+            std::fs::write(
+                dir.path().join("env"),
+                format!(
+                    "LD_PRELOAD={FAKETIME_LIB}\nFAKETIME_TIMESTAMP_FILE={}\nFAKETIME_NO_CACHE=1\nFAKETIME_DONT_FAKE_MONOTONIC=1\n",
+                    clock.display()
+                ),
+            )
+            .unwrap();
+        }
         Sealgate::start_logging(dir, &toml, &rust_log)
     })
     .await
@@ -556,4 +581,45 @@ async fn a_token_endpoint_that_is_down_or_silent_answers_503_in_bounded_time() {
             "sealgate_credential_refreshes_total{{datasource=\"{ds}\",result=\"{result}\"}} 1"
         )]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_step_neither_expires_nor_prolongs_a_token() {
+    let clock_dir = tempfile::tempdir().unwrap();
+    let clock = clock_dir.path().join("faketime");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let f = fixture_clocked("basic", "info", "", Some(clock.clone())).await;
+    f.issuer.answer(Answer::Token(4));
+    assert_eq!(f.get().await.0, 200);
+    // The wall clock jumps two hours ahead: the 4-second token is not
+    // taken for expired (no fetch, no 503).
+    std::fs::write(&clock, "+2h\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(f.get().await.0, 200);
+    assert_eq!(
+        f.issuer.fetches(),
+        1,
+        "a clock step forward fetched a token"
+    );
+    // And back two hours: the token still ends on time (4 s of real time).
+    std::fs::write(&clock, "-2h\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(4200)).await;
+    f.issuer.answer(Answer::Token(3600));
+    assert_eq!(f.get().await.0, 200);
+    assert_eq!(f.issuer.fetches(), 2, "the token expired on real time");
+    // The clock was faked indeed: the record of the request made at +2 h
+    // is stamped four hours after the one made at -2 h.
+    let records = f.sg.audit(3);
+    let hour = |r: &serde_json::Value| -> u32 {
+        r["ts"]
+            .as_str()
+            .and_then(|t| t.get(11..13))
+            .and_then(|h| h.parse().ok())
+            .unwrap_or(99)
+    };
+    assert_eq!(
+        (hour(&records[1]) + 24 - hour(&records[2])) % 24,
+        4,
+        "{records:#?}"
+    );
 }

@@ -212,11 +212,37 @@ async fn a_json_service_signs_the_body_and_refuses_one_too_large_to_read() {
     let (status, _, body) = send_to(&f.sg, call("ListTables", "{}".into())).await;
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("notes"));
-    let huge = serde_json::json!({"TableName": "notes", "Item": {"id": {"S": "2"}, "body": {"S": "x".repeat(200_000)}}});
+    // Past the 64 KiB pingora can hold for it, sealgate sends the body on
+    // a connection of its own.
+    let large = serde_json::json!({"TableName": "notes", "Item": {"id": {"S": "2"}, "body": {"S": "y".repeat(300_000)}}});
+    let (status, _, body) = send_to(&f.sg, call("PutItem", large.to_string())).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let get = serde_json::json!({"TableName": "notes", "Key": {"id": {"S": "2"}}});
+    let (status, headers, body) = send_to(&f.sg, call("GetItem", get.to_string())).await;
+    assert_eq!(status, 200);
+    assert!(headers.contains_key("x-sealgate-request-id"));
+    let item: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        item["Item"]["body"]["S"].as_str().map(str::len),
+        Some(300_000)
+    );
+    let huge = serde_json::json!({"TableName": "notes", "Item": {"id": {"S": "3"}, "body": {"S": "x".repeat(1_100_000)}}});
     let (status, _, body) = send_to(&f.sg, call("PutItem", huge.to_string())).await;
     assert_eq!(status, 413);
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["error"], "body_too_large");
+    // The request sealgate sent itself is audited like the others.
+    let records = f.sg.audit(6);
+    let direct = records
+        .iter()
+        .find(|r| {
+            r["request_bytes"]
+                .as_u64()
+                .is_some_and(|n| (300_000..1_000_000).contains(&n))
+        })
+        .unwrap_or_else(|| panic!("{records:#?}"));
+    assert_eq!(direct["status"], 200);
+    assert_eq!(direct["upstream"], format!("127.0.0.1:{}", f.moto.port));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -262,8 +262,9 @@ pub struct DataSource {
     pub protocol: Protocol,
     /// For databases: the database opened upstream (the URL's path).
     pub database: Option<String>,
-    /// For databases with TLS: the verified client configuration (the
-    /// `ca_file`, else the system roots).
+    /// For connections sealgate makes itself over TLS (databases, and
+    /// SigV4 requests with bodies pingora cannot hold): the verified client
+    /// configuration (the `ca_file`, else the system roots).
     pub db_tls: Option<Arc<rustls::ClientConfig>>,
     /// MySQL: `LOAD DATA LOCAL` may run (the server then reads client files).
     pub local_infile: bool,
@@ -1417,8 +1418,15 @@ impl Validator<'_> {
                 );
             }
         }
+        // A SigV4 data source sends bodies over pingora's retry buffer
+        // itself (`http::proxy`), so it needs the same verified config.
+        let signs = raw
+            .credential
+            .iter()
+            .chain(raw.caller_credentials.values())
+            .any(|c| c.kind.get_ref() == "aws_sigv4");
         let db_tls = match &upstream {
-            Some(u) if u.tls && protocol != Protocol::Http => {
+            Some(u) if u.tls && (protocol != Protocol::Http || signs) => {
                 let ca = raw.ca_file.as_ref().map(|f| self.relative(f.get_ref()));
                 crate::tls::upstream_client_config(ca.as_deref())
                     .map_err(|message| {

@@ -375,8 +375,17 @@ impl ProxyHttp for SealgateProxy {
             },
             Err(refusal) => Err(refusal),
         };
-        match routed {
+        let oversized = ctx
+            .signed_body
+            .as_ref()
+            .is_some_and(|b| b.len() > crate::sigv4::PINGORA_RETRY_BUFFER);
+        let routed = match routed {
+            Ok(()) if oversized => self.send_signed_directly(session, ctx).await.map(|()| true),
             Ok(()) => Ok(false),
+            Err(refusal) => Err(refusal),
+        };
+        match routed {
+            Ok(handled) => Ok(handled),
             Err(refusal) => {
                 respond(session, ctx, &refusal).await?;
                 ctx.refusal = Some(refusal);
@@ -546,31 +555,7 @@ impl ProxyHttp for SealgateProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        strip_hop_by_hop_response(upstream_response);
-        if let Some(ds) = &ctx.datasource {
-            if !ds.pass_set_cookie {
-                upstream_response.remove_header(&header::SET_COOKIE);
-            }
-            if let Some(credential) = ctx.credential() {
-                let revealed = credential.redact(upstream_response)?;
-                self.count_scrubbed(&ds.name, revealed);
-            }
-            if let Some(token) = &ctx.token {
-                let revealed = token.echoes.redact_head(upstream_response)?;
-                self.count_scrubbed(&ds.name, revealed);
-                if upstream_response.status == http::StatusCode::UNAUTHORIZED {
-                    if let Some(client) = ctx.credential().and_then(|c| c.minted()) {
-                        client.rejected(token, &self.shared, &ctx.config, ds);
-                    }
-                }
-            }
-        }
-        // The reason phrase is free text only the upstream chose: it may
-        // echo anything, and no client needs it.
-        upstream_response.set_reason_phrase(None)?;
-        upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
-        ctx.status_sent = upstream_response.status.as_u16();
-        Ok(())
+        self.filter_response(upstream_response, ctx)
     }
 
     fn upstream_response_trailer_filter(
@@ -726,10 +711,172 @@ impl SealgateProxy {
         Ok(())
     }
 
+    /// What every upstream response head goes through: hop-by-hop and
+    /// (unless allowed) cookie headers removed, every credential form
+    /// redacted, a 401 answered with an early token refresh, the reason
+    /// phrase dropped, the request id added.
+    fn filter_response(
+        &self,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        strip_hop_by_hop_response(upstream_response);
+        if let Some(ds) = &ctx.datasource {
+            if !ds.pass_set_cookie {
+                upstream_response.remove_header(&header::SET_COOKIE);
+            }
+            if let Some(credential) = ctx.credential() {
+                let revealed = credential.redact(upstream_response)?;
+                self.count_scrubbed(&ds.name, revealed);
+            }
+            if let Some(token) = &ctx.token {
+                let revealed = token.echoes.redact_head(upstream_response)?;
+                self.count_scrubbed(&ds.name, revealed);
+                if upstream_response.status == http::StatusCode::UNAUTHORIZED {
+                    if let Some(client) = ctx.credential().and_then(|c| c.minted()) {
+                        client.rejected(token, &self.shared, &ctx.config, ds);
+                    }
+                }
+            }
+        }
+        // The reason phrase is free text only the upstream chose: it may
+        // echo anything, and no client needs it.
+        upstream_response.set_reason_phrase(None)?;
+        upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        ctx.status_sent = upstream_response.status.as_u16();
+        Ok(())
+    }
+
+    /// A signed body longer than pingora's retry buffer holds, sent by
+    /// sealgate itself on a connection of its own (the same egress path,
+    /// verified TLS and deadlines), its response written back through the
+    /// same filters. Refusals only before any of the response was written.
+    async fn send_signed_directly(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(), Refusal> {
+        let (Some(ds), Some(body)) = (ctx.datasource.clone(), ctx.signed_body.clone()) else {
+            return Ok(());
+        };
+        let Some(signer) = ctx.credential().and_then(|c| c.signer()) else {
+            return Ok(());
+        };
+        let internal = |why: String| Refusal::new(ErrorCode::Internal, why);
+        let mut head = session.req_header().clone();
+        let uri = http::Uri::builder()
+            .path_and_query(ctx.upstream_target.as_str())
+            .build()
+            .map_err(|_| {
+                Refusal::new(ErrorCode::BadRequest, "the request target cannot be sent")
+            })?;
+        head.set_uri(uri);
+        head.insert_header(header::HOST, ds.upstream.authority.as_str())
+            .map_err(|e| internal(e.to_string()))?;
+        crate::http::hygiene::strip_for_upstream(&mut head);
+        head.remove_header(&header::TRANSFER_ENCODING);
+        head.insert_header(header::CONTENT_LENGTH, body.len())
+            .map_err(|e| internal(e.to_string()))?;
+        let scheme = if ds.upstream.tls { "https" } else { "http" };
+        signer
+            .sign(
+                &mut head,
+                scheme,
+                &ds.upstream.authority,
+                Payload::Whole(&body),
+            )
+            .map_err(internal)?;
+        let mut request = http::Request::builder()
+            .method(head.method.clone())
+            .uri(head.uri.clone());
+        for (name, value) in head.headers.iter() {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| internal(e.to_string()))?;
+        let tls = ds.db_tls.clone();
+        let config = ctx.config.clone();
+        let target = &ds.upstream;
+        let (io, attempt) = connect::login(
+            &self.shared,
+            &config,
+            &ds,
+            target,
+            |tcp, attempt| async move {
+                let io: Box<dyn Conn> = match &tls {
+                    Some(tls) => Box::new(connect::tls(tls, target, tcp).await?),
+                    None => Box::new(tcp),
+                };
+                Ok((io, attempt))
+            },
+        )
+        .await
+        .map_err(|f| f.refusal)?;
+        ctx.upstream_addr = Some(attempt.addr);
+        ctx.egress_ip = attempt.egress_ip;
+        let exchange = async {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        };
+        let response = match tokio::time::timeout(ds.timeout, exchange).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                return Err(Refusal::new(
+                    ErrorCode::UpstreamUnreachable,
+                    format!("the upstream failed: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(Refusal::new(
+                    ErrorCode::UpstreamTimeout,
+                    "the upstream did not answer within timeout_ms",
+                ))
+            }
+        };
+        let (parts, mut body) = response.into_parts();
+        let mut head = ResponseHeader::build(parts.status, Some(parts.headers.len()))
+            .map_err(|e| internal(e.to_string()))?;
+        for (name, value) in parts.headers.iter() {
+            head.append_header(name.clone(), value.clone())
+                .map_err(|e| internal(e.to_string()))?;
+        }
+        self.filter_response(&mut head, ctx)
+            .map_err(|e| internal(e.to_string()))?;
+        if session
+            .write_response_header(Box::new(head), false)
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        use http_body_util::BodyExt;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                // A truncated response must not look complete.
+                session.shutdown().await;
+                return Ok(());
+            };
+            if let Ok(data) = frame.into_data() {
+                if session
+                    .write_response_body(Some(data), false)
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        let _ = session.write_response_body(None, true).await;
+        Ok(())
+    }
+
     /// For a SigV4 service that signs bodies (all but S3), the whole body,
-    /// read before the head is signed. pingora sends what it read from
-    /// its retry buffer, which holds `RETRY_BUFFER` bytes: a longer body
-    /// is refused.
+    /// read before the head is signed (at most `MAX_SIGNED_BODY`). pingora
+    /// sends on what its retry buffer holds; a longer body is sent by
+    /// `send_signed_directly`.
     async fn read_signed_body(
         &self,
         session: &mut Session,
@@ -847,6 +994,10 @@ fn log_failure(e: &Error, ctx: &RequestCtx, status: u16) {
 /// One pass over the headers finds what to remove; most responses carry
 /// nothing but `Connection: keep-alive`, and removing absent names one by
 /// one cost more than the rest of sealgate's response handling.
+/// A connection sealgate makes itself: TCP, or TLS over it.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T {}
+
 fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     for (name, value) in resp.headers.iter() {

@@ -331,11 +331,17 @@ pub fn spawn_sealgate(args: &[&str], dir: &Path) -> Child {
     spawn_with_log(args, dir, "info")
 }
 
+/// Runs sealgate in `dir`, its output in `dir/stdout` and `dir/stderr`. A
+/// test may put `NAME=VALUE` lines in `dir/env` for its environment (a
+/// preloaded fake clock, say).
 pub fn spawn_with_log(args: &[&str], dir: &Path, rust_log: &str) -> Child {
     let out = std::fs::File::create(dir.join("stdout")).expect("stdout file");
     let err = std::fs::File::create(dir.join("stderr")).expect("stderr file");
+    let env = std::fs::read_to_string(dir.join("env")).unwrap_or_default();
+    let env = env.lines().filter_map(|l| l.split_once('='));
     Command::new(&*BIN)
         .args(args)
+        .envs(env)
         .env("RUST_LOG", rust_log)
         .env_remove("SEALGATE_CONFIG")
         .stdin(Stdio::null())
