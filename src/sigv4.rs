@@ -17,6 +17,7 @@ use aws_smithy_runtime_api::client::identity::Identity;
 use http::header::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
+use crate::echoes::Echoes;
 use crate::secrets::Secret;
 
 /// The headers a signature consists of: whatever the caller sent under
@@ -85,7 +86,8 @@ impl Sigv4 {
         self.service == "s3"
     }
 
-    /// Signs `req` as it will be sent to `authority`: the caller's signing
+    /// Signs `req` as it will be sent to `authority` and returns the forms
+    /// of its signature for redaction: the caller's signing
     /// headers removed, then `Authorization`, `X-Amz-Date`,
     /// `X-Amz-Content-Sha256` (and `X-Amz-Security-Token`) set. Signed:
     /// `host`, `content-type`, `content-md5` and every `x-amz-*` header.
@@ -95,7 +97,7 @@ impl Sigv4 {
         scheme: &str,
         authority: &str,
         payload: Payload<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<Echoes, String> {
         for name in SIGNING_HEADERS {
             req.remove_header(name);
         }
@@ -147,12 +149,25 @@ impl Sigv4 {
         let (instructions, _signature) = sign(request, &params)
             .map_err(|e| format!("the request cannot be signed: {e}"))?
             .into_parts();
+        let mut authorization = None;
         for (name, value) in instructions.headers() {
+            if name.eq_ignore_ascii_case("authorization") {
+                authorization = Some(value.to_string());
+            }
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
             let mut value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
             value.set_sensitive(true);
             req.insert_header(name, value).map_err(|e| e.to_string())?;
         }
-        Ok(())
+        // This request's signature is good for 15 minutes of replay: an
+        // upstream that quotes it back has it redacted like a key.
+        let authorization = authorization.unwrap_or_default();
+        let signature = authorization
+            .rsplit_once("Signature=")
+            .map_or("", |(_, s)| s);
+        Ok(Echoes::of(&[
+            authorization.as_bytes(),
+            signature.as_bytes(),
+        ]))
     }
 }

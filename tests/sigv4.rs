@@ -259,3 +259,71 @@ async fn no_secret_access_key_appears_anywhere_at_trace_level() {
     }
     f.sg.assert_secrets_nowhere(&seen, std::slice::from_ref(&f.moto.secret_access_key));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_quoted_back_is_redacted_and_never_logged() {
+    // An API that quotes the request's signature back in a header.
+    let seen_by_upstream = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = seen_by_upstream.clone();
+    let api = upstream(
+        handler(move |req: Request<hyper::body::Incoming>| {
+            let record = record.clone();
+            async move {
+                let auth = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                record.lock().unwrap().push(auth.clone());
+                let signature = auth
+                    .rsplit_once("Signature=")
+                    .map_or("", |(_, s)| s)
+                    .to_string();
+                hyper::Response::builder()
+                    .header("x-debug-signature", signature)
+                    .body(full("ok"))
+                    .unwrap()
+            }
+        }),
+        None,
+    )
+    .await;
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYsealgateKEY";
+    let sg = tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::new(dir.path());
+        let config = dir.path().join("sealgate.toml");
+        std::fs::write(&config, keys.toml("k1")).unwrap();
+        let id = seal(&config, "api", "access_key_id", "AKIDSEALGATETEST");
+        let secret = seal(&config, "api", "secret_access_key", SECRET);
+        let toml = format!(
+            "{}\n[datasources.api]\nurl = \"http://{}\"\n\
+             credential = {{ kind = \"aws_sigv4\", access_key_id = \"{id}\", secret_access_key = \"{secret}\", \
+             region = \"eu-west-1\", service = \"execute-api\" }}\n",
+            keys.toml("k1"),
+            api.addr
+        );
+        Sealgate::start_logging(dir, &toml, "trace")
+    })
+    .await
+    .unwrap();
+    let req = Request::post("/api/items").body(full("{\"a\":1}")).unwrap();
+    let (status, headers, body) = send_to(&sg, req).await;
+    assert_eq!(status, 200);
+    let authorization = seen_by_upstream.lock().unwrap()[0].clone();
+    let signature = authorization
+        .rsplit_once("Signature=")
+        .unwrap()
+        .1
+        .to_string();
+    assert_eq!(signature.len(), 64, "{authorization}");
+    let quoted = headers.get("x-debug-signature").unwrap().to_str().unwrap();
+    assert!(
+        !quoted.contains(&signature),
+        "the signature came back: {quoted}"
+    );
+    let mut seen = format!("{headers:?}").into_bytes();
+    seen.extend_from_slice(&body);
+    sg.assert_secrets_nowhere(&seen, &[SECRET.to_string(), signature]);
+}

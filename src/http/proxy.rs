@@ -96,6 +96,9 @@ pub struct RequestCtx {
     token: Option<Arc<Token>>,
     /// The body read to sign its hash (SigV4 services other than S3).
     signed_body: Option<bytes::Bytes>,
+    /// The forms of this request's SigV4 signature, redacted from the
+    /// response head like a key.
+    signature: Option<crate::echoes::Echoes>,
     refusal: Option<Refusal>,
     /// Set once the request reached `request_filter`, with what its audit
     /// record needs should the request be cut off before `logging` runs.
@@ -252,6 +255,7 @@ impl ProxyHttp for SealgateProxy {
             credential_source: None,
             token: None,
             signed_body: None,
+            signature: None,
             refusal: None,
             started_request: None,
             status_sent: 0,
@@ -542,9 +546,10 @@ impl ProxyHttp for SealgateProxy {
                 None => Payload::Unsigned,
             };
             let scheme = if ds.upstream.tls { "https" } else { "http" };
-            signer
+            let signature = signer
                 .sign(upstream_request, scheme, &ds.upstream.authority, payload)
                 .map_err(|why| Error::explain(ErrorType::InternalError, why))?;
+            ctx.signature = Some(signature);
         }
         Ok(())
     }
@@ -729,6 +734,10 @@ impl SealgateProxy {
                 let revealed = credential.redact(upstream_response)?;
                 self.count_scrubbed(&ds.name, revealed);
             }
+            if let Some(signature) = &ctx.signature {
+                let revealed = signature.redact_head(upstream_response)?;
+                self.count_scrubbed(&ds.name, revealed);
+            }
             if let Some(token) = &ctx.token {
                 let revealed = token.echoes.redact_head(upstream_response)?;
                 self.count_scrubbed(&ds.name, revealed);
@@ -778,7 +787,7 @@ impl SealgateProxy {
         head.insert_header(header::CONTENT_LENGTH, body.len())
             .map_err(|e| internal(e.to_string()))?;
         let scheme = if ds.upstream.tls { "https" } else { "http" };
-        signer
+        let signature = signer
             .sign(
                 &mut head,
                 scheme,
@@ -786,6 +795,7 @@ impl SealgateProxy {
                 Payload::Whole(&body),
             )
             .map_err(internal)?;
+        ctx.signature = Some(signature);
         let mut request = http::Request::builder()
             .method(head.method.clone())
             .uri(head.uri.clone());
