@@ -277,6 +277,16 @@ fn credential_json(state: &CredentialState) -> serde_json::Value {
         state.kind().secret_field().into(),
         SECRET_PLACEHOLDER.into(),
     );
+    if let CredentialState::Ready(c) = state {
+        if let Some(signer) = c.signer() {
+            fields.insert("access_key_id".into(), SECRET_PLACEHOLDER.into());
+            if signer.has_session_token {
+                fields.insert("session_token".into(), SECRET_PLACEHOLDER.into());
+            }
+            fields.insert("region".into(), signer.region.as_str().into());
+            fields.insert("service".into(), signer.service.as_str().into());
+        }
+    }
     serde_json::Value::Object(fields)
 }
 

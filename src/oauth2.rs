@@ -403,8 +403,9 @@ impl OAuth2 {
                     Event::CredentialRefresh,
                     "ok",
                     &format!(
-                        "data source \"{}\": a new access token, valid for {expires_in} s",
-                        ds.name
+                        "data source \"{}\": a new access token, valid until {} ({expires_in} s)",
+                        ds.name,
+                        crate::audit::rfc3339(expires_wall)
                     ),
                     None,
                 );

@@ -39,6 +39,7 @@ pub struct Sigv4 {
     identity: Identity,
     pub region: String,
     pub service: String,
+    pub has_session_token: bool,
 }
 
 impl std::fmt::Debug for Sigv4 {
@@ -78,6 +79,7 @@ impl Sigv4 {
             identity: credentials.into(),
             region: region.to_string(),
             service: service.to_string(),
+            has_session_token: session_token.is_some(),
         }
     }
 

@@ -242,6 +242,14 @@ async fn fixture_clocked(
         std::fs::write(&config, keys.toml("k1")).unwrap();
         ca.write_pem(&dir.path().join("ca.pem"));
         let sealed = seal(&config, "crm", "client_secret", CLIENT_SECRET);
+        // A host the policy allows by name whose address the deny list
+        // blocks (link-local, the cloud metadata service's).
+        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+        std::fs::write(
+            dir.path().join("policies/metadata.toml"),
+            "[egress]\nallow = [\"169.254.169.254\"]\n",
+        )
+        .unwrap();
         let mut extra = extra;
         while let Some(at) = extra.find("{sealed:") {
             let end = at + extra[at..].find('}').unwrap();
@@ -474,7 +482,10 @@ async fn admin_shows_the_token_state_and_expires_at_feeds_the_gauge_and_a_denied
 ) {
     let extra = "[datasources.odd]\nurl = \"http://127.0.0.1:1/x\"\n\
                  credential = { kind = \"oauth2\", token_url = \"https://10.9.9.9/token\", client_id = \"a\", \
-                 client_secret = \"{sealed:odd}\", expires_at = \"2027-03-01T00:00:00Z\" }\n";
+                 client_secret = \"{sealed:odd}\", expires_at = \"2027-03-01T00:00:00Z\" }\n\
+                 [datasources.meta]\nurl = \"http://127.0.0.1:1/x\"\n\
+                 credential = { kind = \"oauth2\", token_url = \"https://169.254.169.254/token\", client_id = \"a\", \
+                 client_secret = \"{sealed:meta}\" }\n";
     let f = fixture_with("basic", "info", extra).await;
     let sg = &f.sg;
     let listing = || -> serde_json::Value {
@@ -511,6 +522,20 @@ async fn admin_shows_the_token_state_and_expires_at_feeds_the_gauge_and_a_denied
     );
     f.sg.assert_metrics(&[
         "sealgate_credential_refreshes_total{datasource=\"odd\",result=\"egress_denied\"} 1",
+    ]);
+    // A token host allowed by the policy but on the deny list's addresses.
+    let resp = get(f.sg.proxy, "/meta/x").await;
+    assert_eq!(resp.status().as_u16(), 503);
+    let body = json(resp).await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("169.254.169.254"),
+        "{body}"
+    );
+    f.sg.assert_metrics(&[
+        "sealgate_credential_refreshes_total{datasource=\"meta\",result=\"egress_denied\"} 1",
     ]);
     let (code, _, err) =
         tokio::task::block_in_place(|| check_config(f.sg.dir.path().join("sealgate.toml")));

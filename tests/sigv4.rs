@@ -323,6 +323,23 @@ async fn a_signature_quoted_back_is_redacted_and_never_logged() {
         !quoted.contains(&signature),
         "the signature came back: {quoted}"
     );
+    let (_, listing) =
+        tokio::task::block_in_place(|| http_get_blocking(sg.admin, "/v1/datasources").unwrap());
+    let all: Vec<serde_json::Value> = serde_json::from_str(&listing).unwrap();
+    let credential = &all[0]["credential"];
+    assert_eq!(credential["kind"], "aws_sigv4");
+    assert_eq!(credential["access_key_id"], "Encrypted on the server side");
+    assert_eq!(
+        credential["secret_access_key"],
+        "Encrypted on the server side"
+    );
+    assert_eq!(
+        (
+            credential["region"].as_str(),
+            credential["service"].as_str()
+        ),
+        (Some("eu-west-1"), Some("execute-api"))
+    );
     let mut seen = format!("{headers:?}").into_bytes();
     seen.extend_from_slice(&body);
     sg.assert_secrets_nowhere(&seen, &[SECRET.to_string(), signature]);
