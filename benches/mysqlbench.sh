@@ -47,7 +47,15 @@ as_mysql taskset -c 0 mariadbd --no-defaults --datadir="$work/db/data" --socket=
   --port="$db_port" --bind-address=127.0.0.1 --skip-name-resolve --skip-log-bin \
   --innodb-buffer-pool-size=128M --max-connections=200 --pid-file="$work/db/pid" 2>"$work/db/log" &
 db_pid=$!
+# runuser stays as mariadbd's parent: the server is stopped by its own pid,
+# and waited for, before its data directory goes.
 cleanup_db() {
+  local server
+  server=$(cat "$work/db/pid" 2>/dev/null || true)
+  if [[ -n $server ]]; then
+    kill "$server" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+  fi
   kill "$db_pid" 2>/dev/null || true
   bench_cleanup
 }
