@@ -15,10 +15,10 @@ use zeroize::Zeroizing;
 use crate::access;
 use crate::audit::{AuditRecord, Decision, StatementFields};
 use crate::callers::{self, Caller, Identified, Presented};
-use crate::config::{Config, CredentialSource, DataSource, Protocol};
+use crate::config::{Config, CredentialSource, DataSource, DbFront, Protocol};
 use crate::errors::{ErrorCode, Refusal};
 use crate::metrics::DB_COMMANDS;
-use crate::state::{RequestId, Shared};
+use crate::state::{RequestId, Shared, TlsHandles};
 use crate::statements::Normalized;
 use crate::throttle::Peer;
 
@@ -94,6 +94,80 @@ impl SessionLog {
             db_user: self.db_user.clone(),
         })
     }
+}
+
+/// What every database front holds besides its protocol: TLS inside the
+/// protocol, the handshake deadline and the connection limit.
+pub struct FrontBase {
+    pub shared: Arc<Shared>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    handshake_timeout: Duration,
+    permits: Arc<tokio::sync::Semaphore>,
+    /// The front's config section, named in its refusals.
+    section: &'static str,
+}
+
+impl FrontBase {
+    pub fn new(
+        shared: &Arc<Shared>,
+        front: &DbFront,
+        tls: Option<&TlsHandles>,
+        section: &'static str,
+    ) -> Result<FrontBase, String> {
+        let tls = match tls {
+            None => None,
+            Some(handles) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::in_protocol_server_config(
+                    handles.cert.clone(),
+                    handles.client.clone(),
+                )?,
+            )),
+        };
+        Ok(FrontBase {
+            shared: shared.clone(),
+            tls,
+            handshake_timeout: front.handshake_timeout,
+            permits: Arc::new(tokio::sync::Semaphore::new(front.max_connections)),
+            section,
+        })
+    }
+
+    /// A connection's slot, held while it lives, or the refusal once
+    /// `max_connections` are open.
+    pub fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            Refusal::new(
+                ErrorCode::TooManyConnections,
+                format!("{}.max_connections reached; try again later", self.section),
+            )
+        })
+    }
+
+    /// Runs a handshake within `handshake_timeout_s`; over it, the refusal.
+    pub async fn within_deadline<T>(
+        &self,
+        handshake: impl std::future::Future<Output = T>,
+    ) -> Result<T, Refusal> {
+        tokio::time::timeout(self.handshake_timeout, handshake)
+            .await
+            .map_err(|_| {
+                Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "the handshake did not finish within {} s",
+                        self.handshake_timeout.as_secs()
+                    ),
+                )
+            })
+    }
+}
+
+/// The TCP peer of a connection pingora accepted (none on a Unix socket).
+pub fn peer_addr(stream: &pingora::protocols::Stream) -> Option<SocketAddr> {
+    stream
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().cloned())
+        .and_then(|a| a.as_inet().copied())
 }
 
 /// What a front's relay counts for the session's audit record.

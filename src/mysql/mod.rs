@@ -17,7 +17,6 @@ mod wire;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use mysql_common::constants::{CapabilityFlags, StatusFlags};
@@ -28,12 +27,11 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
 use crate::config::{Protocol, StatementAudit};
 use crate::errors::{ErrorCode, Refusal};
-use crate::sessions::{self, ClientPeer, OpenSession, SessionLog, StatementLog, Tally};
+use crate::sessions::{self, ClientPeer, FrontBase, OpenSession, SessionLog, StatementLog, Tally};
 use crate::state::Shared;
 use wire::ReadError;
 
@@ -81,10 +79,7 @@ pub struct MysqlFront {
 }
 
 struct Inner {
-    shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
-    handshake_timeout: Duration,
-    permits: Arc<tokio::sync::Semaphore>,
+    base: FrontBase,
     /// Connection ids in greetings (the server's own stay upstream).
     connection_ids: AtomicU32,
 }
@@ -95,20 +90,11 @@ impl MysqlFront {
         let Some(front) = &config.mysql else {
             return Ok(None);
         };
-        let tls = match &shared.mysql_tls {
-            None => None,
-            Some(handles) => Some(TlsAcceptor::from(crate::tls::in_protocol_server_config(
-                handles.cert.clone(),
-                handles.client.clone(),
-            )?)),
-        };
+        let base = FrontBase::new(&shared, front, shared.mysql_tls.as_ref(), "mysql")?;
         Ok(Some(MysqlFront {
             inner: Arc::new(Inner {
-                handshake_timeout: front.handshake_timeout,
-                permits: Arc::new(tokio::sync::Semaphore::new(front.max_connections)),
-                tls,
+                base,
                 connection_ids: AtomicU32::new(1),
-                shared: shared.clone(),
             }),
         }))
     }
@@ -167,52 +153,37 @@ fn nonce() -> Result<[u8; 20], Unstarted> {
 
 impl Inner {
     async fn serve(self: &Arc<Self>, stream: Stream) {
-        let shared = &self.shared;
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().cloned())
-            .and_then(|a| a.as_inet().copied());
+        let shared = &self.base.shared;
+        let peer = sessions::peer_addr(&stream);
         let unix_uid = crate::unix_listener::peer_uid();
         let mut log = SessionLog::new(shared, Protocol::Mysql);
         let mut io: Option<Box<dyn Io>> = Some(Box::new(stream));
-        let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
-            let refusal = Refusal::new(
-                ErrorCode::TooManyConnections,
-                "mysql.max_connections reached; try again later",
-            );
+        let refused = match self.base.permit() {
+            // Sent instead of the greeting, as a full server does.
+            Err(refusal) => Some((refusal, 0)),
+            Ok(_permit) => {
+                let handshake = self.handshake(&mut io, &mut log, peer, unix_uid);
+                match self.base.within_deadline(handshake).await {
+                    Ok(Ok(handshaken)) => {
+                        self.session(handshaken, &mut log).await;
+                        None
+                    }
+                    Ok(Err(Unstarted::Silent)) => return,
+                    Ok(Err(Unstarted::Refused(refusal, seq))) => Some((refusal, seq)),
+                    // A client that stalled is not answered.
+                    Err(overdue) => {
+                        io = None;
+                        Some((overdue, 0))
+                    }
+                }
+            }
+        };
+        if let Some((refusal, seq)) = refused {
             if let Some(io) = io.as_mut() {
-                let _ = wire::send(io, &refusal_packet(&refusal, 0)).await;
+                let _ = wire::send(io, &refusal_packet(&refusal, seq)).await;
             }
             log.refusal = Some(refusal);
-            return sessions::finish(shared, log).await;
-        };
-        let handshake = tokio::time::timeout(
-            self.handshake_timeout,
-            self.handshake(&mut io, &mut log, peer, unix_uid),
-        )
-        .await;
-        let handshaken = match handshake {
-            Ok(Ok(handshaken)) => handshaken,
-            Ok(Err(Unstarted::Silent)) => return,
-            Ok(Err(Unstarted::Refused(refusal, seq))) => {
-                if let Some(io) = io.as_mut() {
-                    let _ = wire::send(io, &refusal_packet(&refusal, seq)).await;
-                }
-                log.refusal = Some(refusal);
-                return sessions::finish(shared, log).await;
-            }
-            Err(_) => {
-                log.refusal = Some(Refusal::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "the handshake did not finish within {} s",
-                        self.handshake_timeout.as_secs()
-                    ),
-                ));
-                return sessions::finish(shared, log).await;
-            }
-        };
-        self.session(handshaken, &mut log).await;
+        }
         sessions::finish(shared, log).await;
     }
 
@@ -228,7 +199,7 @@ impl Inner {
     ) -> Result<Handshaken, Unstarted> {
         let nonce = nonce()?;
         let mut offered = RELAYED;
-        offered.set(CapabilityFlags::CLIENT_SSL, self.tls.is_some());
+        offered.set(CapabilityFlags::CLIENT_SSL, self.base.tls.is_some());
         let scramble_2 = [&nonce[8..], &[0][..]].concat();
         let greeting = HandshakePacket::new(
             10,
@@ -284,9 +255,10 @@ impl Inner {
             let ssl_request = payload.len() == 32
                 && flags.is_some_and(|f| f.contains(CapabilityFlags::CLIENT_SSL));
             if !ssl_request {
-                break payload;
+                // It may carry the caller token (mysql_clear_password).
+                break Zeroizing::new(payload);
             }
-            let (Some(acceptor), false) = (&self.tls, secured) else {
+            let (Some(acceptor), false) = (&self.base.tls, secured) else {
                 return Err(bad("an unexpected TLS request", seq));
             };
             // The client starts TLS right after its request (MySQL has no
@@ -333,7 +305,7 @@ impl Inner {
             secured,
         };
         client
-            .admissible(&self.shared, "--ssl-mode=VERIFY_IDENTITY")
+            .admissible(&self.base.shared, "--ssl-mode=VERIFY_IDENTITY")
             .map_err(|r| Unstarted::Refused(r, seq))?;
         let mut token = None;
         if client.needs_token(&log.config) {
@@ -373,7 +345,7 @@ impl Inner {
         }
         client
             .identify(
-                &self.shared,
+                &self.base.shared,
                 log,
                 token.as_deref().map(|t| t.as_slice()),
                 "no caller identity: send the caller token as the password (mysql_clear_password), or use a client certificate",
@@ -388,7 +360,7 @@ impl Inner {
                 seq,
             ));
         };
-        sessions::choose(&self.shared, log, &database, "MySQL")
+        sessions::choose(&self.base.shared, log, &database, "MySQL")
             .map_err(|r| Unstarted::Refused(r, seq))?;
         let io = io.take().ok_or(Unstarted::Silent)?;
         Ok(Handshaken {
@@ -411,7 +383,7 @@ impl Inner {
         let Some(ds) = log.datasource.clone() else {
             return;
         };
-        let shared = &self.shared;
+        let shared = &self.base.shared;
         // Nothing goes out that the audit trail could not record.
         shared.audit.wait_writable().await;
         let caller = log.caller.as_ref().map(|c| c.name.as_str());

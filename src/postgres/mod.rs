@@ -22,12 +22,11 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
 use crate::config::{Protocol, StatementAudit};
 use crate::errors::{ErrorCode, Refusal};
-use crate::sessions::{self, ClientPeer, OpenSession, SessionLog, StatementLog, Tally};
+use crate::sessions::{self, ClientPeer, FrontBase, OpenSession, SessionLog, StatementLog, Tally};
 use crate::state::Shared;
 use wire::ReadError;
 
@@ -53,10 +52,7 @@ pub struct PostgresFront {
 }
 
 struct Inner {
-    shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
-    handshake_timeout: Duration,
-    permits: Arc<tokio::sync::Semaphore>,
+    base: FrontBase,
     cancels: cancel::CancelKeys,
 }
 
@@ -66,20 +62,11 @@ impl PostgresFront {
         let Some(front) = &config.postgres else {
             return Ok(None);
         };
-        let tls = match &shared.postgres_tls {
-            None => None,
-            Some(handles) => Some(TlsAcceptor::from(crate::tls::in_protocol_server_config(
-                handles.cert.clone(),
-                handles.client.clone(),
-            )?)),
-        };
+        let base = FrontBase::new(&shared, front, shared.postgres_tls.as_ref(), "postgres")?;
         Ok(Some(PostgresFront {
             inner: Arc::new(Inner {
-                handshake_timeout: front.handshake_timeout,
-                permits: Arc::new(tokio::sync::Semaphore::new(front.max_connections)),
-                tls,
+                base,
                 cancels: cancel::CancelKeys::default(),
-                shared: shared.clone(),
             }),
         }))
     }
@@ -113,53 +100,37 @@ struct Handshaken {
 
 impl Inner {
     async fn serve(self: &Arc<Self>, stream: Stream) {
-        let shared = &self.shared;
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().cloned())
-            .and_then(|a| a.as_inet().copied());
+        let shared = &self.base.shared;
+        let peer = sessions::peer_addr(&stream);
         let unix_uid = crate::unix_listener::peer_uid();
         let mut log = SessionLog::new(shared, Protocol::Postgres);
         let mut io: Option<Box<dyn Io>> = Some(Box::new(stream));
-        let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
-            let refusal = Refusal::new(
-                ErrorCode::TooManyConnections,
-                "postgres.max_connections reached; try again later",
-            );
+        let refused = match self.base.permit() {
+            Err(refusal) => Some(refusal),
+            Ok(_permit) => {
+                let handshake = self.handshake(&mut io, &mut log, peer, unix_uid);
+                match self.base.within_deadline(handshake).await {
+                    Ok(Ok(handshaken)) => {
+                        self.session(handshaken, &mut log).await;
+                        None
+                    }
+                    Ok(Err(Unstarted::Silent)) => return,
+                    Ok(Err(Unstarted::Refused(refusal))) => Some(refusal),
+                    // A client that stalled is not answered.
+                    Err(overdue) => {
+                        io = None;
+                        Some(overdue)
+                    }
+                }
+            }
+        };
+        if let Some(refusal) = refused {
             if let Some(io) = io.as_mut() {
                 let _ = wire::send(io, &refusal_message(&refusal)).await;
             }
             log.refusal = Some(refusal);
-            return sessions::finish(&self.shared, log).await;
-        };
-        let handshake = tokio::time::timeout(
-            self.handshake_timeout,
-            self.handshake(&mut io, &mut log, peer, unix_uid),
-        )
-        .await;
-        let handshaken = match handshake {
-            Ok(Ok(handshaken)) => handshaken,
-            Ok(Err(Unstarted::Silent)) => return,
-            Ok(Err(Unstarted::Refused(refusal))) => {
-                if let Some(io) = io.as_mut() {
-                    let _ = wire::send(io, &refusal_message(&refusal)).await;
-                }
-                log.refusal = Some(refusal);
-                return sessions::finish(&self.shared, log).await;
-            }
-            Err(_) => {
-                log.refusal = Some(Refusal::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "the handshake did not finish within {} s",
-                        self.handshake_timeout.as_secs()
-                    ),
-                ));
-                return sessions::finish(&self.shared, log).await;
-            }
-        };
-        self.session(handshaken, &mut log).await;
-        sessions::finish(&self.shared, log).await;
+        }
+        sessions::finish(&self.base.shared, log).await;
     }
 
     /// Startup, TLS and caller authentication, within the handshake
@@ -188,7 +159,7 @@ impl Inner {
             };
             match code {
                 wire::SSL_REQUEST if !secured && body.is_empty() => {
-                    let Some(acceptor) = &self.tls else {
+                    let Some(acceptor) = &self.base.tls else {
                         wire::send(stream, b"N")
                             .await
                             .map_err(|_| Unstarted::Silent)?;
@@ -284,7 +255,7 @@ impl Inner {
             secured,
         };
         client
-            .admissible(&self.shared, "sslmode=verify-full")
+            .admissible(&self.base.shared, "sslmode=verify-full")
             .map_err(Unstarted::Refused)?;
         let mut token = None;
         if client.needs_token(&log.config) {
@@ -309,13 +280,14 @@ impl Inner {
         }
         client
             .identify(
-                &self.shared,
+                &self.base.shared,
                 log,
                 token.as_deref().map(|t| t.as_slice()),
                 "no caller identity: send the caller token as the password, or use a client certificate",
             )
             .map_err(Unstarted::Refused)?;
-        sessions::choose(&self.shared, log, &database, "PostgreSQL").map_err(Unstarted::Refused)?;
+        sessions::choose(&self.base.shared, log, &database, "PostgreSQL")
+            .map_err(Unstarted::Refused)?;
         let io = io.take().ok_or(Unstarted::Silent)?;
         Ok(Handshaken {
             io,
@@ -329,7 +301,7 @@ impl Inner {
         let Some(ds) = log.datasource.clone() else {
             return;
         };
-        let shared = &self.shared;
+        let shared = &self.base.shared;
         // Nothing goes out that the audit trail could not record.
         shared.audit.wait_writable().await;
         let caller = log.caller.as_ref().map(|c| c.name.as_str());
@@ -372,7 +344,7 @@ impl Inner {
             log.error = Some("client_closed");
             return;
         }
-        let _open = OpenSession::new(&self.shared, &ds.name);
+        let _open = OpenSession::new(&self.base.shared, &ds.name);
         let Some(info) = log.info() else {
             return;
         };
