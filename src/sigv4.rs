@@ -103,34 +103,24 @@ impl Sigv4 {
         for name in SIGNING_HEADERS {
             req.remove_header(name);
         }
-        let path = req
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
         let url = format!("{scheme}://{authority}{path}");
-        let signed: Vec<(String, String)> = req
+        // Borrowed from the head: the signing instructions come back owned,
+        // so the head is free to change once they do.
+        let signed = req
             .headers
             .iter()
             .filter(|(name, _)| {
                 let n = name.as_str();
                 n == "host" || n == "content-type" || n == "content-md5" || n.starts_with("x-amz-")
             })
-            .filter_map(|(name, value)| {
-                Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
-            })
-            .collect();
+            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
         let body = match payload {
             Payload::Unsigned => SignableBody::UnsignedPayload,
             Payload::Whole(bytes) => SignableBody::Bytes(bytes),
         };
-        let request = SignableRequest::new(
-            req.method.as_str(),
-            url,
-            signed.iter().map(|(n, v)| (n.as_str(), v.as_str())),
-            body,
-        )
-        .map_err(|e| format!("the request cannot be signed: {e}"))?;
+        let request = SignableRequest::new(req.method.as_str(), url, signed, body)
+            .map_err(|e| format!("the request cannot be signed: {e}"))?;
         let mut settings = SigningSettings::default();
         settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
         if self.streams() {
@@ -148,28 +138,19 @@ impl Sigv4 {
             .build()
             .map_err(|e| format!("signing parameters: {e}"))?
             .into();
-        let (instructions, _signature) = sign(request, &params)
+        let (instructions, signature) = sign(request, &params)
             .map_err(|e| format!("the request cannot be signed: {e}"))?
             .into_parts();
-        let mut authorization = None;
         for (name, value) in instructions.headers() {
-            if name.eq_ignore_ascii_case("authorization") {
-                authorization = Some(value.to_string());
-            }
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
             let mut value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
             value.set_sensitive(true);
             req.insert_header(name, value).map_err(|e| e.to_string())?;
         }
         // This request's signature is good for 15 minutes of replay: an
-        // upstream that quotes it back has it redacted like a key.
-        let authorization = authorization.unwrap_or_default();
-        let signature = authorization
-            .rsplit_once("Signature=")
-            .map_or("", |(_, s)| s);
-        Ok(Echoes::of(&[
-            authorization.as_bytes(),
-            signature.as_bytes(),
-        ]))
+        // upstream that quotes it back has it redacted like a key (the rest
+        // of `Authorization` is public, but for the access key id, which
+        // the credential's own forms cover).
+        Ok(Echoes::of(&[signature.as_bytes()]))
     }
 }
