@@ -523,35 +523,7 @@ impl ProxyHttp for SealgateProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(ds) = ctx.datasource.as_ref() else {
-            return Error::e_explain(ErrorType::InternalError, "no data source chosen");
-        };
-        let uri = http::Uri::builder()
-            .path_and_query(ctx.upstream_target.as_str())
-            .build()
-            .map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "request target"))?;
-        upstream_request.set_uri(uri);
-        upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
-        crate::http::hygiene::strip_for_upstream(upstream_request);
-        // `request_filter` admitted only a credential that opened.
-        if let Some(credential) = ctx.credential() {
-            credential.inject_header(upstream_request)?;
-        }
-        if let Some(token) = &ctx.token {
-            upstream_request.insert_header(header::AUTHORIZATION, token.header.clone())?;
-        }
-        if let Some(signer) = ctx.credential().and_then(|c| c.signer()) {
-            let payload = match &ctx.signed_body {
-                Some(body) => Payload::Whole(body),
-                None => Payload::Unsigned,
-            };
-            let scheme = if ds.upstream.tls { "https" } else { "http" };
-            let signature = signer
-                .sign(upstream_request, scheme, &ds.upstream.authority, payload)
-                .map_err(|why| Error::explain(ErrorType::InternalError, why))?;
-            ctx.signature = Some(signature);
-        }
-        Ok(())
+        self.prepare_upstream_head(upstream_request, ctx)
     }
 
     async fn upstream_response_filter(
@@ -716,6 +688,45 @@ impl SealgateProxy {
         Ok(())
     }
 
+    /// What every request head sent upstream goes through: the data
+    /// source's target and Host, the caller's hop-by-hop and spoofable
+    /// headers removed, then the credential (injected, minted or signed).
+    fn prepare_upstream_head(
+        &self,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(ds) = ctx.datasource.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "no data source chosen");
+        };
+        let uri = http::Uri::builder()
+            .path_and_query(ctx.upstream_target.as_str())
+            .build()
+            .map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "request target"))?;
+        upstream_request.set_uri(uri);
+        upstream_request.insert_header(header::HOST, ds.upstream.authority.as_str())?;
+        crate::http::hygiene::strip_for_upstream(upstream_request);
+        // `request_filter` admitted only a credential that opened.
+        if let Some(credential) = ctx.credential() {
+            credential.inject_header(upstream_request)?;
+        }
+        if let Some(token) = &ctx.token {
+            upstream_request.insert_header(header::AUTHORIZATION, token.header.clone())?;
+        }
+        if let Some(signer) = ctx.credential().and_then(|c| c.signer()) {
+            let payload = match &ctx.signed_body {
+                Some(body) => Payload::Whole(body),
+                None => Payload::Unsigned,
+            };
+            let scheme = if ds.upstream.tls { "https" } else { "http" };
+            let signature = signer
+                .sign(upstream_request, scheme, &ds.upstream.authority, payload)
+                .map_err(|why| Error::explain(ErrorType::InternalError, why))?;
+            ctx.signature = Some(signature);
+        }
+        Ok(())
+    }
+
     /// What every upstream response head goes through: hop-by-hop and
     /// (unless allowed) cookie headers removed, every credential form
     /// redacted, a 401 answered with an early token refresh, the reason
@@ -768,34 +779,18 @@ impl SealgateProxy {
         let (Some(ds), Some(body)) = (ctx.datasource.clone(), ctx.signed_body.clone()) else {
             return Ok(());
         };
-        let Some(signer) = ctx.credential().and_then(|c| c.signer()) else {
-            return Ok(());
-        };
         let internal = |why: String| Refusal::new(ErrorCode::Internal, why);
         let mut head = session.req_header().clone();
-        let uri = http::Uri::builder()
-            .path_and_query(ctx.upstream_target.as_str())
-            .build()
-            .map_err(|_| {
-                Refusal::new(ErrorCode::BadRequest, "the request target cannot be sent")
-            })?;
-        head.set_uri(uri);
-        head.insert_header(header::HOST, ds.upstream.authority.as_str())
-            .map_err(|e| internal(e.to_string()))?;
-        crate::http::hygiene::strip_for_upstream(&mut head);
         head.remove_header(&header::TRANSFER_ENCODING);
         head.insert_header(header::CONTENT_LENGTH, body.len())
             .map_err(|e| internal(e.to_string()))?;
-        let scheme = if ds.upstream.tls { "https" } else { "http" };
-        let signature = signer
-            .sign(
-                &mut head,
-                scheme,
-                &ds.upstream.authority,
-                Payload::Whole(&body),
-            )
-            .map_err(internal)?;
-        ctx.signature = Some(signature);
+        self.prepare_upstream_head(&mut head, ctx)
+            .map_err(|e| match e.etype() {
+                ErrorType::HTTPStatus(400) => {
+                    Refusal::new(ErrorCode::BadRequest, "the request target cannot be sent")
+                }
+                _ => internal(e.to_string()),
+            })?;
         let mut request = http::Request::builder()
             .method(head.method.clone())
             .uri(head.uri.clone());
