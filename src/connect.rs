@@ -279,3 +279,28 @@ pub async fn tls(
             )
         })
 }
+
+/// A connection sealgate makes itself: TCP, or TLS over it.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A connection to `target` for an HTTP exchange sealgate makes itself
+/// (a token request, a signed body pingora cannot hold): connected as
+/// `login` does, with TLS when `tls` is given, within `connect_timeout_ms`.
+/// The exchange that follows has the data source's `timeout_ms`.
+pub async fn open(
+    shared: &Shared,
+    config: &Config,
+    ds: &DataSource,
+    target: &Upstream,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<(Box<dyn Stream>, Attempt), LoginFailure> {
+    login(shared, config, ds, target, |tcp, attempt| async move {
+        let io: Box<dyn Stream> = match tls {
+            Some(tls) => Box::new(self::tls(tls, target, tcp).await?),
+            None => Box::new(tcp),
+        };
+        Ok((io, attempt))
+    })
+    .await
+}

@@ -438,25 +438,31 @@ impl OAuth2 {
             .egress
             .destination(&self.target.host, self.target.port)
             .map_err(|d| denied(format!("the token host is not allowed: {}", d.reason)))?;
-        let (status, body) =
-            connect::login(shared, config, ds, &self.target, |tcp, _| async move {
-                match &self.tls {
-                    Some(tls) => {
-                        let stream = connect::tls(tls, &self.target, tcp).await?;
-                        self.post(stream).await
-                    }
-                    None => self.post(tcp).await,
-                }
-            })
-            .await
-            .map_err(|f: LoginFailure| {
-                let kind = if f.refusal.code == ErrorCode::EgressDenied {
-                    "egress_denied"
-                } else {
-                    "unreachable"
-                };
-                (kind, f.refusal.message)
-            })?;
+        let (status, body) = async {
+            let (io, _) =
+                connect::open(shared, config, ds, &self.target, self.tls.as_ref()).await?;
+            tokio::time::timeout(ds.timeout, self.post(io))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(failure(
+                        ErrorCode::UpstreamTimeout,
+                        "timeout",
+                        format!(
+                            "the token request did not finish within {} ms (timeout_ms)",
+                            ds.timeout.as_millis()
+                        ),
+                    ))
+                })
+        }
+        .await
+        .map_err(|f: LoginFailure| {
+            let kind = if f.refusal.code == ErrorCode::EgressDenied {
+                "egress_denied"
+            } else {
+                "unreachable"
+            };
+            (kind, f.refusal.message)
+        })?;
         if !(200..300).contains(&status) {
             let code = oauth_error_code(&body);
             let kind = if status == 401 || status == 400 || status == 403 {

@@ -800,21 +800,12 @@ impl SealgateProxy {
         let request = request
             .body(http_body_util::Full::new(body))
             .map_err(|e| internal(e.to_string()))?;
-        let tls = ds.db_tls.clone();
-        let config = ctx.config.clone();
-        let target = &ds.upstream;
-        let (io, attempt) = connect::login(
+        let (io, attempt) = connect::open(
             &self.shared,
-            &config,
+            &ctx.config,
             &ds,
-            target,
-            |tcp, attempt| async move {
-                let io: Box<dyn Conn> = match &tls {
-                    Some(tls) => Box::new(connect::tls(tls, target, tcp).await?),
-                    None => Box::new(tcp),
-                };
-                Ok((io, attempt))
-            },
+            &ds.upstream,
+            ds.db_tls.as_ref(),
         )
         .await
         .map_err(|f| f.refusal)?;
@@ -999,10 +990,6 @@ fn log_failure(e: &Error, ctx: &RequestCtx, status: u16) {
 /// One pass over the headers finds what to remove; most responses carry
 /// nothing but `Connection: keep-alive`, and removing absent names one by
 /// one cost more than the rest of sealgate's response handling.
-/// A connection sealgate makes itself: TCP, or TLS over it.
-trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T {}
-
 fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     for (name, value) in resp.headers.iter() {
