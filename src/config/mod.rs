@@ -840,7 +840,7 @@ impl Validator<'_> {
         let Opening {
             keys,
             places,
-            ca_file,
+            client_tls,
         } = *opening;
         let key =
             |field: &str| crate::secrets::field_key(ds, &crate::secrets::field_path(caller, field));
@@ -1016,13 +1016,8 @@ impl Validator<'_> {
                 Ok(Credential::sigv4(signer, &secrets))
             }
             CredentialKind::Oauth2 => {
-                let tls = match crate::tls::upstream_client_config(ca_file) {
-                    Ok(tls) => tls,
-                    Err(message) => {
-                        self.sink.at(c.kind.span(), key("token_url"), message);
-                        return None;
-                    }
-                };
+                // Its CA settings' error is reported at `ca_file`.
+                let tls = client_tls?.clone();
                 let params: Vec<(String, String)> = c
                     .params
                     .as_ref()
@@ -1403,12 +1398,16 @@ impl Validator<'_> {
         if let Some(u) = upstream.as_mut().filter(|_| protocol != Protocol::Http) {
             u.tls = verify_tls;
         }
-        // A token endpoint is verified with the same CA settings.
-        let mints = raw
+        // Which credentials make sealgate connect somewhere itself: a
+        // token endpoint, or (SigV4) a signed body pingora cannot hold.
+        let kinds: Vec<Option<CredentialKind>> = raw
             .credential
             .iter()
             .chain(raw.caller_credentials.values())
-            .any(|c| c.token_url.is_some());
+            .map(|c| CredentialKind::parse(c.kind.get_ref()))
+            .collect();
+        let mints = kinds.contains(&Some(CredentialKind::Oauth2));
+        let signs = kinds.contains(&Some(CredentialKind::AwsSigv4));
         if raw.ca_file.is_some() && upstream.as_ref().is_some_and(|u| !u.tls) && !mints {
             if let Some(f) = &raw.ca_file {
                 self.sink.at(
@@ -1418,25 +1417,24 @@ impl Validator<'_> {
                 );
             }
         }
-        // A SigV4 data source sends bodies over pingora's retry buffer
-        // itself (`http::proxy`), so it needs the same verified config.
-        let signs = raw
-            .credential
-            .iter()
-            .chain(raw.caller_credentials.values())
-            .any(|c| c.kind.get_ref() == "aws_sigv4");
-        let db_tls = match &upstream {
-            Some(u) if u.tls && (protocol != Protocol::Http || signs) => {
-                let ca = raw.ca_file.as_ref().map(|f| self.relative(f.get_ref()));
-                crate::tls::upstream_client_config(ca.as_deref())
-                    .map_err(|message| {
-                        let at = raw.ca_file.as_ref().map_or(raw.url.span(), |f| f.span());
-                        self.sink.at(at, key("ca_file"), message)
-                    })
-                    .ok()
-            }
-            _ => None,
+        let ca_path = raw.ca_file.as_ref().map(|f| self.relative(f.get_ref()));
+        // Its own connections (a database, a token endpoint, a signed
+        // body) share one verified configuration: the `ca_file`, else the
+        // system roots.
+        let tls_itself = upstream
+            .as_ref()
+            .is_some_and(|u| u.tls && (protocol != Protocol::Http || signs));
+        let client_tls = if tls_itself || mints {
+            crate::tls::upstream_client_config(ca_path.as_deref())
+                .map_err(|message| {
+                    let at = raw.ca_file.as_ref().map_or(raw.url.span(), |f| f.span());
+                    self.sink.at(at, key("ca_file"), message)
+                })
+                .ok()
+        } else {
+            None
         };
+        let db_tls = client_tls.clone().filter(|_| tls_itself);
         let pool_key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -1448,11 +1446,10 @@ impl Validator<'_> {
                 .hash(&mut h);
             h.finish()
         };
-        let ca_path = raw.ca_file.as_ref().map(|f| self.relative(f.get_ref()));
         let opening = Opening {
             keys: context.keys,
             places,
-            ca_file: ca_path.as_deref(),
+            client_tls: client_tls.as_ref(),
         };
         // Every field is judged, whatever failed before it, so that one
         // run of `check` reports all there is to fix.
@@ -1618,8 +1615,9 @@ impl Validator<'_> {
 struct Opening<'a> {
     keys: Keys<'a>,
     places: &'a [(&'a str, &'a str)],
-    /// The data source's `ca_file`, which a token endpoint is verified with.
-    ca_file: Option<&'a Path>,
+    /// The data source's verified client configuration, which a token
+    /// endpoint is verified with.
+    client_tls: Option<&'a Arc<rustls::ClientConfig>>,
 }
 
 /// Loads a PEM bundle of CA certificates, refusing anything pingora would
