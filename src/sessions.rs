@@ -16,6 +16,7 @@ use crate::access;
 use crate::audit::{AuditRecord, Decision, StatementFields};
 use crate::callers::{self, Caller, Identified, Presented};
 use crate::config::{Config, CredentialSource, DataSource, DbFront, Protocol};
+use crate::connect::LoginFailure;
 use crate::errors::{ErrorCode, Refusal};
 use crate::metrics::DB_COMMANDS;
 use crate::state::{RequestId, Shared, TlsHandles};
@@ -200,6 +201,28 @@ pub enum Ended {
 }
 
 impl SessionLog {
+    /// The credential the session logs in with: the caller's own, else
+    /// the data source's (as `choose` admitted it).
+    pub fn login_credential(&self) -> Option<&crate::credentials::Credential> {
+        let caller = self.caller.as_ref().map(|c| c.name.as_str());
+        self.datasource
+            .as_ref()?
+            .credential_for(caller)
+            .and_then(|(state, _)| state.ready())
+    }
+
+    /// A failed upstream login, recorded and counted (an egress refusal
+    /// was counted where it was made); returns the refusal for the client.
+    pub fn login_failed(&mut self, shared: &Shared, failure: LoginFailure) -> &Refusal {
+        if failure.kind != "egress" {
+            let ds = self.datasource.as_ref().map_or("-", |d| d.name.as_str());
+            shared.metrics.count_upstream_error(ds, failure.kind);
+        }
+        self.upstream = failure.addr;
+        self.egress_ip = failure.egress_ip;
+        self.refusal.insert(failure.refusal)
+    }
+
     /// What the relay counted, and the error its ending means; an upstream
     /// that failed is counted.
     pub fn relayed(&mut self, shared: &Shared, tally: Tally, statements: u64, ended: Ended) {

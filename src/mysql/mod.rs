@@ -386,23 +386,15 @@ impl Inner {
         let shared = &self.base.shared;
         // Nothing goes out that the audit trail could not record.
         shared.audit.wait_writable().await;
-        let caller = log.caller.as_ref().map(|c| c.name.as_str());
-        let credential = ds
-            .credential_for(caller)
-            .and_then(|(state, _)| state.ready());
-        let upstream = match login::open(shared, &log.config, &ds, credential, &hello).await {
-            Ok(upstream) => upstream,
-            Err(failure) => {
-                if !matches!(failure.kind, "egress") {
-                    shared.metrics.count_upstream_error(&ds.name, failure.kind);
+        let upstream =
+            match login::open(shared, &log.config, &ds, log.login_credential(), &hello).await {
+                Ok(upstream) => upstream,
+                Err(failure) => {
+                    let refusal = log.login_failed(shared, failure);
+                    let _ = wire::send(&mut io, &refusal_packet(refusal, seq)).await;
+                    return;
                 }
-                log.upstream = failure.addr;
-                log.egress_ip = failure.egress_ip;
-                let _ = wire::send(&mut io, &refusal_packet(&failure.refusal, seq)).await;
-                log.refusal = Some(failure.refusal);
-                return;
-            }
-        };
+            };
         log.upstream = Some(upstream.addr);
         log.egress_ip = upstream.egress_ip;
         let mut ok = Vec::new();

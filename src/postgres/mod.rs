@@ -304,20 +304,19 @@ impl Inner {
         let shared = &self.base.shared;
         // Nothing goes out that the audit trail could not record.
         shared.audit.wait_writable().await;
-        let caller = log.caller.as_ref().map(|c| c.name.as_str());
-        let credential = ds
-            .credential_for(caller)
-            .and_then(|(state, _)| state.ready());
-        let upstream = match login::open(shared, &log.config, &ds, credential, &parameters).await {
+        let upstream = match login::open(
+            shared,
+            &log.config,
+            &ds,
+            log.login_credential(),
+            &parameters,
+        )
+        .await
+        {
             Ok(upstream) => upstream,
             Err(failure) => {
-                if !matches!(failure.kind, "egress") {
-                    shared.metrics.count_upstream_error(&ds.name, failure.kind);
-                }
-                log.upstream = failure.addr;
-                log.egress_ip = failure.egress_ip;
-                let _ = wire::send(&mut io, &refusal_message(&failure.refusal)).await;
-                log.refusal = Some(failure.refusal);
+                let refusal = log.login_failed(shared, failure);
+                let _ = wire::send(&mut io, &refusal_message(refusal)).await;
                 return;
             }
         };
