@@ -10,6 +10,8 @@
 # CREDENTIAL=oauth2 makes the credential an OAuth2 one instead, its token
 # ("test", as peerbench checks) fetched from a token endpoint on
 # 127.0.0.1:18070 that start.sh starts.
+# SCRUB=off turns response body scrubbing off (it is on by default for a
+# data source with a credential), to measure what scrubbing costs.
 
 # bench_binary: the build users ship (`./dev.sh release`, profile-guided),
 # or $SEALGATE_BIN, e.g. to compare a plain `cargo build --release`.
@@ -58,6 +60,8 @@ bench_setup() {
   # peerbench checks that every proxy injects exactly `Authorization: Bearer test`.
   sealed=$(printf 'test' | "$sg" seal -c "$work/keys.toml" --datasource bench --field token)
   local credential="{ kind = \"bearer\", token = \"$sealed\" }" token_endpoint=""
+  local scrub=true
+  [[ ${SCRUB:-on} == off ]] && scrub=false
   if [[ ${CREDENTIAL:-bearer} == oauth2 ]]; then
     sealed=$(printf 'bench-client-secret' | "$sg" seal -c "$work/keys.toml" --datasource bench --field client_secret)
     credential="{ kind = \"oauth2\", token_url = \"http://127.0.0.1:18070/token\", client_id = \"bench\", client_secret = \"$sealed\" }"
@@ -103,6 +107,7 @@ dir = "$work/policies"
 [datasources.bench]
 url = "http://\$PB_UPSTREAM"
 timeout_ms = 30000
+scrub_responses = $scrub
 credential = $credential
 TOML
 $token_endpoint

@@ -120,8 +120,9 @@ pub struct Credential {
     pub username: Option<String>,
     pub name: Option<String>,
     injection: Injection,
-    /// Every form in which the secret could come back in a response head.
-    echoes: Echoes,
+    /// Every form in which the secret could come back in a response head
+    /// or body; boxed, as it is most of a credential's size.
+    echoes: Box<Echoes>,
     /// When the credential stops working (`expires_at`, Unix seconds).
     pub expires_at: Option<u64>,
 }
@@ -197,7 +198,7 @@ fn sensitive_header_value(bytes: Vec<u8>) -> Result<HeaderValue, String> {
 impl Credential {
     pub fn bearer(token: &Secret) -> Result<Credential, String> {
         let value = sensitive_header_value(joined(&[b"Bearer ", token.expose().as_bytes()]))?;
-        let echoes = Echoes::of(&[token.expose().as_bytes(), value.as_bytes()]);
+        let echoes = Echoes::with_body_scrubber(&[token.expose().as_bytes(), value.as_bytes()]);
         Ok(Credential {
             kind: CredentialKind::Bearer,
             username: None,
@@ -206,7 +207,7 @@ impl Credential {
                 name: Bytes::from_static(b"Authorization"),
                 value,
             },
-            echoes,
+            echoes: Box::new(echoes),
             expires_at: None,
         })
     }
@@ -222,7 +223,7 @@ impl Credential {
         ]));
         let encoded = Zeroizing::new(STANDARD.encode(&*pair));
         let value = sensitive_header_value(joined(&[b"Basic ", encoded.as_bytes()]))?;
-        let echoes = Echoes::of(&[
+        let echoes = Echoes::with_body_scrubber(&[
             password.expose().as_bytes(),
             &pair,
             encoded.as_bytes(),
@@ -236,7 +237,7 @@ impl Credential {
                 name: Bytes::from_static(b"Authorization"),
                 value,
             },
-            echoes,
+            echoes: Box::new(echoes),
             expires_at: None,
         })
     }
@@ -255,7 +256,7 @@ impl Credential {
                 name: Bytes::copy_from_slice(header_name.as_str().as_bytes()),
                 value: sensitive_header_value(value.expose().as_bytes().to_vec())?,
             },
-            echoes: Echoes::of(&[value.expose().as_bytes()]),
+            echoes: Box::new(Echoes::with_body_scrubber(&[value.expose().as_bytes()])),
             expires_at: None,
         })
     }
@@ -269,7 +270,7 @@ impl Credential {
         encoded_value.extend(utf8_percent_encode(value.expose(), QUERY_COMPONENT));
         let encoded_name = utf8_percent_encode(name, QUERY_COMPONENT).to_string();
         let pair = joined(&[encoded_name.as_bytes(), b"=", encoded_value.as_bytes()]);
-        let echoes = Echoes::of(&[value.expose().as_bytes(), &pair]);
+        let echoes = Echoes::with_body_scrubber(&[value.expose().as_bytes(), &pair]);
         Ok(Credential {
             kind: CredentialKind::Query,
             username: None,
@@ -278,7 +279,7 @@ impl Credential {
                 name: name.to_string(),
                 pair: zeroizing_bytes(pair),
             },
-            echoes,
+            echoes: Box::new(echoes),
             expires_at: None,
         })
     }
@@ -292,7 +293,7 @@ impl Credential {
             kind: CredentialKind::Password,
             username: Some(username.to_string()),
             name: None,
-            echoes: Echoes::of(&[password.expose().as_bytes()]),
+            echoes: Box::new(Echoes::of(&[password.expose().as_bytes()])),
             injection: Injection::Login(password),
             expires_at: None,
         })
@@ -304,7 +305,7 @@ impl Credential {
             kind: CredentialKind::Oauth2,
             username: Some(client.client_id.clone()),
             name: None,
-            echoes: Echoes::of(&[secret.expose().as_bytes()]),
+            echoes: Box::new(Echoes::with_body_scrubber(&[secret.expose().as_bytes()])),
             injection: Injection::Minted(Arc::new(client)),
             expires_at: None,
         }
@@ -318,7 +319,7 @@ impl Credential {
             kind: CredentialKind::AwsSigv4,
             username: None,
             name: Some(format!("{}/{}", signer.region, signer.service)),
-            echoes: Echoes::of(&forms),
+            echoes: Box::new(Echoes::with_body_scrubber(&forms)),
             injection: Injection::Signed(Box::new(signer)),
             expires_at: None,
         }
@@ -397,6 +398,10 @@ impl Credential {
     /// The same for response trailers.
     pub fn redact_trailers(&self, trailers: &mut http::HeaderMap) -> u64 {
         self.echoes.redact_trailers(trailers)
+    }
+
+    pub fn body_scrubber(&self) -> Option<&Arc<crate::scrub::Scrubber>> {
+        self.echoes.body_scrubber()
     }
 }
 

@@ -7,11 +7,15 @@
 //! percent-encoding (either hex case, `+` for space). The forms are made
 //! once, when the credential is opened, and held in zeroizing memory.
 
+use std::sync::Arc;
+
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use zeroize::Zeroizing;
+
+use crate::scrub::Scrubber;
 
 /// What a response header value echoing the credential shows instead.
 pub const REDACTED: &str = "[redacted]";
@@ -35,6 +39,11 @@ pub struct Echoes {
     starts: Box<Zeroizing<[u64; PAIR_WORDS]>>,
     /// Forms of one byte (a one-character secret), which have no pair.
     single_bytes: Zeroizing<Vec<u8>>,
+    /// For a secret that may also come back in a response body: the same
+    /// forms, and their body encodings, as a streaming matcher. `None` for
+    /// per-request values (a signature), and should the matcher not build,
+    /// in which case a data source that scrubs refuses the request.
+    body: Option<Arc<Scrubber>>,
 }
 
 /// Words of 64 bits in `Echoes::starts`: one bit per byte pair.
@@ -114,7 +123,23 @@ impl Echoes {
             form_pairs,
             starts,
             single_bytes,
+            body: None,
         }
+    }
+
+    /// `Echoes::of`, and a body scrubber of the same forms: for secrets
+    /// that live longer than one request.
+    pub fn with_body_scrubber(roots: &[&[u8]]) -> Echoes {
+        let mut echoes = Echoes::of(roots);
+        match Scrubber::of(echoes.forms.iter().map(|f| f.as_slice())) {
+            Ok(scrubber) => echoes.body = Some(Arc::new(scrubber)),
+            Err(why) => tracing::warn!(error = %why, "response bodies cannot be scrubbed"),
+        }
+        echoes
+    }
+
+    pub fn body_scrubber(&self) -> Option<&Arc<Scrubber>> {
+        self.body.as_ref()
     }
 
     /// Whether `bytes`, as they are or percent-decoded, carry any form of

@@ -19,6 +19,9 @@ pub enum ErrorCode {
     TargetTooLong,
     /// A body to be signed (SigV4, not S3) over the limit.
     BodyTooLarge,
+    /// A response whose body sealgate must scrub came in an encoding it
+    /// cannot read (the data source ignored `Accept-Encoding: identity`).
+    UnscrubbableResponse,
     /// Too many failed identifications from one peer.
     CallerThrottled,
     UpstreamUnreachable,
@@ -49,9 +52,10 @@ impl ErrorCode {
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::CallerThrottled => 429,
             ErrorCode::TlsRequired => 403,
-            ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTls | ErrorCode::UpstreamAuth => {
-                502
-            }
+            ErrorCode::UpstreamUnreachable
+            | ErrorCode::UpstreamTls
+            | ErrorCode::UpstreamAuth
+            | ErrorCode::UnscrubbableResponse => 502,
             ErrorCode::CredentialUnavailable
             | ErrorCode::TooManyConnections
             | ErrorCode::ShuttingDown => 503,
@@ -65,6 +69,7 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::TargetTooLong => "bad_request",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::UnscrubbableResponse => "unscrubbable_response",
             ErrorCode::CallerThrottled => "caller_throttled",
             ErrorCode::CallerUnauthenticated => "caller_unauthenticated",
             ErrorCode::CallerForbidden => "caller_forbidden",
@@ -89,7 +94,8 @@ impl ErrorCode {
             ErrorCode::BadRequest
             | ErrorCode::TargetTooLong
             | ErrorCode::MethodNotAllowed
-            | ErrorCode::BodyTooLarge => "08P01",
+            | ErrorCode::BodyTooLarge
+            | ErrorCode::UnscrubbableResponse => "08P01",
             ErrorCode::TlsRequired | ErrorCode::CallerForbidden => "28000",
             ErrorCode::CallerUnauthenticated | ErrorCode::CallerThrottled => "28P01",
             ErrorCode::UnknownDatasource => "3D000",
@@ -118,7 +124,8 @@ impl ErrorCode {
             ErrorCode::BadRequest
             | ErrorCode::TargetTooLong
             | ErrorCode::MethodNotAllowed
-            | ErrorCode::BodyTooLarge => (1156, "08S01"),
+            | ErrorCode::BodyTooLarge
+            | ErrorCode::UnscrubbableResponse => (1156, "08S01"),
             ErrorCode::CallerUnauthenticated => (1045, "28000"),
             ErrorCode::CallerForbidden => (1044, "42000"),
             ErrorCode::UnknownDatasource => (1049, "3D000"),
@@ -144,6 +151,7 @@ impl ErrorCode {
                 | ErrorCode::UpstreamTls
                 | ErrorCode::UpstreamTimeout
                 | ErrorCode::UpstreamAuth
+                | ErrorCode::UnscrubbableResponse
         )
     }
 }

@@ -23,6 +23,7 @@ pub mod notify;
 pub mod oauth2;
 pub mod postgres;
 pub mod reload;
+pub mod scrub;
 pub mod secrets;
 pub mod server;
 pub mod sessions;

@@ -370,7 +370,7 @@ impl OAuth2 {
                 let mut value = Zeroizing::new(Vec::with_capacity(7 + access_token.len()));
                 value.extend_from_slice(b"Bearer ");
                 value.extend_from_slice(access_token.as_bytes());
-                let echoes = Echoes::of(&[access_token.as_bytes(), &value]);
+                let echoes = Echoes::with_body_scrubber(&[access_token.as_bytes(), &value]);
                 let mut header =
                     HeaderValue::from_maybe_shared(Bytes::from_owner(value)).map_err(|_| {
                         "the token endpoint sent a token that cannot be sent in a header"

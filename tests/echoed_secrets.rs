@@ -109,30 +109,8 @@ fn start_with_bearer(upstream: SocketAddr) -> Sealgate {
     start_with_bearer_at(&format!("http://{upstream}"), None)
 }
 
-/// sealgate with data source `echo` at `url`, its bearer token sealed,
-/// logging at trace; `ca` is written as the data source's `ca_file`.
 fn start_with_bearer_at(url: &str, ca: Option<&TestCa>) -> Sealgate {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let keys = Keys::new(dir.path());
-    let config = dir.path().join("sealgate.toml");
-    std::fs::write(&config, keys.toml("k1")).expect("config");
-    let sealed = seal(&config, "echo", "token", TOKEN);
-    let ca_file = match ca {
-        Some(ca) => {
-            ca.write_pem(&dir.path().join("ca.pem"));
-            "ca_file = \"ca.pem\"\n"
-        }
-        None => "",
-    };
-    Sealgate::start_logging(
-        dir,
-        &format!(
-            "{}\n[datasources.echo]\nurl = \"{url}\"\n{ca_file}\
-             credential = {{ kind = \"bearer\", token = \"{sealed}\" }}\n",
-            keys.toml("k1")
-        ),
-        "trace",
-    )
+    Sealgate::with_bearer(TOKEN, url, ca, "", "trace")
 }
 
 fn forms() -> Vec<String> {

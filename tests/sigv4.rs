@@ -123,15 +123,6 @@ async fn send_to(
     (status, headers, body)
 }
 
-fn hwm_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_requests_are_signed_and_a_64_mib_upload_streams() {
     let f = tokio::task::spawn_blocking(|| fixture("info"))
@@ -155,10 +146,10 @@ async fn s3_requests_are_signed_and_a_64_mib_upload_streams() {
         f.sg.stderr()
     );
     let object: Vec<u8> = (0..64 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
-    let before = hwm_kib(f.sg.pid());
+    let before = f.sg.peak_rss_kib();
     let (status, _, body) = send_to(&f.sg, put("/bucket/big", object.clone())).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let growth = hwm_kib(f.sg.pid()).saturating_sub(before);
+    let growth = f.sg.peak_rss_kib().saturating_sub(before);
     assert!(
         growth < 16 * 1024,
         "the upload streams: peak RSS grew {growth} KiB"

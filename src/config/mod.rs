@@ -268,6 +268,9 @@ pub struct DataSource {
     pub db_tls: Option<Arc<rustls::ClientConfig>>,
     /// MySQL: `LOAD DATA LOCAL` may run (the server then reads client files).
     pub local_infile: bool,
+    /// Response bodies have every form of the injected secret overwritten
+    /// (SPEC 12); on by default wherever a credential is injected.
+    pub scrub_responses: bool,
     pub region: Option<Arc<Region>>,
     /// The policy's verdict on this destination, judged at load.
     pub egress: Result<Arc<Rule>, Denial>,
@@ -1394,6 +1397,17 @@ impl Validator<'_> {
                 "only a mysql:// data source has local_infile",
             );
         }
+        if let Some(scrub) = raw
+            .scrub_responses
+            .as_ref()
+            .filter(|_| protocol != Protocol::Http)
+        {
+            self.sink.at(
+                scrub.span(),
+                key("scrub_responses"),
+                "only an http(s):// data source has scrub_responses",
+            );
+        }
         let mut upstream = upstream;
         if let Some(u) = upstream.as_mut().filter(|_| protocol != Protocol::Http) {
             u.tls = verify_tls;
@@ -1594,6 +1608,11 @@ impl Validator<'_> {
             database,
             db_tls,
             local_infile: raw.local_infile.as_ref().is_some_and(|v| *v.get_ref()),
+            scrub_responses: protocol == Protocol::Http
+                && raw
+                    .scrub_responses
+                    .as_ref()
+                    .map_or(has_credential, |v| *v.get_ref()),
             region: region?,
             egress,
             pool_key,

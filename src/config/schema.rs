@@ -197,4 +197,7 @@ pub struct RawDataSource {
     /// MySQL data sources: whether `LOAD DATA LOCAL` may run; it lets the
     /// server read files from the client, so it is off unless set.
     pub local_infile: Option<Spanned<bool>>,
+    /// HTTP data sources: overwrite the injected secret in response
+    /// bodies; defaults to on where there is a credential.
+    pub scrub_responses: Option<Spanned<bool>>,
 }

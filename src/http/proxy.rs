@@ -28,6 +28,7 @@ use crate::errors::{classify, ErrorCode, Refusal};
 use crate::http::route;
 use crate::metrics::CloseReason;
 use crate::oauth2::Token;
+use crate::scrub::BodyScrub;
 use crate::sigv4::Payload;
 use crate::state::{RequestId, Shared};
 use crate::throttle::Peer;
@@ -99,6 +100,9 @@ pub struct RequestCtx {
     /// The forms of this request's SigV4 signature, redacted from the
     /// response head like a key.
     signature: Option<crate::echoes::Echoes>,
+    /// The response body's scrubbers, one per secret it could carry (the
+    /// credential, a minted token), set with the response head.
+    scrubs: Vec<BodyScrub>,
     refusal: Option<Refusal>,
     /// Set once the request reached `request_filter`, with what its audit
     /// record needs should the request be cut off before `logging` runs.
@@ -256,6 +260,7 @@ impl ProxyHttp for SealgateProxy {
             token: None,
             signed_body: None,
             signature: None,
+            scrubs: Vec::new(),
             refusal: None,
             started_request: None,
             status_sent: 0,
@@ -546,9 +551,40 @@ impl ProxyHttp for SealgateProxy {
             if let Some(token) = &ctx.token {
                 revealed += token.echoes.redact_trailers(upstream_trailers);
             }
-            self.count_scrubbed(&ds.name, revealed);
+            self.count_scrubbed(&ds.name, "header", revealed);
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if !ctx.scrubs.is_empty() {
+            self.scrub_body(body, end_of_stream, ctx);
+        }
+        Ok(None)
+    }
+
+    /// Trailers end an h2 body that had no final DATA frame. Should the
+    /// body's end still be held (it began like a secret), pingora can only
+    /// write it in the trailers' place: the held bytes are sent as the
+    /// body's end and the trailers dropped, rather than the body cut short.
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<bytes::Bytes>> {
+        if !ctx.scrubs.iter().any(BodyScrub::holds_bytes) {
+            return Ok(None);
+        }
+        let mut rest = None;
+        self.scrub_body(&mut rest, true, ctx);
+        Ok(rest)
     }
 
     async fn fail_to_proxy(
@@ -710,6 +746,13 @@ impl SealgateProxy {
         if let Some(credential) = ctx.credential() {
             credential.inject_header(upstream_request)?;
         }
+        if ds.scrub_responses {
+            // The body must arrive as bytes sealgate can read, and whole:
+            // two ranges could each carry half of the secret.
+            upstream_request.insert_header(header::ACCEPT_ENCODING, "identity")?;
+            upstream_request.remove_header(&header::RANGE);
+            upstream_request.remove_header(&header::IF_RANGE);
+        }
         if let Some(token) = &ctx.token {
             upstream_request.insert_header(header::AUTHORIZATION, token.header.clone())?;
         }
@@ -743,15 +786,15 @@ impl SealgateProxy {
             }
             if let Some(credential) = ctx.credential() {
                 let revealed = credential.redact(upstream_response)?;
-                self.count_scrubbed(&ds.name, revealed);
+                self.count_scrubbed(&ds.name, "header", revealed);
             }
             if let Some(signature) = &ctx.signature {
                 let revealed = signature.redact_head(upstream_response)?;
-                self.count_scrubbed(&ds.name, revealed);
+                self.count_scrubbed(&ds.name, "header", revealed);
             }
             if let Some(token) = &ctx.token {
                 let revealed = token.echoes.redact_head(upstream_response)?;
-                self.count_scrubbed(&ds.name, revealed);
+                self.count_scrubbed(&ds.name, "header", revealed);
                 if upstream_response.status == http::StatusCode::UNAUTHORIZED {
                     if let Some(client) = ctx.credential().and_then(|c| c.minted()) {
                         client.rejected(token, &self.shared, &ctx.config, ds);
@@ -759,12 +802,73 @@ impl SealgateProxy {
                 }
             }
         }
+        self.start_scrubbing(upstream_response, ctx)?;
         // The reason phrase is free text only the upstream chose: it may
         // echo anything, and no client needs it.
         upstream_response.set_reason_phrase(None)?;
         upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
         ctx.status_sent = upstream_response.status.as_u16();
         Ok(())
+    }
+
+    /// For a data source that scrubs response bodies: one scrubber per
+    /// secret the body could carry. A body in an encoding sealgate cannot
+    /// read is refused rather than passed unread.
+    fn start_scrubbing(&self, response: &ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        ctx.scrubs.clear();
+        let Some(ds) = ctx.datasource.as_ref().filter(|ds| ds.scrub_responses) else {
+            return Ok(());
+        };
+        let encoded = response
+            .headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
+        let refuse = |ctx: &mut RequestCtx, refusal: Refusal| {
+            let error = Error::explain(ErrorType::HTTPStatus(refusal.code.status()), "scrub");
+            ctx.refusal = Some(refusal);
+            Err(error)
+        };
+        if encoded {
+            let message = format!(
+                "\"{}\" answered with a Content-Encoding although sealgate asked for identity; \
+                 its body cannot be scrubbed (scrub_responses = false passes it unread)",
+                ds.name
+            );
+            return refuse(ctx, Refusal::new(ErrorCode::UnscrubbableResponse, message));
+        }
+        let secrets = ctx
+            .credential()
+            .map(|c| c.body_scrubber())
+            .into_iter()
+            .chain(ctx.token.as_ref().map(|t| t.echoes.body_scrubber()));
+        let mut scrubs = Vec::new();
+        for scrubber in secrets {
+            match scrubber {
+                Some(scrubber) => scrubs.push(BodyScrub::new(scrubber.clone())),
+                None => {
+                    let message = "the credential's response scrubber could not be built";
+                    return refuse(ctx, Refusal::new(ErrorCode::Internal, message));
+                }
+            }
+        }
+        ctx.scrubs = scrubs;
+        Ok(())
+    }
+
+    /// Passes one piece of the response body through the scrubbers.
+    fn scrub_body(&self, body: &mut Option<bytes::Bytes>, end: bool, ctx: &mut RequestCtx) {
+        let mut found = 0;
+        for scrub in &mut ctx.scrubs {
+            let (passed, n) = scrub.pass(body.take(), end);
+            *body = passed;
+            found += n;
+        }
+        if let (Some(ds), true) = (&ctx.datasource, found > 0) {
+            self.count_scrubbed(&ds.name, "body", found);
+        }
     }
 
     /// A signed body longer than pingora's retry buffer holds, sent by
@@ -839,8 +943,11 @@ impl SealgateProxy {
             head.append_header(name.clone(), value.clone())
                 .map_err(|e| internal(e.to_string()))?;
         }
-        self.filter_response(&mut head, ctx)
-            .map_err(|e| internal(e.to_string()))?;
+        self.filter_response(&mut head, ctx).map_err(|e| {
+            ctx.refusal
+                .take()
+                .unwrap_or_else(|| internal(e.to_string()))
+        })?;
         if session
             .write_response_header(Box::new(head), false)
             .await
@@ -856,16 +963,16 @@ impl SealgateProxy {
                 return Ok(());
             };
             if let Ok(data) = frame.into_data() {
-                if session
-                    .write_response_body(Some(data), false)
-                    .await
-                    .is_err()
-                {
+                let mut data = Some(data);
+                self.scrub_body(&mut data, false, ctx);
+                if session.write_response_body(data, false).await.is_err() {
                     return Ok(());
                 }
             }
         }
-        let _ = session.write_response_body(None, true).await;
+        let mut rest = None;
+        self.scrub_body(&mut rest, true, ctx);
+        let _ = session.write_response_body(rest, true).await;
         Ok(())
     }
 
@@ -946,12 +1053,12 @@ impl SealgateProxy {
             .inc();
     }
 
-    fn count_scrubbed(&self, datasource: &str, revealed: u64) {
+    fn count_scrubbed(&self, datasource: &str, place: &str, revealed: u64) {
         if revealed > 0 {
             self.shared
                 .metrics
                 .secrets_scrubbed
-                .with_label_values(&[datasource, "header"])
+                .with_label_values(&[datasource, place])
                 .inc_by(revealed);
         }
     }

@@ -72,6 +72,39 @@ impl Sealgate {
         Self::launch(dir, "", extra_toml, rust_log)
     }
 
+    /// sealgate with data source `echo` at `url`, `token` sealed as its
+    /// bearer credential, `ca` written as its `ca_file`, `extra` added to
+    /// its table, logging at `rust_log`.
+    pub fn with_bearer(
+        token: &str,
+        url: &str,
+        ca: Option<&TestCa>,
+        extra: &str,
+        rust_log: &str,
+    ) -> Sealgate {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = Keys::new(dir.path());
+        let config = dir.path().join("sealgate.toml");
+        std::fs::write(&config, keys.toml("k1")).expect("config");
+        let sealed = seal(&config, "echo", "token", token);
+        let ca_file = match ca {
+            Some(ca) => {
+                ca.write_pem(&dir.path().join("ca.pem"));
+                "ca_file = \"ca.pem\"\n"
+            }
+            None => "",
+        };
+        Sealgate::start_logging(
+            dir,
+            &format!(
+                "{}\n[datasources.echo]\nurl = \"{url}\"\n{ca_file}{extra}\
+                 credential = {{ kind = \"bearer\", token = \"{sealed}\" }}\n",
+                keys.toml("k1")
+            ),
+            rust_log,
+        )
+    }
+
     /// Like `start_in`, with more keys in the `[proxy]` table.
     pub fn start_in_with_proxy_keys(
         dir: tempfile::TempDir,
@@ -184,6 +217,16 @@ impl Sealgate {
 
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// The process's peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
