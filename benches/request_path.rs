@@ -139,6 +139,7 @@ fn minted_bearer(
         &config.audit.output,
         config.audit.on_full,
         metrics.audit_dropped.clone(),
+        config.audit.chain.clone(),
     )
     .expect("audit");
     let shared = sealgate::state::Shared::new(config, metrics, audit);

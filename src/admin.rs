@@ -339,6 +339,7 @@ mod tests {
             &AuditOutput::Stdout,
             OnFull::Block,
             metrics.audit_dropped.clone(),
+            None,
         )
         .unwrap();
         Shared::new(config, metrics, audit)

@@ -8,6 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
+use crate::audit_chain::{Chain, ChainKey, GENESIS};
 use crate::config::{AuditOutput, OnFull};
 
 const QUEUE_DEPTH: usize = 4096;
@@ -157,8 +159,9 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 enum Message {
     Line(Vec<u8>),
     Flush(std_mpsc::SyncSender<()>),
-    /// Reopen the output file (after logrotate moved it away).
-    Reopen,
+    /// Reopen the output file (after logrotate moved it away), chaining
+    /// from then on under the key given (the reloaded primary's).
+    Reopen(Option<ChainKey>),
 }
 
 /// Kinds of configuration event recorded in the audit trail.
@@ -169,6 +172,8 @@ pub enum Event {
     Drain,
     /// A minted credential was fetched (or failed to be): never the token.
     CredentialRefresh,
+    /// The first line of each file the chained trail is written to.
+    ChainStart,
 }
 
 impl Event {
@@ -178,6 +183,7 @@ impl Event {
             Event::Reload => "reload",
             Event::Drain => "drain",
             Event::CredentialRefresh => "credential_refresh",
+            Event::ChainStart => "chain_start",
         }
     }
 }
@@ -249,6 +255,7 @@ impl AuditLog {
         output: &AuditOutput,
         on_full: OnFull,
         dropped: prometheus::IntCounter,
+        chain: Option<ChainKey>,
     ) -> io::Result<AuditLog> {
         let sink = open_output(output)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -258,7 +265,19 @@ impl AuditLog {
             epoch: Instant::now(),
             unwritten: AtomicI64::new(0),
         });
-        let writer = Writer {
+        // A restart continues the chain it left off.
+        let chain = chain.map(|key| {
+            let prev = match output {
+                AuditOutput::File(path) => Chain::resume_point(path),
+                AuditOutput::Stdout => GENESIS,
+            };
+            Chain::new(key, prev)
+        });
+        let chain_state = match (output, &chain) {
+            (AuditOutput::File(path), Some(_)) => Some(open_chain_state(path)?),
+            _ => None,
+        };
+        let mut writer = Writer {
             sink,
             output: output.clone(),
             batch: Vec::with_capacity(WRITE_BUFFER),
@@ -266,7 +285,11 @@ impl AuditLog {
             on_full,
             dropped: dropped.clone(),
             health: health.clone(),
+            chain,
+            written: GENESIS,
+            chain_state,
         };
+        writer.begin_chain();
         std::thread::Builder::new()
             .name("sealgate-audit".into())
             .spawn(move || writer.run(rx))?;
@@ -346,9 +369,10 @@ impl AuditLog {
         }
     }
 
-    /// After logrotate moved the file away: writes go to a new file.
-    pub fn reopen(&self) {
-        if self.tx.try_send(Message::Reopen).is_err() {
+    /// After logrotate moved the file away: writes go to a new file, its
+    /// chain (if on) under `chain_key` from its first line.
+    pub fn reopen(&self, chain_key: Option<ChainKey>) {
+        if self.tx.try_send(Message::Reopen(chain_key)).is_err() {
             tracing::error!("the audit queue is full; the audit output was not reopened");
         }
     }
@@ -413,6 +437,24 @@ impl Sink {
     }
 }
 
+fn open_chain_state(output: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = crate::audit_chain::state_path(output);
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o640)
+        .open(&path)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("audit chain state {}: {e}", path.display()),
+            )
+        })
+}
+
 fn open_output(output: &AuditOutput) -> io::Result<Sink> {
     Ok(match output {
         AuditOutput::Stdout => Sink::Stdout(io::stdout()),
@@ -450,9 +492,24 @@ struct Writer {
     on_full: OnFull,
     dropped: prometheus::IntCounter,
     health: Arc<Health>,
+    chain: Option<Chain>,
+    /// The chain value of the last line the output took whole.
+    written: [u8; 64],
+    /// Where `written` is kept for the next start (`audit_chain::state_path`).
+    chain_state: Option<File>,
 }
 
 impl Writer {
+    /// A `chain_start` line opens each file the chained trail goes to.
+    fn begin_chain(&mut self) {
+        if let Some(chain) = &mut self.chain {
+            let mut line = encode_chain_start(SystemTime::now(), chain.key_id(), &chain.prev());
+            chain.extend(&mut line);
+            self.batch.extend_from_slice(&line);
+            self.health.unwritten.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         // The writer gathers instead of being woken for every record: a
         // wake-up per request costs a context switch on the proxy's own
@@ -473,7 +530,10 @@ impl Writer {
 
     fn handle(&mut self, message: Message) {
         match message {
-            Message::Line(line) => {
+            Message::Line(mut line) => {
+                if let Some(chain) = &mut self.chain {
+                    chain.extend(&mut line);
+                }
                 self.batch.extend_from_slice(&line);
                 if self.batch.len() >= WRITE_BUFFER {
                     self.write_batch();
@@ -483,10 +543,16 @@ impl Writer {
                 self.write_batch();
                 let _ = done.send(());
             }
-            Message::Reopen => {
+            Message::Reopen(chain_key) => {
                 self.write_batch();
                 match open_output(&self.output) {
-                    Ok(sink) => self.sink = sink,
+                    Ok(sink) => {
+                        self.sink = sink;
+                        if let (Some(chain), Some(key)) = (&mut self.chain, chain_key) {
+                            chain.rekey(key);
+                        }
+                        self.begin_chain();
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "reopening the audit output failed; still writing to the old one")
                     }
@@ -500,6 +566,7 @@ impl Writer {
     /// requests wait meanwhile), or with `on_full = "drop"` they are
     /// counted as dropped, all but a line a stream has begun.
     fn write_batch(&mut self) {
+        let had_lines = !self.batch.is_empty();
         let mut retry_in = Duration::from_millis(10);
         let mut reported = false;
         while !self.batch.is_empty() {
@@ -532,6 +599,12 @@ impl Writer {
                 };
                 let lost = count_lines(&self.batch[keep..]);
                 self.batch.truncate(keep);
+                // Dropped lines are counted, not a break in the chain: it
+                // goes on from the last line the output has.
+                let last = last_chain_value(&self.batch).unwrap_or(self.written);
+                if let Some(chain) = &mut self.chain {
+                    chain.resume_from(last);
+                }
                 self.health
                     .unwritten
                     .fetch_sub(lost as i64, Ordering::Relaxed);
@@ -542,6 +615,12 @@ impl Writer {
             }
             std::thread::sleep(retry_in);
             retry_in = (retry_in * 2).min(MAX_RETRY_INTERVAL);
+        }
+        if let Some(state) = self.chain_state.as_ref().filter(|_| had_lines) {
+            use std::os::unix::fs::FileExt;
+            if let Err(e) = state.write_all_at(&self.written, 0) {
+                tracing::warn!(error = %e, "the audit chain's resume point could not be recorded");
+            }
         }
         if self.health.failing.swap(false, Ordering::Relaxed) {
             tracing::info!("the audit output takes writes again");
@@ -563,6 +642,9 @@ impl Writer {
             n
         };
         self.begun = finished > whole;
+        if let Some(last) = last_chain_value(&self.batch[..whole]) {
+            self.written = last;
+        }
         let lines = count_lines(&self.batch[..finished]);
         self.health
             .unwritten
@@ -570,6 +652,13 @@ impl Writer {
         self.batch.drain(..finished);
         finished > 0
     }
+}
+
+/// The chain value of the last whole line in `bytes`.
+fn last_chain_value(bytes: &[u8]) -> Option<[u8; 64]> {
+    let line = bytes.strip_suffix(b"\n")?;
+    let start = memchr::memrchr(b'\n', line).map_or(0, |i| i + 1);
+    crate::audit_chain::chain_value(&line[start..])
 }
 
 fn count_lines(bytes: &[u8]) -> u64 {
@@ -698,6 +787,20 @@ fn encode_event(
         line.extend_from_slice(b":null");
     }
     line.extend_from_slice(b"}\n");
+    line
+}
+
+/// A configuration event line naming the chain key and the value the
+/// chain continues from (SPEC 12).
+fn encode_chain_start(at: SystemTime, key_id: &str, prev: &[u8; 64]) -> Vec<u8> {
+    let ids = [key_id.to_string()];
+    let mut line = encode_event(at, Event::ChainStart, "ok", "audit chain", Some(&ids));
+    line.truncate(line.len() - 2);
+    line.extend_from_slice(b",\"key_id\":");
+    json_str(&mut line, key_id);
+    line.extend_from_slice(b",\"prev\":\"");
+    line.extend_from_slice(prev);
+    line.extend_from_slice(b"\"}\n");
     line
 }
 

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use std::io::IsTerminal;
 
-use crate::{config, demo, keytool, logging, secrets, server};
+use crate::{audit_chain, config, demo, keytool, logging, secrets, server};
 
 const DEFAULT_CONFIG: &str = "/etc/sealgate/sealgate.toml";
 
@@ -59,6 +59,24 @@ enum Command {
         #[arg(short, long, env = "SEALGATE_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Work with the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the chain of audit files given oldest first (a rotated
+    /// series): exit 0, or 1 naming the file and first line that was
+    /// altered, removed, reordered or inserted.
+    Verify {
+        #[arg(short, long, env = "SEALGATE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -90,6 +108,9 @@ pub fn main() -> ExitCode {
                     .map(|sealed| println!("{sealed}")),
             )
         }
+        Command::Audit {
+            command: AuditCommand::Verify { config, files },
+        } => verify_audit(&config, &files),
         Command::Reseal { config } => report(keytool::reseal(&config).map(|r| {
             eprintln!(
                 "{}: resealed {} value{} under key \"{}\"; {} already under it",
@@ -130,6 +151,42 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(code) => code,
+    }
+}
+
+fn verify_audit(config: &Path, files: &[PathBuf]) -> ExitCode {
+    let keyring = match config::load_keyring(config) {
+        Ok(keyring) => keyring,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("sealgate: {e}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    match audit_chain::verify(&keyring, &files) {
+        Ok(verified) => {
+            println!(
+                "{} line{} in {} file{} verified (key{} {})",
+                verified.lines,
+                if verified.lines == 1 { "" } else { "s" },
+                files.len(),
+                if files.len() == 1 { "" } else { "s" },
+                if verified.key_ids.len() == 1 { "" } else { "s" },
+                verified.key_ids.join(", ")
+            );
+            if verified.continues_earlier {
+                println!(
+                    "note: the first file continues a chain from an earlier file that was not given"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(broken) => {
+            eprintln!("sealgate: {broken}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -113,8 +113,10 @@ pub fn run() -> Result<(), DemoError> {
          {postgres_line}\n\
          Try, in another terminal:\n\
          \x20 curl -s 'http://127.0.0.1:{proxy}/echo/hello?x=1'\n\
-         \x20     the upstream reports the injected \"authorization: Bearer demo-...\", path /hello,\n\
-         \x20     your query kept, Host set to the upstream (the app never held that token)\n\
+         \x20     the upstream echoes the \"authorization: Bearer demo-...\" sealgate injected, path\n\
+         \x20     /hello, your query kept, Host set to the upstream; the token it echoes shows as\n\
+         \x20     \"Bearer *****************\": sealgate overwrites it in response bodies too, so the\n\
+         \x20     app never holds it\n\
          \x20 curl -s -H 'Authorization: Bearer mine' http://127.0.0.1:{proxy}/echo/x\n\
          \x20     yours is replaced, never forwarded\n\
          \x20 curl -s http://127.0.0.1:{admin}/v1/datasources\n\

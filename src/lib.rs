@@ -3,6 +3,7 @@
 pub mod access;
 pub mod admin;
 pub mod audit;
+pub mod audit_chain;
 pub mod callers;
 pub mod cli;
 pub mod config;

@@ -13,9 +13,15 @@ use crate::state::Shared;
 pub fn reload(shared: &Shared) {
     let current = shared.config.load_full();
     let metrics = &shared.metrics;
-    // logrotate moves the audit file away and sends SIGHUP.
-    shared.audit.reopen();
-    match config::load_for_reload(&current.file) {
+    let loaded = config::load_for_reload(&current.file);
+    // logrotate moves the audit file away and sends SIGHUP. The new file's
+    // chain is under the primary key of the config that is in force.
+    let chain_key = match &loaded {
+        Ok((next, _)) => next.audit.chain.clone(),
+        Err(_) => current.audit.chain.clone(),
+    };
+    shared.audit.reopen(chain_key);
+    match loaded {
         Err(errors) => {
             for e in &errors.0 {
                 tracing::error!("reload refused, running configuration unchanged: {e}");
@@ -119,6 +125,10 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
             db_listeners(&current.mysql) != db_listeners(&next.mysql),
         ),
         ("audit.output", current.audit.output != next.audit.output),
+        (
+            "audit.chain",
+            current.audit.chain.is_some() != next.audit.chain.is_some(),
+        ),
         (
             "log",
             current.log.format != next.log.format || current.log.level != next.log.level,

@@ -17,12 +17,15 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use hkdf::Hkdf;
+
+use crate::audit_chain::ChainKey;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub const SEALED_PREFIX: &str = "sealed:";
 const ENVELOPE_V1: &str = "sealed:v1:";
 const DATA_KEY_INFO: &[u8] = b"sealgate v1 data key";
+const AUDIT_CHAIN_INFO: &[u8] = b"sealgate v1 audit chain";
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const MIN_SALT_LEN: usize = 16;
@@ -135,6 +138,8 @@ pub enum KeyringError {
 /// The data keys of one instance, by key id.
 pub struct Keyring {
     ciphers: BTreeMap<String, Aes256Gcm>,
+    /// The audit chain's key under each master key (SPEC 12).
+    chain_keys: BTreeMap<String, ChainKey>,
     primary: String,
 }
 
@@ -176,6 +181,7 @@ impl Keyring {
         let entries = std::fs::read_dir(dir)
             .map_err(|e| KeyringError::Dir(dir.to_path_buf(), e.to_string()))?;
         let mut ciphers = BTreeMap::new();
+        let mut chain_keys = BTreeMap::new();
         for entry in entries {
             let path = entry
                 .map_err(|e| KeyringError::Dir(dir.to_path_buf(), e.to_string()))?
@@ -190,7 +196,12 @@ impl Keyring {
                 .ok_or_else(|| KeyringError::KeyId(path.clone()))?
                 .to_string();
             let master = read_key_file(&path)?;
-            ciphers.insert(id, cipher_for(&master, &salt));
+            ciphers.insert(id.clone(), cipher_for(&master, &salt));
+            let mut chain_key = Zeroizing::new([0u8; KEY_LEN]);
+            // HKDF-SHA256 can expand up to 8160 bytes; 32 can never fail.
+            let _ = Hkdf::<Sha256>::new(Some(&salt), master.as_ref())
+                .expand(AUDIT_CHAIN_INFO, chain_key.as_mut());
+            chain_keys.insert(id.clone(), ChainKey::new(id, chain_key));
         }
         if !ciphers.contains_key(primary) {
             return Err(KeyringError::NoPrimary(
@@ -200,6 +211,7 @@ impl Keyring {
         }
         Ok(Keyring {
             ciphers,
+            chain_keys,
             primary: primary.to_string(),
         })
     }
@@ -210,6 +222,11 @@ impl Keyring {
 
     pub fn primary(&self) -> &str {
         &self.primary
+    }
+
+    /// The audit chain key derived from master key `id`.
+    pub fn chain_key(&self, id: &str) -> Option<ChainKey> {
+        self.chain_keys.get(id).cloned()
     }
 
     /// Seals `plaintext` for one data source and field under the primary key.

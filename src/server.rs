@@ -91,6 +91,7 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         &config.audit.output,
         config.audit.on_full,
         metrics.audit_dropped.clone(),
+        config.audit.chain.clone(),
     )
     .map_err(StartError::Audit)?;
     let proxy_listen = config.proxy.listen.clone();

@@ -23,6 +23,7 @@ use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 use schema::{RawConfig, RawCredential, RawDataSource, RawKeys, RawRegion};
 
+use crate::audit_chain::ChainKey;
 use crate::callers::Callers;
 use crate::credentials::{Credential, CredentialKind};
 use crate::egress::{Denial, EgressPolicy, Rule};
@@ -158,6 +159,8 @@ pub struct AuditSettings {
     pub output: AuditOutput,
     pub on_full: OnFull,
     pub statements: StatementAudit,
+    /// `chain = true`: the key lines are chained under (the primary's).
+    pub chain: Option<ChainKey>,
 }
 
 /// Whether database fronts record each statement (SPEC section 9).
@@ -522,6 +525,21 @@ fn parse_with(
         ],
         StatementAudit::Off,
     );
+    let chain = match &raw.audit.chain {
+        Some(on) if *on.get_ref() => match (&raw.keys, &keyring) {
+            (Some(_), Some(keyring)) => keyring.chain_key(keyring.primary()),
+            (Some(_), None) => None,
+            (None, _) => {
+                v.sink.at(
+                    on.span(),
+                    "audit.chain",
+                    "needs a [keys] table: the chain key is derived from the primary master key",
+                );
+                None
+            }
+        },
+        _ => None,
+    };
     let on_full = v.one_of(
         &raw.audit.on_full,
         "audit.on_full",
@@ -582,6 +600,7 @@ fn parse_with(
             output: audit_output,
             on_full,
             statements,
+            chain,
         },
         postgres,
         mysql,

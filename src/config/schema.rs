@@ -169,6 +169,9 @@ pub struct RawAudit {
     pub output: Option<Spanned<String>>,
     pub on_full: Option<Spanned<String>>,
     pub statements: Option<Spanned<String>>,
+    /// Chain every line with an HMAC under a key derived from the primary
+    /// master key (SPEC 12).
+    pub chain: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
