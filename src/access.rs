@@ -23,14 +23,11 @@ pub fn admit<'a>(
     caller: Option<&Caller>,
     ds: &'a DataSource,
 ) -> Result<Admitted<'a>, Refusal> {
-    if let Some(caller) = caller.filter(|c| !c.may_use(&ds.name)) {
-        return Err(Refusal::new(
-            ErrorCode::CallerForbidden,
-            format!(
-                "caller \"{}\" may not use data source \"{}\"",
-                caller.name, ds.name
-            ),
-        ));
+    if let Some(caller) = caller {
+        let access = caller.access(&ds.name, std::time::SystemTime::now());
+        if let Some(why) = access.refusal(&caller.name, &ds.name) {
+            return Err(Refusal::new(ErrorCode::CallerForbidden, why));
+        }
     }
     let chosen = ds.credential_for(caller.map(|c| c.name.as_str()));
     let credential = match chosen {

@@ -6,8 +6,9 @@
 //! Without any caller configured, only loopback peers are served, as the
 //! caller `local`, and may use every data source.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -17,7 +18,9 @@ pub const LOCAL: &str = "local";
 
 pub struct Caller {
     pub name: String,
-    pub datasources: HashSet<String>,
+    /// The data sources this caller may use, each until its `not_after`
+    /// (Unix seconds) if it has one.
+    pub datasources: HashMap<String, Option<u64>>,
     pub tls_identity: Option<String>,
     pub unix_uid: Option<u32>,
     token_sha256: Option<[u8; 32]>,
@@ -26,7 +29,7 @@ pub struct Caller {
 impl Caller {
     pub fn new(
         name: String,
-        datasources: HashSet<String>,
+        datasources: HashMap<String, Option<u64>>,
         tls_identity: Option<String>,
         unix_uid: Option<u32>,
         token_sha256: Option<[u8; 32]>,
@@ -40,9 +43,63 @@ impl Caller {
         }
     }
 
-    pub fn may_use(&self, datasource: &str) -> bool {
-        self.datasources.contains(datasource)
+    /// Whether this caller may use `datasource` at `now`: a grant past its
+    /// `not_after` ends by itself, without a reload.
+    pub fn access(&self, datasource: &str, now: SystemTime) -> Access {
+        match self.datasources.get(datasource) {
+            None => Access::NotGranted,
+            Some(Some(not_after)) if has_passed(*not_after, now) => Access::Expired(*not_after),
+            Some(_) => Access::Granted,
+        }
     }
+
+    /// Whether this caller has a grant of `datasource` at all (expired or
+    /// not).
+    pub fn grants(&self, datasource: &str) -> bool {
+        self.datasources.contains_key(datasource)
+    }
+
+    /// When this caller's grant of `datasource` ends, if it does.
+    pub fn grant_expiry(&self, datasource: &str) -> Option<u64> {
+        self.datasources.get(datasource).copied().flatten()
+    }
+}
+
+/// A caller's standing with one data source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Granted,
+    NotGranted,
+    /// Granted until this instant (Unix seconds), which has passed.
+    Expired(u64),
+}
+
+impl Access {
+    /// Why a caller is refused, as the response, audit record and
+    /// session's end say it; `None` when granted.
+    pub fn refusal(self, caller: &str, datasource: &str) -> Option<String> {
+        match self {
+            Access::Granted => None,
+            Access::NotGranted => Some(format!(
+                "caller \"{caller}\" may not use data source \"{datasource}\""
+            )),
+            Access::Expired(at) => {
+                // Whole seconds, as `not_after` is written.
+                let stamp = crate::audit::rfc3339(UNIX_EPOCH + Duration::from_secs(at));
+                let stamp = stamp
+                    .split_once('.')
+                    .map_or(stamp.clone(), |(s, _)| s.to_owned() + "Z");
+                Some(format!(
+                    "caller \"{caller}\"'s grant of data source \"{datasource}\" expired at {stamp}"
+                ))
+            }
+        }
+    }
+}
+
+/// Whether `now` is after the instant `not_after` (Unix seconds).
+pub fn has_passed(not_after: u64, now: SystemTime) -> bool {
+    now > UNIX_EPOCH + Duration::from_secs(not_after)
 }
 
 /// Parses `token_sha256`: the SHA-256 of a caller token, 64 hex digits.
@@ -219,14 +276,14 @@ mod tests {
         let hash = |t: &str| -> [u8; 32] { Sha256::digest(t.as_bytes()).into() };
         c.insert(Caller::new(
             "billing".into(),
-            HashSet::from(["pay".to_string()]),
+            HashMap::from([("pay".to_string(), None)]),
             Some("spiffe://prod/billing".into()),
             Some(1001),
             Some(hash("tok-billing")),
         ));
         c.insert(Caller::new(
             "crm".into(),
-            HashSet::from(["crm".to_string()]),
+            HashMap::from([("crm".to_string(), None)]),
             None,
             None,
             Some(hash("tok-crm")),

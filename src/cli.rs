@@ -142,6 +142,9 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::from(1)
         }
         Ok(c) => {
+            for warning in &c.expired_grants {
+                eprintln!("sealgate: warning: {warning}");
+            }
             println!(
                 "{}: ok ({} data source{})",
                 path.display(),

@@ -108,6 +108,8 @@ pub struct Metrics {
     /// When each data source's credential stops working: a token's expiry
     /// or `expires_at`.
     pub credential_expiry: GaugeVec,
+    /// When each caller's grant of a data source ends (`not_after`).
+    pub caller_grant_expiry: GaugeVec,
     pub config_reloads: IntCounterVec,
     pub egress_denied: IntCounterVec,
     pub upstream_errors: IntCounterVec,
@@ -264,6 +266,13 @@ impl Metrics {
             ),
             &["datasource"],
         )?;
+        let caller_grant_expiry = GaugeVec::new(
+            Opts::new(
+                "sealgate_caller_grant_expiry_timestamp_seconds",
+                "When the caller's grant of the data source ends (Unix seconds): its not_after.",
+            ),
+            &["caller", "datasource"],
+        )?;
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "sealgate_config_reloads_total",
@@ -359,6 +368,7 @@ impl Metrics {
         registry.register(Box::new(credential_open_failures.clone()))?;
         registry.register(Box::new(credential_refreshes.clone()))?;
         registry.register(Box::new(credential_expiry.clone()))?;
+        registry.register(Box::new(caller_grant_expiry.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         let no_datasource =
             DataSourceSeries::of(&duration, &request_bytes, &response_bytes, NO_DATASOURCE);
@@ -372,6 +382,7 @@ impl Metrics {
             credential_open_failures,
             credential_refreshes,
             credential_expiry,
+            caller_grant_expiry,
             config_reloads,
             egress_denied,
             upstream_errors,

@@ -67,7 +67,7 @@ pub fn reload(shared: &Shared) {
 /// New certificates and client CAs for connections accepted from now on;
 /// established connections keep the ones they were accepted with.
 fn swap_tls(shared: &Shared, next: &Config) {
-    shared.record_credential_expiry(next);
+    shared.record_expiries(next);
     if let (Some(handles), Some(tls)) = (&shared.tls, &next.proxy.tls) {
         handles.replace(&tls.cert, tls.client_verifier.as_ref(), "proxy.tls");
         shared.record_cert_expiry(tls);

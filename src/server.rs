@@ -110,7 +110,7 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     if let Some(tls) = &shared.config.load().proxy.tls {
         shared.record_cert_expiry(tls);
     }
-    shared.record_credential_expiry(&shared.config.load());
+    shared.record_expiries(&shared.config.load());
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();

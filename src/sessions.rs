@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 use zeroize::Zeroizing;
@@ -383,8 +383,8 @@ pub fn choose(
 }
 
 /// Resolves when the session must end: the drain's grace period is over,
-/// or a reload withdrew its data source, credential or grant. Each reload
-/// is judged once.
+/// a reload withdrew its data source, credential or grant, or its grant's
+/// `not_after` passed. Each reload is judged once.
 pub async fn stop_reason(
     shared: &Shared,
     caller: Option<Arc<Caller>>,
@@ -408,9 +408,27 @@ pub async fn stop_reason(
                 return (ErrorCode::ShuttingDown.as_str(), why);
             }
         }
+        let grant = caller.as_ref().and_then(|c| config.callers.get(&c.name));
+        let expiry = grant.and_then(|c| c.grant_expiry(&ds.name));
+        if let (Some(grant), Some(_)) = (grant, expiry) {
+            let access = grant.access(&ds.name, SystemTime::now());
+            if let Some(why) = access.refusal(&grant.name, &ds.name) {
+                return (ErrorCode::ShuttingDown.as_str(), why);
+            }
+        }
+        // Woken at the grant's end, and at least once a second meanwhile
+        // so a step of the wall clock is noticed.
+        let until_expiry = expiry.map(|at| {
+            (UNIX_EPOCH + Duration::from_secs(at))
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .min(Duration::from_secs(1))
+                + Duration::from_millis(1)
+        });
         tokio::select! {
             _ = ending.changed() => {}
             _ = changes.changed() => {}
+            _ = tokio::time::sleep(until_expiry.unwrap_or_default()), if until_expiry.is_some() => {}
         }
     }
 }
@@ -434,7 +452,7 @@ fn withdrawn(
         let granted = config
             .callers
             .get(&caller.name)
-            .is_some_and(|c| c.may_use(&ds.name));
+            .is_some_and(|c| c.grants(&ds.name));
         if !granted {
             return Some(format!(
                 "caller \"{}\" may no longer use data source \"{}\"",

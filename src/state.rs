@@ -110,8 +110,23 @@ impl Shared {
     }
 
     /// Publishes each data source credential's `expires_at` (a minted
-    /// token's expiry is published when it is fetched).
-    pub fn record_credential_expiry(&self, config: &crate::config::Config) {
+    /// token's expiry is published when it is fetched) and each grant's
+    /// `not_after`, as the config in force has them.
+    pub fn record_expiries(&self, config: &crate::config::Config) {
+        let grants = &self.metrics.caller_grant_expiry;
+        grants.reset();
+        for caller in config.callers.iter() {
+            for (datasource, not_after) in &caller.datasources {
+                if let Some(at) = not_after {
+                    grants
+                        .with_label_values(&[caller.name.as_str(), datasource.as_str()])
+                        .set(*at as f64);
+                }
+            }
+        }
+        for problem in &config.expired_grants {
+            tracing::warn!("{problem}");
+        }
         for ds in config.datasources.values() {
             let expiry = ds
                 .credential

@@ -1387,3 +1387,49 @@ fn no_password_token_or_password_hash_appears_anywhere_at_trace_level() {
     }
     f.sg.assert_secrets_nowhere(&seen, &secrets);
 }
+
+/// A grant's `not_after` ends the caller's open sessions of it with 1053
+/// within a second, with no reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_expires_ends_its_sessions_without_a_reload() {
+    use mysql_async::prelude::*;
+    let (at, text) = utc_in(4);
+    let f = tokio::task::spawn_blocking(move || {
+        Fixture::build("info", "", |s| {
+            s.callers(&format!(
+                "[callers.billing]\ntoken_sha256 = \"{}\"\n\
+                 datasources = [{{ name = \"crm\", not_after = \"{text}\" }}]\n",
+                sha256_hex(TOKEN)
+            ));
+            String::new()
+        })
+    })
+    .await
+    .unwrap();
+    let as_billing = || {
+        opts(&f, "crm")
+            .pass(Some(TOKEN))
+            .enable_cleartext_plugin(true)
+    };
+    let mut expiring = mysql_async::Conn::new(as_billing()).await.unwrap();
+    expiring.query_drop("DO 1").await.unwrap();
+    let waiting = tokio::spawn(async move { expiring.query_drop("DO SLEEP(20)").await });
+    let end = std::time::UNIX_EPOCH + Duration::from_secs(at);
+    let left = end
+        .duration_since(std::time::SystemTime::now())
+        .expect("the session opened before the grant ended");
+    let message = ends_with(waiting, left + Duration::from_secs(1), 1053).await;
+    assert!(
+        std::time::SystemTime::now() >= end,
+        "ended before the grant did"
+    );
+    assert!(
+        message.contains("grant of data source \"crm\" expired at"),
+        "{message}"
+    );
+    let refused = mysql_async::Conn::new(as_billing()).await.err();
+    assert!(
+        matches!(&refused, Some(mysql_async::Error::Server(e)) if e.code == 1044),
+        "{refused:?}"
+    );
+}

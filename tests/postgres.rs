@@ -1091,3 +1091,73 @@ async fn a_reload_that_withdraws_a_callers_grant_ends_its_sessions() {
     );
     billing.batch_execute("SELECT 1").await.unwrap();
 }
+
+/// A grant's `not_after` ends the caller's open sessions of it with 57P01
+/// within a second, with no reload; new sessions are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_expires_ends_its_sessions_without_a_reload() {
+    let f = tokio::task::spawn_blocking(|| {
+        Fixture::build("info", "", |s| {
+            s.callers(&format!(
+                "[callers.billing]\ntoken_sha256 = \"{}\"\n\
+                 datasources = [\"orders_md5\", {{ name = \"orders\", not_after = \"{}\" }}]\n",
+                sha256_hex(TOKEN),
+                utc_in(4).1
+            ));
+            String::new()
+        })
+    })
+    .await
+    .unwrap();
+    let policy = std::fs::read_to_string(f.sg.dir.path().join("policies/callers.toml")).unwrap();
+    let text = policy.split("not_after = \"").nth(1).unwrap()[..20].to_string();
+    let params = |db: &str| format!("{} password={TOKEN}", f.at(db));
+    let (expiring, expiring_end) = session(&params("orders")).await;
+    let (kept, _kept_end) = session(&params("orders_md5")).await;
+    expiring.batch_execute("SELECT 1").await.unwrap();
+    let at = std::time::UNIX_EPOCH
+        + Duration::from_secs(
+            f.sg.metrics()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("sealgate_caller_grant_expiry_timestamp_seconds{caller=\"billing\",datasource=\"orders\"} ")
+                })
+                .and_then(|v| v.parse::<f64>().ok())
+                .expect("the grant's gauge") as u64,
+        );
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .expect("the session opened before the grant ended");
+    let error = ends_with(
+        expiring_end,
+        left + Duration::from_secs(1),
+        SqlState::ADMIN_SHUTDOWN,
+    )
+    .await;
+    assert!(
+        std::time::SystemTime::now() >= at,
+        "the session outlived its grant, not less"
+    );
+    let message = error.as_db_error().map(|e| e.message().to_string());
+    assert_eq!(
+        message.as_deref(),
+        Some(format!(
+            "sealgate: shutting_down: caller \"billing\"'s grant of data source \"orders\" expired at {text}"
+        ).as_str())
+    );
+    kept.batch_execute("SELECT 1").await.unwrap();
+    let refused = tokio_postgres::connect(&params("orders"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .and_then(|e| {
+            e.as_db_error()
+                .map(|d| (d.code().clone(), d.message().to_string()))
+        });
+    let (code, text) = refused.expect("a new session is refused");
+    assert_eq!(code, SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
+    assert!(text.contains("expired at"), "{text}");
+    assert!(!f
+        .sg
+        .metrics()
+        .contains("sealgate_config_reloads_total{result=\"ok\"}"));
+}

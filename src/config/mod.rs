@@ -70,6 +70,9 @@ pub struct Config {
     /// Data sources the egress policy refuses. `check` fails on them;
     /// `run` serves the rest and answers these with 403 `egress_denied`.
     pub egress_problems: Vec<ConfigError>,
+    /// Grants already past their `not_after`: warnings, not errors (the
+    /// grant just refuses).
+    pub expired_grants: Vec<ConfigError>,
     /// The ids of the keys loaded, for the audit trail (never the keys).
     pub key_ids: Vec<String>,
 }
@@ -445,7 +448,11 @@ fn parse_with(
         .map(|n| n.get_ref().as_str())
         .collect();
     let mut policy_loaded = true;
-    let policy::Policy { egress, callers } = match &raw.policy {
+    let policy::Policy {
+        egress,
+        callers,
+        expired_grants,
+    } = match &raw.policy {
         None => policy::Policy::default(),
         Some(p) => match policy::load(&v.relative(p.dir.get_ref()), &names) {
             Ok(policy) => policy,
@@ -610,6 +617,7 @@ fn parse_with(
         regions,
         datasources,
         egress_problems: v.egress_problems,
+        expired_grants,
         key_ids,
     };
     Ok((config, v.unopened))

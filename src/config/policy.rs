@@ -16,6 +16,8 @@ use crate::egress::{parse_entry, EgressPolicy, Rule};
 pub struct Policy {
     pub egress: EgressPolicy,
     pub callers: Callers,
+    /// Grants whose `not_after` has already passed: `check` warns.
+    pub expired_grants: Vec<ConfigError>,
 }
 
 /// Loads every policy file; grants are checked against `datasources`.
@@ -76,13 +78,7 @@ pub fn load(dir: &Path, datasources: &HashSet<&str>) -> Result<Policy, Vec<Confi
                         }
                     }
                 }
-                load_callers(
-                    &raw,
-                    &mut sink,
-                    &mut policy.callers,
-                    &mut tokens,
-                    datasources,
-                );
+                load_callers(&raw, &mut sink, &mut policy, &mut tokens, datasources);
             }
         }
         if let Err(e) = sink.finish() {
@@ -97,6 +93,38 @@ pub fn load(dir: &Path, datasources: &HashSet<&str>) -> Result<Policy, Vec<Confi
 }
 
 /// The `*.toml` files of `dir`, in name order so merges are repeatable.
+/// A grant as written: a data source name, or a table with its `name`
+/// and optional `not_after` (RFC 3339 in UTC, quoted or a TOML datetime).
+fn grant(entry: &toml::Value) -> Result<(String, Option<u64>), String> {
+    const FORM: &str =
+        "a grant is a data source name, or { name = \"…\", not_after = \"YYYY-MM-DDTHH:MM:SSZ\" }";
+    match entry {
+        toml::Value::String(name) => Ok((name.clone(), None)),
+        toml::Value::Table(table) => {
+            if let Some(unknown) = table.keys().find(|k| *k != "name" && *k != "not_after") {
+                return Err(format!("unknown key `{unknown}`: {FORM}"));
+            }
+            let Some(toml::Value::String(name)) = table.get("name") else {
+                return Err(FORM.into());
+            };
+            let not_after = match table.get("not_after") {
+                None => None,
+                Some(toml::Value::String(text)) => Some(text.clone()),
+                Some(toml::Value::Datetime(at)) => Some(at.to_string()),
+                Some(_) => return Err(FORM.into()),
+            };
+            let not_after = match not_after {
+                None => None,
+                Some(text) => Some(crate::credentials::parse_utc(&text).ok_or_else(|| {
+                    format!("not_after `{text}` is not a UTC time like 2026-12-31T23:59:59Z")
+                })?),
+            };
+            Ok((name.clone(), not_after))
+        }
+        _ => Err(FORM.into()),
+    }
+}
+
 fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read policy directory {}: {e}", dir.display()))?;
@@ -111,10 +139,11 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
 fn load_callers(
     raw: &RawPolicyFile,
     sink: &mut ErrorSink<'_>,
-    callers: &mut Callers,
+    policy: &mut Policy,
     tokens: &mut HashSet<[u8; 32]>,
     datasources: &HashSet<&str>,
 ) {
+    let callers = &mut policy.callers;
     for (name, raw_caller) in &raw.callers {
         let key = |field: &str| format!("callers.{}.{field}", name.get_ref());
         if callers.iter().any(|c| c.name == *name.get_ref()) {
@@ -168,17 +197,32 @@ fn load_callers(
                 continue;
             }
         }
-        let mut grants = HashSet::new();
-        for ds in &raw_caller.datasources {
-            if datasources.contains(ds.get_ref().as_str()) {
-                grants.insert(ds.get_ref().clone());
-            } else {
+        let mut grants = std::collections::HashMap::new();
+        for entry in &raw_caller.datasources {
+            let (ds, not_after) = match grant(entry.get_ref()) {
+                Ok(grant) => grant,
+                Err(message) => {
+                    sink.at(entry.span(), key("datasources"), message);
+                    continue;
+                }
+            };
+            if !datasources.contains(ds.as_str()) {
                 sink.at(
-                    ds.span(),
+                    entry.span(),
                     key("datasources"),
-                    format!("no data source named \"{}\"", ds.get_ref()),
+                    format!("no data source named \"{ds}\""),
                 );
+                continue;
             }
+            let now = std::time::SystemTime::now();
+            if not_after.is_some_and(|at| crate::callers::has_passed(at, now)) {
+                policy.expired_grants.push(sink.error_at(
+                    entry.span(),
+                    key("datasources"),
+                    format!("the grant of data source \"{ds}\" has already expired; requests are refused"),
+                ));
+            }
+            grants.insert(ds, not_after);
         }
         let unix_uid = raw_caller.unix_uid.as_ref().map(|u| *u.get_ref());
         if let (Some(uid), Some(raw)) = (unix_uid, &raw_caller.unix_uid) {

@@ -77,8 +77,10 @@ pub struct RawCaller {
     pub tls_identity: Option<Spanned<String>>,
     pub unix_uid: Option<Spanned<u32>>,
     pub token_sha256: Option<Spanned<String>>,
+    /// Each a data source name, or `{ name = "…", not_after = "…" }`
+    /// (SPEC 12); read as values so both forms keep their line.
     #[serde(default)]
-    pub datasources: Vec<Spanned<String>>,
+    pub datasources: Vec<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]

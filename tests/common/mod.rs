@@ -362,6 +362,21 @@ pub fn write_loopback_policy(dir: &Path) {
 }
 
 /// A caller token as `token_sha256` in a callers policy wants it.
+/// A whole second `seconds_ahead` from now: (Unix seconds, RFC 3339 UTC
+/// as `not_after` and `expires_at` take it).
+pub fn utc_in(seconds_ahead: i64) -> (u64, String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = (now + seconds_ahead + 1) as u64;
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{at}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
+    (at, String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 pub fn sha256_hex(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()
