@@ -7,23 +7,26 @@
 //! (server-sent events, long polls) is not delayed. Each form is replaced
 //! by `*` of its length, so `Content-Length` and chunk framing stay true.
 
-use aho_corasick::{AhoCorasick, Input, MatchKind};
+use aho_corasick::{packed, AhoCorasick, Input, MatchKind, Span};
 use bytes::{Bytes, BytesMut};
 use zeroize::Zeroizing;
 
 /// What an occurrence is overwritten with, byte for byte.
 const MASK: u8 = b'*';
 
+/// How many bytes of each form, in every letter case, the SIMD search
+/// looks for: three keep chance hits rare; two where three would need
+/// more variants than it takes.
+const WINDOW_LENS: [usize; 2] = [3, 2];
+
+/// The most patterns aho-corasick's packed (SIMD) searcher takes.
+const MAX_PACKED_PATTERNS: usize = 64;
+
 /// The forms of one secret a body is searched for, in any letter case.
 pub struct Scrubber {
-    /// The forms in lower case, matched against a lower-cased copy of the
-    /// body: a case-sensitive matcher keeps its SIMD prefilter, which its
-    /// case-insensitive mode loses (measured: 0.7 µs against 500 µs per
-    /// 64 KiB of text), and folding a copy costs a few microseconds.
-    /// Leftmost-longest for the same reason (overlapping search has no
-    /// prefilter); `mask` searches again from one byte after each match's
-    /// start, so a form that begins inside another is still found.
-    matcher: AhoCorasick,
+    /// Finds where a form could begin (see `Matcher`).
+    starts: Matcher,
+    /// The forms in lower case, compared at each place `starts` finds.
     forms: Vec<Zeroizing<Vec<u8>>>,
     /// Case-folded bytes that begin some form: a piece's tail is compared
     /// with the forms only from where one stands.
@@ -43,13 +46,14 @@ impl Scrubber {
     /// URL, a form post) or escaped in JSON, so those are added here.
     pub fn of<'a>(forms: impl Iterator<Item = &'a [u8]>) -> Result<Scrubber, String> {
         let mut all: Vec<Zeroizing<Vec<u8>>> = Vec::new();
-        let mut add = |form: Zeroizing<Vec<u8>>| {
-            if !form.is_empty() && !all.iter().any(|f| f.eq_ignore_ascii_case(&form)) {
+        let mut add = |mut form: Zeroizing<Vec<u8>>| {
+            form.make_ascii_lowercase();
+            if !form.is_empty() && !all.contains(&form) {
                 all.push(form);
             }
         };
         for form in forms {
-            add(Zeroizing::new(form.to_ascii_lowercase()));
+            add(Zeroizing::new(form.to_vec()));
             add(percent_encoded(form, |_| true));
             add(percent_encoded(form, |b| !b.is_ascii_alphanumeric()));
             add(percent_encoded(form, |b| {
@@ -58,13 +62,9 @@ impl Scrubber {
             add(form_encoded(form));
             add(json_escaped(form));
         }
-        for form in &mut all {
-            form.make_ascii_lowercase();
-        }
         // A form that contains another is found through it (`Bearer <t>`
         // through `<t>`, the base64 of `user:<p>` through the base64 of
-        // `<p>` at its alignment): dropping it keeps the matcher within
-        // what its SIMD prefilter takes (64 forms).
+        // `<p>` at its alignment).
         let contained = |form: &[u8], all: &[Zeroizing<Vec<u8>>]| {
             all.iter().any(|other| {
                 other.len() < form.len() && form.windows(other.len()).any(|w| w == &other[..])
@@ -72,10 +72,7 @@ impl Scrubber {
         };
         let snapshot = all.clone();
         all.retain(|form| !contained(form, &snapshot));
-        let matcher = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostLongest)
-            .build(all.iter().map(|f| f.as_slice()))
-            .map_err(|e| format!("the response scrubber could not be built: {e}"))?;
+        let starts = Matcher::new(&all)?;
         let mut begins_form = [false; 256];
         for form in &all {
             if let Some(&first) = form.first() {
@@ -85,7 +82,7 @@ impl Scrubber {
         }
         let longest = all.iter().map(|f| f.len()).max().unwrap_or(0);
         Ok(Scrubber {
-            matcher,
+            starts,
             forms: all,
             begins_form,
             longest,
@@ -111,34 +108,161 @@ impl Scrubber {
         0
     }
 
-    /// Overwrites every form in `data` (whose lower-cased copy is
-    /// `folded`); returns how many separate stretches were overwritten
-    /// (overlapping forms count once). Every match is found before any is
-    /// masked: a mask would hide a form that begins inside an earlier one.
-    fn mask(&self, data: &mut BytesMut, folded: &[u8]) -> u64 {
-        let mut found: Vec<(usize, usize)> = Vec::new();
+    /// Every place in `data` a form stands, in any letter case, as
+    /// (start, end), in order, the longest form where several begin. A form
+    /// that begins inside another is found too.
+    fn find_all(&self, data: &[u8]) -> Vec<(usize, usize)> {
+        let mut found = Vec::new();
         let mut from = 0;
-        while from < folded.len() {
-            let input = Input::new(folded).span(from..folded.len());
-            let Some(m) = self.matcher.find(input) else {
-                break;
-            };
-            found.push((m.start(), m.end()));
-            from = m.start() + 1;
-        }
-        let (mut stretches, mut masked_to) = (0, 0);
-        for (start, end) in found {
-            if start >= masked_to {
-                stretches += 1;
+        while let Some((pattern, at)) = self.starts.find_from(data, from) {
+            for &(form, offset) in &self.starts.owners[pattern] {
+                let form = &self.forms[form];
+                let Some(start) = at.checked_sub(offset) else {
+                    continue;
+                };
+                let there = data.get(start..start + form.len());
+                if there.is_some_and(|there| there.eq_ignore_ascii_case(form)) {
+                    found.push((start, start + form.len()));
+                }
             }
-            data[start..end].fill(MASK);
-            masked_to = masked_to.max(end);
+            from = at + 1;
         }
-        stretches
+        // Windows stand at different offsets in their forms: hits come in
+        // window order, not form order.
+        found.sort_unstable_by_key(|&(start, end)| (start, std::cmp::Reverse(end)));
+        found
+    }
+}
+
+/// Overwrites the stretches `found`; returns how many separate stretches
+/// there were (overlapping forms count once).
+fn mask(data: &mut [u8], found: &[(usize, usize)]) -> u64 {
+    let (mut stretches, mut masked_to) = (0, 0);
+    for &(start, end) in found {
+        if start >= masked_to {
+            stretches += 1;
+        }
+        data[start..end].fill(MASK);
+        masked_to = masked_to.max(end);
+    }
+    stretches
+}
+
+/// Finds where a form could stand: for each form, the window of a few
+/// bytes with the fewest letters (digits and punctuation have one case),
+/// in every letter case, searched case-sensitively in the body as it is,
+/// so no lower-cased copy is made; each hit is compared with the whole
+/// forms whose window it is. Measured per 64 KiB (`cargo bench --bench
+/// request_path -- scrub`): an `AhoCorasick` of the whole forms in its
+/// case-insensitive mode, 500 µs of text; case-sensitive over a lower-cased
+/// copy, 10 µs of JSON but 300 µs of random bytes (its prefilter stops at
+/// every rare byte); aho-corasick's packed SIMD searcher (Teddy) over that
+/// copy, 11 µs on both; Teddy over the body, each form's first three
+/// bytes, 5 µs of random bytes but 29 µs of JSON (letters in every case
+/// make its fingerprints match text); with the fewest-letter windows, see
+/// docs/BENCHMARKS.md.
+struct Matcher {
+    search: Search,
+    /// For each pattern, the forms whose window it is, with the window's
+    /// offset in the form.
+    owners: Vec<Vec<(usize, usize)>>,
+}
+
+enum Search {
+    Packed(packed::Searcher),
+    /// Where the CPU has no SIMD for the packed searcher, or the windows
+    /// need more variants than it takes.
+    Automaton(AhoCorasick),
+}
+
+impl Matcher {
+    fn new(forms: &[Zeroizing<Vec<u8>>]) -> Result<Matcher, String> {
+        let mut windows = Windows::default();
+        for len in WINDOW_LENS {
+            windows = Windows::of(forms, len);
+            if windows.patterns.len() <= MAX_PACKED_PATTERNS {
+                break;
+            }
+        }
+        let Windows { patterns, owners } = windows;
+        let packed = packed::Config::new()
+            .match_kind(packed::MatchKind::LeftmostFirst)
+            .builder()
+            .extend(patterns.iter().map(|p| p.as_slice()))
+            .build()
+            .filter(|_| patterns.len() <= MAX_PACKED_PATTERNS);
+        let search = match packed {
+            Some(searcher) => Search::Packed(searcher),
+            None => AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostFirst)
+                .build(patterns.iter().map(|p| p.as_slice()))
+                .map(Search::Automaton)
+                .map_err(|e| format!("the response scrubber could not be built: {e}"))?,
+        };
+        Ok(Matcher { search, owners })
     }
 
-    fn finds_any(&self, folded: &[u8]) -> bool {
-        self.matcher.is_match(folded)
+    /// The first window at or after `from`: its pattern and where it is.
+    fn find_from(&self, haystack: &[u8], from: usize) -> Option<(usize, usize)> {
+        let span = Span::from(from..haystack.len());
+        let found = match &self.search {
+            Search::Packed(searcher) => searcher
+                .find_in(haystack, span)
+                .map(|m| (m.pattern(), m.start())),
+            Search::Automaton(automaton) => automaton
+                .find(Input::new(haystack).span(span))
+                .map(|m| (m.pattern(), m.start())),
+        };
+        found.map(|(pattern, at)| (pattern.as_usize(), at))
+    }
+}
+
+/// The search patterns and whose windows they are.
+#[derive(Default)]
+struct Windows {
+    patterns: Vec<Zeroizing<Vec<u8>>>,
+    owners: Vec<Vec<(usize, usize)>>,
+}
+
+impl Windows {
+    /// Each form's window of `len` bytes (the whole form if shorter) with
+    /// the fewest letters, in every combination of letter case.
+    fn of(forms: &[Zeroizing<Vec<u8>>], len: usize) -> Windows {
+        let mut windows = Windows::default();
+        for (index, form) in forms.iter().enumerate() {
+            let len = form.len().min(len);
+            let letters_in = |at: usize| {
+                form[at..at + len]
+                    .iter()
+                    .filter(|b| b.is_ascii_alphabetic())
+                    .count()
+            };
+            let offset = (0..=form.len() - len)
+                .min_by_key(|&at| letters_in(at))
+                .unwrap_or(0);
+            let window = &form[offset..offset + len];
+            let letters: Vec<usize> = (0..len)
+                .filter(|&i| window[i].is_ascii_alphabetic())
+                .collect();
+            for cases in 0..1u32 << letters.len() {
+                let mut variant = Zeroizing::new(window.to_vec());
+                for (bit, &i) in letters.iter().enumerate() {
+                    if cases >> bit & 1 == 1 {
+                        variant[i] = variant[i].to_ascii_uppercase();
+                    }
+                }
+                let pattern = match windows.patterns.iter().position(|p| *p == variant) {
+                    Some(known) => known,
+                    None => {
+                        windows.patterns.push(variant);
+                        windows.owners.push(Vec::new());
+                        windows.patterns.len() - 1
+                    }
+                };
+                windows.owners[pattern].push((index, offset));
+            }
+        }
+        windows
     }
 }
 
@@ -148,9 +272,6 @@ pub struct BodyScrub {
     /// The end of the last piece, which may begin a form. It may hold a
     /// prefix of the secret, so it is wiped when dropped.
     held: Zeroizing<Vec<u8>>,
-    /// The lower-cased copy of the bytes being searched, kept between
-    /// pieces so it is allocated once per body.
-    folded: Zeroizing<Vec<u8>>,
 }
 
 impl BodyScrub {
@@ -158,7 +279,6 @@ impl BodyScrub {
         BodyScrub {
             scrubber,
             held: Zeroizing::new(Vec::new()),
-            folded: Zeroizing::new(Vec::new()),
         }
     }
 
@@ -168,48 +288,45 @@ impl BodyScrub {
     /// back: nothing held could still become a form.
     pub fn pass(&mut self, piece: Option<Bytes>, end: bool) -> (Option<Bytes>, u64) {
         let piece = piece.unwrap_or_default();
-        if self.held.is_empty() && !self.scrubber.finds_any(fold(&mut self.folded, &piece)) {
-            let keep = if end {
-                0
-            } else {
-                self.scrubber.unfinished_tail(&piece)
-            };
-            if keep == 0 {
-                return (Some(piece).filter(|p| !p.is_empty()), 0);
-            }
-            let mut piece = piece;
-            let tail = piece.split_off(piece.len() - keep);
-            self.held.extend_from_slice(&tail);
-            return (Some(piece), 0);
-        }
-        let mut data = BytesMut::with_capacity(self.held.len() + piece.len());
-        data.extend_from_slice(&self.held);
-        data.extend_from_slice(&piece);
-        self.held.clear();
-        fold(&mut self.folded, &data);
-        let found = self.scrubber.mask(&mut data, &self.folded);
+        let data = if self.held.is_empty() {
+            piece
+        } else {
+            let mut joined = BytesMut::with_capacity(self.held.len() + piece.len());
+            joined.extend_from_slice(&self.held);
+            joined.extend_from_slice(&piece);
+            self.held.clear();
+            joined.freeze()
+        };
+        let found = self.scrubber.find_all(&data);
+        let (data, stretches) = if found.is_empty() {
+            (data, 0)
+        } else {
+            let mut masked = BytesMut::from(&data[..]);
+            let stretches = mask(&mut masked, &found);
+            (masked.freeze(), stretches)
+        };
+        (self.keep_tail(data, end), stretches)
+    }
+
+    /// What of `data` may go now: all of it at the end, else all but a
+    /// tail that could begin a form, which waits for the next piece.
+    fn keep_tail(&mut self, mut data: Bytes, end: bool) -> Option<Bytes> {
         let keep = if end {
             0
         } else {
             self.scrubber.unfinished_tail(&data)
         };
-        let tail = data.split_off(data.len() - keep);
-        self.held.extend_from_slice(&tail);
-        (Some(data.freeze()).filter(|d| !d.is_empty()), found)
+        if keep > 0 {
+            let tail = data.split_off(data.len() - keep);
+            self.held.extend_from_slice(&tail);
+        }
+        Some(data).filter(|d| !d.is_empty())
     }
 
     /// Whether bytes are held back, waiting for the next piece.
     pub fn holds_bytes(&self) -> bool {
         !self.held.is_empty()
     }
-}
-
-/// `data` in lower case, in `scratch`.
-fn fold<'a>(scratch: &'a mut Vec<u8>, data: &[u8]) -> &'a [u8] {
-    scratch.clear();
-    scratch.extend_from_slice(data);
-    scratch.make_ascii_lowercase();
-    scratch
 }
 
 fn percent_encoded(form: &[u8], escaped: impl Fn(u8) -> bool) -> Zeroizing<Vec<u8>> {
@@ -324,8 +441,8 @@ mod tests {
         assert_eq!(found, 2);
     }
 
-    /// More than 64 forms would cost the matcher its prefilter: ten times
-    /// the CPU per body.
+    /// The SIMD search takes at most 64 patterns: more would cost many
+    /// times the CPU per body.
     #[test]
     fn the_forms_of_every_header_credential_fit_the_prefilter() {
         let token = "sk_live_51HxExa/mple+Tok~en_Value-0123456789";
@@ -342,8 +459,22 @@ mod tests {
             let roots: Vec<&[u8]> = roots.iter().map(|r| r.as_bytes()).collect();
             let echoes = crate::echoes::Echoes::with_body_scrubber(&roots);
             let scrubber = echoes.body_scrubber().unwrap();
-            assert!(scrubber.forms.len() <= 64, "{}", scrubber.forms.len());
+            assert!(matches!(scrubber.starts.search, Search::Packed(_)));
         }
+    }
+
+    /// Forms whose windows need more than 64 case variants fall back to
+    /// the automaton, which finds the same.
+    #[test]
+    fn many_forms_fall_back_to_the_automaton_and_find_the_same() {
+        let words: Vec<String> = (0..40u8)
+            .map(|i| format!("{}{}qzx", (b'a' + i % 26) as char, (b'a' + i / 26) as char))
+            .collect();
+        let s = Arc::new(Scrubber::of(words.iter().map(|w| w.as_bytes())).unwrap());
+        assert!(matches!(s.starts.search, Search::Automaton(_)));
+        let (out, found) = through(&s, b"[KAqZx] [bBQzX] [zzz]", &[4]);
+        assert_eq!(out, b"[*****] [*****] [zzz]");
+        assert_eq!(found, 2);
     }
 
     #[test]
