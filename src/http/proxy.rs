@@ -750,8 +750,13 @@ impl SealgateProxy {
             // The body must arrive as bytes sealgate can read, and whole:
             // two ranges could each carry half of the secret.
             upstream_request.insert_header(header::ACCEPT_ENCODING, "identity")?;
-            upstream_request.remove_header(&header::RANGE);
-            upstream_request.remove_header(&header::IF_RANGE);
+            // pingora's removal of an absent name still walks its
+            // case-preserving copy: look first, as nearly no request has one.
+            for name in [header::RANGE, header::IF_RANGE] {
+                if upstream_request.headers.contains_key(&name) {
+                    upstream_request.remove_header(&name);
+                }
+            }
         }
         if let Some(token) = &ctx.token {
             upstream_request.insert_header(header::AUTHORIZATION, token.header.clone())?;
