@@ -16,18 +16,6 @@ use tokio::io::AsyncWriteExt;
 /// secret; letters of both cases make the case-insensitive match matter.
 const TOKEN: &str = "sgTok+9Qz~x_Kd7";
 
-fn percent(s: &str, upper: bool) -> String {
-    s.bytes()
-        .map(|b| {
-            if upper {
-                format!("%{b:02X}")
-            } else {
-                format!("%{b:02x}")
-            }
-        })
-        .collect()
-}
-
 /// What the echoing upstream answers for each path: `{}` stands for the
 /// token it received.
 fn echo_head(path: &str, token: &str) -> String {
@@ -210,11 +198,7 @@ async fn an_h2_upstream_echoing_in_header_names_and_trailers_is_redacted() {
     let up = upstream(
         handler(|req: hyper::Request<hyper::body::Incoming>| async move {
             assert_eq!(req.version(), hyper::Version::HTTP_2);
-            let sent = req.headers()["authorization"]
-                .to_str()
-                .unwrap_or_default()
-                .trim_start_matches("Bearer ")
-                .to_string();
+            let sent = bearer_of(&req);
             // h2 header names are lower case.
             let token = sent.to_lowercase();
             let mut trailers = hyper::HeaderMap::new();

@@ -15,7 +15,7 @@ use common::*;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::Request;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
 /// `+`, `/`, `~` and `_` make every encoding differ from the token.
@@ -24,18 +24,6 @@ const TOKEN: &str = "sgTok+9Q/z~x_Kd7";
 /// The body an echoing upstream sends: innocent text between the forms a
 /// body can carry the token in, as (bytes, carries the token) segments.
 fn echoed_body(token: &str) -> Vec<(String, bool)> {
-    let percent = |upper: bool| -> String {
-        token
-            .bytes()
-            .map(|b| {
-                if upper {
-                    format!("%{b:02X}")
-                } else {
-                    format!("%{b:02x}")
-                }
-            })
-            .collect()
-    };
     let forms = [
         token.to_string(),
         token.to_uppercase(),
@@ -44,8 +32,8 @@ fn echoed_body(token: &str) -> Vec<(String, bool)> {
         STANDARD.encode(token),
         URL_SAFE_NO_PAD.encode(format!("x{token}")),
         STANDARD.encode(format!("Bearer {token}")),
-        percent(true),
-        percent(false),
+        percent(token, true),
+        percent(token, false),
         token.replace('+', "%2B").replace('/', "%2F"),
         token
             .replace('+', "%2B")
@@ -104,19 +92,6 @@ fn scrubbed(sg: &Sealgate, place: &str) -> Option<f64> {
     )
 }
 
-/// Reads a request head from any stream.
-async fn head_of<S: AsyncRead + Unpin>(stream: &mut S) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// Answers with the echoed body of the token it was sent, written a few
 /// bytes at a time (each write its own TLS record), framed by length
 /// (`/length`) or as one chunk per piece (`/chunked`).
@@ -124,7 +99,7 @@ async fn answer_in_pieces<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     heads: Arc<Mutex<Vec<String>>>,
 ) {
-    let head = head_of(&mut stream).await;
+    let head = read_head(&mut stream).await;
     let token = head
         .lines()
         .find_map(|l| l.strip_prefix("authorization: Bearer "))
@@ -258,11 +233,7 @@ async fn a_body_echoing_the_token_in_h2_data_frames_is_scrubbed() {
     let up = upstream(
         handler(|req: hyper::Request<hyper::body::Incoming>| async move {
             assert_eq!(req.version(), hyper::Version::HTTP_2);
-            let token = req.headers()["authorization"]
-                .to_str()
-                .unwrap_or_default()
-                .trim_start_matches("Bearer ")
-                .to_string();
+            let token = bearer_of(&req);
             let mut body: String = echoed_body(&token).into_iter().map(|(s, _)| s).collect();
             let with_trailers = req.uri().path() == "/trailers";
             if with_trailers {
@@ -329,14 +300,7 @@ async fn scrubbing_can_be_turned_off_and_an_unreadable_body_is_refused() {
     .await;
     let url = format!("http://{}", gzipped.addr);
     let sg = Sealgate::with_bearer(TOKEN, &url, None, "", "info");
-    let resp = send(
-        sg.proxy,
-        Request::get("/echo/x")
-            .header("host", "sealgate")
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let resp = get(sg.proxy, "/echo/x").await;
     let err = assert_error(resp, 502, "unscrubbable_response").await;
     assert!(
         err["message"]
@@ -352,14 +316,7 @@ async fn scrubbing_can_be_turned_off_and_an_unreadable_body_is_refused() {
         "[datasources.echo]\nurl = \"http://{}\"\n",
         gzipped.addr
     ));
-    let resp = send(
-        sg.proxy,
-        Request::get("/echo/x")
-            .header("host", "sealgate")
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let resp = get(sg.proxy, "/echo/x").await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -371,11 +328,7 @@ async fn a_large_body_is_scrubbed_as_it_streams() {
     const PIECE: usize = 1024 * 1024;
     let up = upstream(
         handler(|req: hyper::Request<hyper::body::Incoming>| async move {
-            let token = req.headers()["authorization"]
-                .to_str()
-                .unwrap_or_default()
-                .trim_start_matches("Bearer ")
-                .to_string();
+            let token = bearer_of(&req);
             let pieces = (0..PIECES).map(move |i| {
                 let mut piece = vec![b'a' + (i % 26) as u8; PIECE];
                 let token = token.as_bytes();

@@ -684,8 +684,20 @@ where
     addr
 }
 
-/// Reads a request head (up to the blank line) from a raw connection.
-pub async fn read_head(stream: &mut TcpStream) -> String {
+/// The token of a request's `Authorization: Bearer` header, as an
+/// upstream received it.
+pub fn bearer_of<B>(req: &Request<B>) -> String {
+    req.headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .trim_start_matches("Bearer ")
+        .to_string()
+}
+
+/// Reads a request head (up to the blank line) from a raw connection,
+/// plain or TLS.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -942,6 +954,19 @@ pub fn secret_forms(secret: &str, carriers: &[&str]) -> Vec<String> {
         }
     }
     forms
+}
+
+/// Every byte of `s` percent-encoded, in upper- or lower-case hex.
+pub fn percent(s: &str, upper: bool) -> String {
+    s.bytes()
+        .map(|b| {
+            if upper {
+                format!("%{b:02X}")
+            } else {
+                format!("%{b:02x}")
+            }
+        })
+        .collect()
 }
 
 /// Fails naming where and in which form `emitted` shows the secret.
