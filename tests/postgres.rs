@@ -761,6 +761,14 @@ async fn upstream_faults_get_the_specs_errors_and_never_the_servers_words() {
             .simple_query("SELECT repeat('x', 100), generate_series(1, 100000000)")
             .await
     });
+    // Under a loaded machine the query may start late: wait until the
+    // server runs it, then let it stream a while.
+    let state = format!("SELECT state FROM pg_stat_activity WHERE pid = {pid}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.pg.superuser_sql("postgres", &state) != "active" {
+        assert!(std::time::Instant::now() < deadline, "the query never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     f.pg.superuser_sql("postgres", &format!("SELECT pg_terminate_backend({pid})"));
     let ended = tokio::time::timeout(Duration::from_secs(10), streaming)
