@@ -1413,27 +1413,27 @@ impl Validator<'_> {
         }
         let verify_tls =
             protocol == Protocol::Http || self.one_of(mode, &key(tls_key), &tls_choices, true);
-        if let Some(infile) = raw
-            .local_infile
-            .as_ref()
-            .filter(|_| protocol != Protocol::Mysql)
-        {
-            self.sink.at(
-                infile.span(),
-                key("local_infile"),
-                "only a mysql:// data source has local_infile",
-            );
-        }
-        if let Some(scrub) = raw
-            .scrub_responses
-            .as_ref()
-            .filter(|_| protocol != Protocol::Http)
-        {
-            self.sink.at(
-                scrub.span(),
-                key("scrub_responses"),
-                "only an http(s):// data source has scrub_responses",
-            );
+        for (field, value, owner, owners) in [
+            (
+                "local_infile",
+                &raw.local_infile,
+                "a mysql://",
+                Protocol::Mysql,
+            ),
+            (
+                "scrub_responses",
+                &raw.scrub_responses,
+                "an http(s)://",
+                Protocol::Http,
+            ),
+        ] {
+            if let Some(value) = value.as_ref().filter(|_| protocol != owners) {
+                self.sink.at(
+                    value.span(),
+                    key(field),
+                    format!("only {owner} data source has {field}"),
+                );
+            }
         }
         let mut upstream = upstream;
         if let Some(u) = upstream.as_mut().filter(|_| protocol != Protocol::Http) {
@@ -1816,6 +1816,7 @@ mod tests {
             "[datasources.maria]\n",
             "url = \"mariadb://maria.example.com:3306/\"\n",
             "ssl_mode = \"required\"\n",
+            "scrub_responses = false\n",
         ));
         let expected = [
             ":2: mysql.listen: 0.0.0.0:3307 is not loopback: that needs [mysql.tls] and [callers]",
@@ -1825,6 +1826,7 @@ mod tests {
             ":10: datasources.pg.local_infile: only a mysql:// data source has local_infile",
             ":12: datasources.maria.url: the URL's path must name the database",
             ":13: datasources.maria.ssl_mode: `required` is not \"verify_identity\" or \"disabled\"",
+            ":14: datasources.maria.scrub_responses: only an http(s):// data source has scrub_responses",
         ];
         for want in expected {
             assert!(e.iter().any(|line| line.contains(want)), "{want} in {e:#?}");
