@@ -601,9 +601,8 @@ impl Writer {
                 self.batch.truncate(keep);
                 // Dropped lines are counted, not a break in the chain: it
                 // goes on from the last line the output has.
-                let last = last_chain_value(&self.batch).unwrap_or(self.written);
                 if let Some(chain) = &mut self.chain {
-                    chain.resume_from(last);
+                    chain.resume_from(last_chain_value(&self.batch).unwrap_or(self.written));
                 }
                 self.health
                     .unwritten
@@ -642,7 +641,11 @@ impl Writer {
             n
         };
         self.begun = finished > whole;
-        if let Some(last) = last_chain_value(&self.batch[..whole]) {
+        if let Some(last) = self
+            .chain
+            .as_ref()
+            .and_then(|_| last_chain_value(&self.batch[..whole]))
+        {
             self.written = last;
         }
         let lines = count_lines(&self.batch[..finished]);
