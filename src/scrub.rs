@@ -288,24 +288,24 @@ impl BodyScrub {
     /// back: nothing held could still become a form.
     pub fn pass(&mut self, piece: Option<Bytes>, end: bool) -> (Option<Bytes>, u64) {
         let piece = piece.unwrap_or_default();
-        let data = if self.held.is_empty() {
-            piece
+        // A piece that needs no copy (nothing held, nothing found) goes on
+        // as it came; otherwise it is copied once, and masked in the copy.
+        let (mut data, found) = if self.held.is_empty() {
+            let found = self.scrubber.find_all(&piece);
+            if found.is_empty() {
+                return (self.keep_tail(piece, end), 0);
+            }
+            (BytesMut::from(&piece[..]), found)
         } else {
             let mut joined = BytesMut::with_capacity(self.held.len() + piece.len());
             joined.extend_from_slice(&self.held);
             joined.extend_from_slice(&piece);
             self.held.clear();
-            joined.freeze()
+            let found = self.scrubber.find_all(&joined);
+            (joined, found)
         };
-        let found = self.scrubber.find_all(&data);
-        let (data, stretches) = if found.is_empty() {
-            (data, 0)
-        } else {
-            let mut masked = BytesMut::from(&data[..]);
-            let stretches = mask(&mut masked, &found);
-            (masked.freeze(), stretches)
-        };
-        (self.keep_tail(data, end), stretches)
+        let stretches = mask(&mut data, &found);
+        (self.keep_tail(data.freeze(), end), stretches)
     }
 
     /// What of `data` may go now: all of it at the end, else all but a

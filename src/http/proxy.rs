@@ -849,18 +849,19 @@ impl SealgateProxy {
             .map(|c| c.body_scrubber())
             .into_iter()
             .chain(ctx.token.as_ref().map(|t| t.echoes.body_scrubber()));
-        let mut scrubs = Vec::new();
-        for scrubber in secrets {
-            match scrubber {
-                Some(scrubber) => scrubs.push(BodyScrub::new(scrubber.clone())),
-                None => {
-                    let message = "the credential's response scrubber could not be built";
-                    return refuse(ctx, Refusal::new(ErrorCode::Internal, message));
-                }
+        let scrubbers: Option<Vec<BodyScrub>> = secrets
+            .map(|scrubber| scrubber.map(|s| BodyScrub::new(s.clone())))
+            .collect();
+        match scrubbers {
+            Some(scrubbers) => {
+                ctx.scrubs = scrubbers;
+                Ok(())
+            }
+            None => {
+                let message = "the credential's response scrubber could not be built";
+                refuse(ctx, Refusal::new(ErrorCode::Internal, message))
             }
         }
-        ctx.scrubs = scrubs;
-        Ok(())
     }
 
     /// Passes one piece of the response body through the scrubbers.
