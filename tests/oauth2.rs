@@ -614,6 +614,9 @@ async fn a_wall_clock_step_neither_expires_nor_prolongs_a_token() {
         1,
         "a clock step forward fetched a token"
     );
+    // The record is stamped as the request is logged, after its response
+    // reached the client: the clock stays until it is written.
+    assert_eq!(f.sg.audit(2).len(), 2);
     // And back two hours: the token still ends on time (4 s of real time).
     std::fs::write(&clock, "-2h\n").unwrap();
     tokio::time::sleep(Duration::from_millis(4200)).await;
