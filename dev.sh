@@ -6,6 +6,10 @@
 #                       2 cores); prints the binary's path on stdout
 #   ./dev.sh pgo-train  retrain pgo/sealgate.profdata (see pgo_train)
 #   ./dev.sh bench-setup  also what the benchmarks compare against (pgbouncer, haproxy)
+#   ./dev.sh fuzz       the property tests of every parser of outside input,
+#                       long: CASES (default 100000) generated inputs each,
+#                       optimised with overflow checks on (profile `fuzz`);
+#                       `./dev.sh test` runs the same properties, 256 each
 # Each first installs what a fresh machine lacks: pingora's zlib-ng build
 # needs cmake.
 set -euo pipefail
@@ -149,6 +153,10 @@ case "${1:-}" in
     ensure_moto
     ensure_faketime
     ;;
+  fuzz)
+    ensure_build_tools
+    PROPTEST_CASES=${CASES:-100000} exec cargo test --profile fuzz --lib properties
+    ;;
   bench-setup)
     ensure_build_tools
     ensure_postgres
@@ -156,7 +164,7 @@ case "${1:-}" in
     ensure_bench_peers
     ;;
   *)
-    echo "usage: ./dev.sh demo | test | release | pgo-train | setup | bench-setup" >&2
+    echo "usage: ./dev.sh demo | test | release | pgo-train | setup | bench-setup | fuzz" >&2
     exit 2
     ;;
 esac

@@ -347,4 +347,46 @@ mod tests {
         let key = ChainKey::new("k1".into(), Zeroizing::new([0xab; 32]));
         assert_eq!(format!("{key:?}"), "ChainKey(k1)");
     }
+
+    /// Files that are not a chain: any lines, and lines that look like
+    /// records with chain members. `verify` reads them without panic and
+    /// never calls them verified.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::os::unix::fs::PermissionsExt;
+
+        fn keyring(dir: &Path) -> Keyring {
+            let key = dir.join("k1.key");
+            std::fs::write(&key, crate::secrets::new_master_key().unwrap().as_str()).unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Keyring::load(dir, "k1", &crate::secrets::new_salt().unwrap()).unwrap()
+        }
+
+        fn line() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 1..80),
+                ("[a-z_\":,{} 0-9]{0,40}", "[0-9a-f]{0,66}").prop_map(|(body, chain)| {
+                    format!("{{{body},\"chain\":\"{chain}\"}}").into_bytes()
+                }),
+                "[0-9a-f]{64}".prop_map(|chain| {
+                    format!("{{\"event\":\"chain_start\",\"key_id\":\"k1\",\"prev\":\"{chain}\",\"chain\":\"{chain}\"}}").into_bytes()
+                }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn a_file_that_is_no_chain_is_never_verified(
+                lines in prop::collection::vec(line(), 1..8),
+            ) {
+                prop_assume!(lines.iter().flatten().any(|b| !b.is_ascii_whitespace()));
+                let dir = tempfile::tempdir().unwrap();
+                let keys = keyring(dir.path());
+                let file = dir.path().join("audit.log");
+                std::fs::write(&file, lines.join(&b'\n')).unwrap();
+                prop_assert!(verify(&keys, &[&file]).is_err());
+            }
+        }
+    }
 }

@@ -482,4 +482,70 @@ mod tests {
         let dbg = format!("{:?}", scrubber("very-secret"));
         assert!(!dbg.contains("very-secret"), "{dbg}");
     }
+
+    /// Bodies of random bytes with forms of a random secret in random
+    /// letter case at random places, cut at random points: every form is
+    /// overwritten, and the body keeps its length.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn body_with_forms() -> impl Strategy<Value = (String, Vec<u8>, Vec<usize>)> {
+            // No `*` in the secret: the mask itself could then be a form.
+            "[!-)+-~]{4,24}"
+                .prop_flat_map(|secret| {
+                    let forms = scrubber(&secret).forms.len();
+                    let part = prop_oneof![
+                        prop::collection::vec(any::<u8>(), 0..24).prop_map(|b| (None, b)),
+                        (0..forms, any::<u32>())
+                            .prop_map(|(f, case)| (Some(f), case.to_le_bytes().to_vec())),
+                    ];
+                    (
+                        Just(secret),
+                        prop::collection::vec(part, 1..12),
+                        prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+                    )
+                })
+                .prop_map(|(secret, parts, cuts)| {
+                    let s = scrubber(&secret);
+                    let mut body = Vec::new();
+                    for (form, bytes) in parts {
+                        match form {
+                            Some(f) => {
+                                let case =
+                                    u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                                body.extend(s.forms[f].iter().enumerate().map(|(i, b)| {
+                                    if case >> (i % 32) & 1 == 1 {
+                                        b.to_ascii_uppercase()
+                                    } else {
+                                        *b
+                                    }
+                                }));
+                            }
+                            None => body.extend(bytes),
+                        }
+                    }
+                    let mut cuts: Vec<usize> =
+                        cuts.iter().map(|c| c.index(body.len() + 1)).collect();
+                    cuts.sort_unstable();
+                    (secret, body, cuts)
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn no_form_survives_and_the_length_holds((secret, body, cuts) in body_with_forms()) {
+                let s = scrubber(&secret);
+                let (out, _) = through(&s, &body, &cuts);
+                prop_assert_eq!(out.len(), body.len());
+                let lower = out.to_ascii_lowercase();
+                for form in &s.forms {
+                    prop_assert!(
+                        !lower.windows(form.len()).any(|w| w == &form[..]),
+                        "a form of {secret:?} survived in {:?}", String::from_utf8_lossy(&out)
+                    );
+                }
+            }
+        }
+    }
 }

@@ -620,4 +620,40 @@ mod tests {
         let dbg = format!("{k:?}");
         assert!(dbg.contains("k1") && !dbg.contains("cipher"), "{dbg}");
     }
+
+    /// Envelopes as typed, pasted or damaged: nothing but a whole,
+    /// unchanged envelope opens, and nothing panics on the way.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_text_is_refused_as_an_envelope(
+                text in prop_oneof![any::<String>(), "sealed:v1:k1:[A-Za-z0-9_=:+/-]{0,80}"],
+            ) {
+                let (_d, k) = keyring_with(&["k1"], "k1");
+                prop_assert!(k.open("pay", "token", &text, &[("pay", "other")]).is_err());
+            }
+
+            #[test]
+            fn a_changed_envelope_never_opens(
+                plain in "[ -~]{1,40}",
+                at in any::<prop::sample::Index>(),
+                to in "[A-Za-z0-9_:-]",
+            ) {
+                let (_d, k) = keyring_with(&["k1"], "k1");
+                let envelope = k.seal("pay", "token", &secret(&plain)).unwrap();
+                let at = at.index(envelope.len());
+                let changed = format!("{}{}{}", &envelope[..at], to, &envelope[at + 1..]);
+                let opened = k.open("pay", "token", &changed, &[]);
+                if changed == envelope {
+                    let opened = opened.unwrap();
+                    prop_assert_eq!(opened.expose(), plain.as_str());
+                } else {
+                    prop_assert!(opened.is_err(), "{changed} opened");
+                }
+            }
+        }
+    }
 }

@@ -425,4 +425,136 @@ mod tests {
         assert_ne!(a.fingerprint, c.fingerprint);
         assert_eq!(a.fingerprint.len(), 16);
     }
+
+    /// Generated statements: literals in every quoting style each dialect
+    /// has, carrying a marker no keyword or identifier contains, between
+    /// code, comments and quoted identifiers; the normalised text must
+    /// never hold a marker.
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// What a literal carries: `zq` and six more, so a match in the
+        /// output can only be a leak. Payload characters include quotes
+        /// of the other kinds and comment openers.
+        fn marker() -> impl Strategy<Value = String> {
+            "zq[a-z0-9]{6}"
+        }
+
+        fn payload() -> impl Strategy<Value = (String, String)> {
+            (marker(), "[ a-z0-9;,()*/#`'\"-]{0,8}").prop_map(|(m, tail)| (m.clone(), m + &tail))
+        }
+
+        /// One literal in `dialect`, written as the server would accept it.
+        fn literal(dialect: Dialect) -> impl Strategy<Value = (String, String)> {
+            (payload(), 0..9u8, "[0-9]{7,10}").prop_map(move |((marker, p), style, digits)| {
+                let quoted = p.replace('\'', "''");
+                let escaped = p.replace('\'', "\\'");
+                let text = match (dialect, style) {
+                    (_, 0) => format!("'{quoted}'"),
+                    (_, 1) => format!("'{marker}''{quoted}'"),
+                    (_, 2) => return (digits.clone(), digits),
+                    (_, 3) => return (digits.clone(), format!("{digits}.5e-3")),
+                    (Dialect::Postgres, 4) => format!("E'{escaped}\\\\{escaped}'"),
+                    (Dialect::Postgres, 5) => format!("$${p}$$"),
+                    (Dialect::Postgres, 6) => format!("$tag${p}$tag$"),
+                    (Dialect::Postgres, 7) => format!("U&'{quoted}'"),
+                    (Dialect::Postgres, _) => format!("N'{quoted}'"),
+                    (Dialect::Mysql, 4) => format!("'{escaped}\\\\{escaped}'"),
+                    (Dialect::Mysql, 5) => format!("\"{}\"", p.replace('"', "\"\"")),
+                    (Dialect::Mysql, 6) => format!("_utf8mb4'{quoted}'"),
+                    (Dialect::Mysql, 7) => format!("N'{escaped}'"),
+                    (Dialect::Mysql, _) => format!("/*!40000 '{escaped}' */"),
+                };
+                (marker, text)
+            })
+        }
+
+        /// Code around the literals: none of it is a literal, and some of
+        /// it holds quote characters that must not open one.
+        fn code(dialect: Dialect) -> impl Strategy<Value = String> {
+            let comment_line = match dialect {
+                Dialect::Postgres => "-- it's\n",
+                Dialect::Mysql => "# it's\n",
+            };
+            let identifier = match dialect {
+                Dialect::Postgres => "\"it's\"",
+                Dialect::Mysql => "`it's`",
+            };
+            prop::sample::select(vec![
+                "SELECT",
+                "FROM",
+                "t",
+                "WHERE",
+                "c",
+                "=",
+                "AND",
+                "IN",
+                "(",
+                ")",
+                ",",
+                "+",
+                "/* a 'b' */",
+                comment_line,
+                identifier,
+                "$1",
+            ])
+            .prop_map(str::to_string)
+        }
+
+        fn statement(dialect: Dialect) -> impl Strategy<Value = (Vec<String>, String)> {
+            let token = prop_oneof![
+                code(dialect).prop_map(|c| (None, c)),
+                literal(dialect).prop_map(|(m, l)| (Some(m), l)),
+            ];
+            (prop::collection::vec(
+                (token, prop::sample::select(vec![" ", "\n", "\t", "  "])),
+                1..24,
+            ))
+            .prop_map(|tokens| {
+                let mut markers = Vec::new();
+                let mut sql = String::new();
+                for ((marker, text), space) in tokens {
+                    markers.extend(marker);
+                    sql.push_str(&text);
+                    sql.push_str(space);
+                }
+                (markers, sql)
+            })
+        }
+
+        fn no_literal_survives(
+            dialect: Dialect,
+        ) -> impl Fn((Vec<String>, String)) -> Result<(), TestCaseError> {
+            move |(markers, sql)| {
+                let out = normalize(&sql, dialect).text;
+                for marker in &markers {
+                    prop_assert!(
+                        !out.contains(marker.as_str()),
+                        "{marker} in {out:?} from {sql:?}"
+                    );
+                }
+                Ok(())
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn no_postgres_literal_reaches_the_text(case in statement(Dialect::Postgres)) {
+                no_literal_survives(Dialect::Postgres)(case)?;
+            }
+
+            #[test]
+            fn no_mysql_literal_reaches_the_text(case in statement(Dialect::Mysql)) {
+                no_literal_survives(Dialect::Mysql)(case)?;
+            }
+
+            #[test]
+            fn any_text_normalises_within_the_limit(sql in any::<String>(), mysql in any::<bool>()) {
+                let dialect = if mysql { Dialect::Mysql } else { Dialect::Postgres };
+                let out = normalize(&sql, dialect);
+                prop_assert!(out.text.len() <= MAX_NORMALIZED + 16, "{}", out.text.len());
+            }
+        }
+    }
 }

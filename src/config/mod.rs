@@ -2020,4 +2020,133 @@ mod tests {
         assert!(e.to_string().contains(":3: datasources.a.ca_file:"), "{e}");
         assert!(e.to_string().contains("no certificate found"), "{e}");
     }
+
+    /// Configs as hands and editors damage them: a config that uses most
+    /// sections, with lines dropped, doubled, cut or overwritten, and
+    /// text that is not TOML at all. Parsing never panics, and every
+    /// error names the file, with a line inside it where it gives one.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const BASE: &str = concat!(
+            "[proxy]\n",
+            "listen = [\"127.0.0.1:6180\"]\n",
+            "threads = 2\n",
+            "grace_period_s = 5\n",
+            "[admin]\n",
+            "listen = \"127.0.0.1:9180\"\n",
+            "[audit]\n",
+            "output = \"stdout\"\n",
+            "statements = \"fingerprint\"\n",
+            "[postgres]\n",
+            "listen = [\"127.0.0.1:6432\"]\n",
+            "[mysql]\n",
+            "listen = [\"127.0.0.1:3307\"]\n",
+            "[datasources.api]\n",
+            "url = \"https://api.example.com/v1\"\n",
+            "timeout_ms = 3000\n",
+            "scrub_responses = true\n",
+            "credential = { kind = \"bearer\", token = \"sealed:v1:k1:x\" }\n",
+            "[datasources.db]\n",
+            "url = \"postgresql://db.example.com:5432/app\"\n",
+            "sslmode = \"verify-full\"\n",
+            "[callers.web]\n",
+            "uid = 1000\n",
+            "datasources = [\"api\", { name = \"db\", not_after = \"2030-01-01T00:00:00Z\" }]\n",
+        );
+
+        #[derive(Debug, Clone)]
+        enum Damage {
+            Drop(prop::sample::Index),
+            Double(prop::sample::Index),
+            Cut(prop::sample::Index, prop::sample::Index),
+            Overwrite(prop::sample::Index, String),
+        }
+
+        fn damage() -> impl Strategy<Value = Damage> {
+            prop_oneof![
+                any::<prop::sample::Index>().prop_map(Damage::Drop),
+                any::<prop::sample::Index>().prop_map(Damage::Double),
+                (any::<prop::sample::Index>(), any::<prop::sample::Index>())
+                    .prop_map(|(l, at)| Damage::Cut(l, at)),
+                (
+                    any::<prop::sample::Index>(),
+                    "[\\[\\]{}=\",.a-z0-9 _:\\\\-]{0,24}"
+                )
+                    .prop_map(|(l, text)| Damage::Overwrite(l, text)),
+            ]
+        }
+
+        fn damaged(damages: &[Damage]) -> String {
+            let mut lines: Vec<String> = BASE.lines().map(str::to_string).collect();
+            for d in damages {
+                if lines.is_empty() {
+                    break;
+                }
+                match d {
+                    Damage::Drop(l) => {
+                        lines.remove(l.index(lines.len()));
+                    }
+                    Damage::Double(l) => {
+                        let l = l.index(lines.len());
+                        let line = lines[l].clone();
+                        lines.insert(l, line);
+                    }
+                    Damage::Cut(l, at) => {
+                        let l = l.index(lines.len());
+                        let line = &mut lines[l];
+                        let at = at.index(line.len() + 1);
+                        let at = (0..=at)
+                            .rev()
+                            .find(|&i| line.is_char_boundary(i))
+                            .unwrap_or(0);
+                        line.truncate(at);
+                    }
+                    Damage::Overwrite(l, text) => {
+                        let l = l.index(lines.len());
+                        lines[l] = text.clone();
+                    }
+                }
+            }
+            lines.join("\n")
+        }
+
+        fn judged(text: &str) -> Result<(), TestCaseError> {
+            let file = "/etc/sealgate/test.toml";
+            if let Err(errors) = parse(Path::new(file), text) {
+                let lines = text.lines().count() + 1;
+                for e in errors.0.iter().map(ToString::to_string) {
+                    let Some(rest) = e.strip_prefix(file) else {
+                        return Err(TestCaseError::fail(format!("no file in {e:?}")));
+                    };
+                    let line = rest
+                        .strip_prefix(':')
+                        .and_then(|r| r.split(':').next())
+                        .and_then(|n| n.parse::<usize>().ok());
+                    if let Some(line) = line {
+                        prop_assert!(
+                            line >= 1 && line <= lines,
+                            "line {line} of {lines} in {e:?}"
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn a_damaged_config_is_judged_with_its_file_and_line(
+                damages in prop::collection::vec(damage(), 1..5),
+            ) {
+                judged(&damaged(&damages))?;
+            }
+
+            #[test]
+            fn any_text_is_judged_as_a_config(text in any::<String>()) {
+                judged(&text)?;
+            }
+        }
+    }
 }

@@ -309,4 +309,150 @@ mod tests {
         assert_eq!(upstream_target("/v1", "", None), "/v1");
         assert_eq!(upstream_target("", "", Some("q")), "/?q");
     }
+
+    /// Paths built from the pieces that climb out of a base on some
+    /// upstream, in every encoding: whatever `split` accepts must stay
+    /// under the base when read by the most lenient decoder there is,
+    /// written here independently of `check_segment`.
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        const PIECES: &[&str] = &[
+            "..",
+            ".",
+            "a",
+            " ",
+            "~",
+            ";",
+            ";x",
+            "%",
+            "%2",
+            "%zz",
+            "%00",
+            "%2e",
+            "%2E",
+            "%252e",
+            "%25252e",
+            "%2525252e",
+            "%u002e",
+            "%U002E",
+            "%c0%ae",
+            "%c0%af",
+            "%e0%80%ae",
+            "%2f",
+            "%5c",
+            "\\",
+            "\u{FF0E}",
+            "\u{2025}",
+            "\u{2024}",
+            "%e2%80%a5",
+            "%ef%bc%8e",
+            "%ef%bc%8f",
+        ];
+
+        /// One layer of every decoding an upstream framework applies:
+        /// `%XX`, IIS's `%uXXXX`, and overlong UTF-8 read as ASCII.
+        fn lenient_layer(bytes: &[u8]) -> Vec<u8> {
+            let hex = |s: &[u8]| {
+                std::str::from_utf8(s)
+                    .ok()
+                    .and_then(|s| u32::from_str_radix(s, 16).ok())
+            };
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < bytes.len() {
+                let rest = &bytes[i..];
+                if rest.len() >= 6 && rest[0] == b'%' && rest[1].eq_ignore_ascii_case(&b'u') {
+                    if let Some(c) = hex(&rest[2..6]).and_then(char::from_u32) {
+                        out.extend_from_slice(c.to_string().as_bytes());
+                        i += 6;
+                        continue;
+                    }
+                }
+                if rest.len() >= 3 && rest[0] == b'%' {
+                    if let Some(b) = hex(&rest[1..3]) {
+                        out.push(b as u8);
+                        i += 3;
+                        continue;
+                    }
+                }
+                match rest {
+                    [lead @ (0xc0 | 0xc1), next, ..] => {
+                        out.push((lead & 1) << 6 | (next & 0x3f));
+                        i += 2;
+                    }
+                    [0xe0, 0x80..=0x81, next, ..] => {
+                        out.push(next & 0x7f);
+                        i += 3;
+                    }
+                    _ => {
+                        out.push(rest[0]);
+                        i += 1;
+                    }
+                }
+            }
+            out
+        }
+
+        /// The rest as the most lenient upstream reads it: decoded until
+        /// nothing changes, look-alikes folded, backslashes as slashes.
+        fn leniently(rest: &str) -> String {
+            let mut bytes = rest.as_bytes().to_vec();
+            for _ in 0..8 {
+                let next = lenient_layer(&bytes);
+                if next == bytes {
+                    break;
+                }
+                bytes = next;
+            }
+            String::from_utf8_lossy(&bytes)
+                .replace(['\u{2024}', '\u{FE52}', '\u{FF0E}'], ".")
+                .replace('\u{2025}', "..")
+                .replace(['\u{FF0F}'], "/")
+                .replace(['\u{FF3C}', '\u{FE68}', '\\'], "/")
+        }
+
+        /// Whether resolving the dot segments goes above where it began.
+        fn climbs(path: &str) -> bool {
+            let mut depth = 0i32;
+            for segment in path.split('/') {
+                let name: String = segment.split(';').next().unwrap_or("").replace(' ', "");
+                if name.is_empty() || name == "." {
+                    continue;
+                }
+                if name.bytes().all(|b| b == b'.') {
+                    depth -= 1;
+                    if depth < 0 {
+                        return true;
+                    }
+                } else {
+                    depth += 1;
+                }
+            }
+            false
+        }
+
+        proptest! {
+            #[test]
+            fn an_accepted_path_never_climbs_above_the_base(
+                segments in prop::collection::vec(
+                    prop::collection::vec(prop::sample::select(PIECES), 0..4), 0..6),
+            ) {
+                let rest: String = segments.iter().map(|s| format!("/{}", s.concat())).collect();
+                let path = format!("/ds{rest}");
+                if let Ok(route) = split(&path) {
+                    prop_assert_eq!(route.datasource, "ds");
+                    prop_assert!(!climbs(&leniently(route.rest)), "{path} read as {}", leniently(route.rest));
+                }
+            }
+
+            #[test]
+            fn any_path_is_judged(path in any::<String>()) {
+                if let Ok(route) = split(&path) {
+                    prop_assert!(route.rest.is_empty() || route.rest.starts_with('/'));
+                }
+            }
+        }
+    }
 }

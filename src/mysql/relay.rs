@@ -304,4 +304,65 @@ mod tests {
         assert_eq!(stopped, Err((9, "refused")));
         assert!(!packets.at_boundary());
     }
+
+    /// Whole packets and then any bytes at all, cut anywhere: the same
+    /// packets are seen, and the stop comes at the same packet, as when
+    /// fed whole.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        type Seen = (Vec<(u8, usize, bool, Vec<u8>)>, Option<usize>);
+
+        fn follow(stream: &[u8], cuts: &[usize]) -> Seen {
+            let mut packets = Packets::default();
+            let mut seen = Vec::new();
+            let mut from = 0;
+            for &cut in cuts.iter().chain([stream.len()].iter()) {
+                let fed = packets.feed(
+                    &stream[from..cut],
+                    // A first byte of 0xff stops; otherwise peek by it.
+                    |_, first| match first {
+                        Some(0xff) => Want::Stop(()),
+                        first => Want::Peek(usize::from(first.unwrap_or(0) % 8)),
+                    },
+                    |h, p| seen.push((h.seq, h.len, h.continuation, p.to_vec())),
+                );
+                if let Err((at, ())) = fed {
+                    return (seen, Some(from + at));
+                }
+                from = cut;
+            }
+            (seen, None)
+        }
+
+        proptest! {
+            #[test]
+            fn packets_are_seen_the_same_however_the_stream_is_cut(
+                payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..8),
+                garbage in prop::collection::vec(any::<u8>(), 0..64),
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+            ) {
+                let mut stream: Vec<u8> = payloads
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(seq, p)| packet(seq as u8, p))
+                    .collect();
+                stream.extend(&garbage);
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                cuts.sort_unstable();
+                let ((cut_seen, cut_stop), (whole_seen, whole_stop)) =
+                    (follow(&stream, &cuts), follow(&stream, &[]));
+                prop_assert_eq!(cut_seen, whole_seen);
+                match (cut_stop, whole_stop) {
+                    (None, None) => {}
+                    // The same packet: at its start, or at the start of the
+                    // piece holding its first byte when its header came in
+                    // an earlier one (already passed, as `feed` says).
+                    (Some(cut), Some(whole)) => prop_assert!(whole <= cut && cut <= whole + 4),
+                    stops => prop_assert!(false, "stops differ: {stops:?}"),
+                }
+            }
+        }
+    }
 }

@@ -160,4 +160,32 @@ mod tests {
         assert_eq!(err_fields(&[0xff, 0x10, 0x04, b'x']), Some((1040, "HY000")));
         assert_eq!(err_fields(&[0xff]), None);
     }
+
+    /// The fields sealgate reads from server packets, on any bytes.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_payload_is_read_without_panic(payload in prop::collection::vec(any::<u8>(), 0..200)) {
+                let _ = lenenc(&payload);
+                let _ = ok_fields(&payload);
+                let _ = eof_status(&payload);
+                let _ = err_fields(&payload);
+            }
+
+            #[test]
+            fn a_length_encoded_integer_reads_back(n in any::<u64>()) {
+                let mut bytes = Vec::new();
+                match n {
+                    0..=250 => bytes.push(n as u8),
+                    251..=0xffff => { bytes.push(0xfc); bytes.extend_from_slice(&(n as u16).to_le_bytes()); }
+                    0x10000..=0xff_ffff => { bytes.push(0xfd); bytes.extend_from_slice(&(n as u32).to_le_bytes()[..3]); }
+                    _ => { bytes.push(0xfe); bytes.extend_from_slice(&n.to_le_bytes()); }
+                }
+                prop_assert_eq!(lenenc(&bytes), Some((n, bytes.len())));
+            }
+        }
+    }
 }

@@ -236,4 +236,52 @@ mod tests {
             .unwrap();
         assert!(!frames.at_boundary());
     }
+
+    /// Whole messages and then any bytes at all, cut anywhere: the same
+    /// messages are seen as when fed whole, with the same verdict, and
+    /// no more of a body is kept than was asked for.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        type Seen = (Vec<(u8, Vec<u8>)>, bool);
+
+        fn follow(stream: &[u8], cuts: &[usize]) -> Seen {
+            let mut frames = Frames::default();
+            let mut seen = Vec::new();
+            let mut from = 0;
+            for &cut in cuts.iter().chain([stream.len()].iter()) {
+                let fed = frames.feed(
+                    &stream[from..cut],
+                    |tag| usize::from(tag % 8),
+                    |tag, body| seen.push((tag, body.to_vec())),
+                );
+                if fed.is_err() {
+                    return (seen, true);
+                }
+                from = cut;
+            }
+            (seen, false)
+        }
+
+        proptest! {
+            #[test]
+            fn messages_are_seen_the_same_however_the_stream_is_cut(
+                messages in prop::collection::vec((any::<u8>(), prop::collection::vec(any::<u8>(), 0..40)), 0..8),
+                garbage in prop::collection::vec(any::<u8>(), 0..64),
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+            ) {
+                let mut stream: Vec<u8> = messages.iter().flat_map(|(tag, body)| msg(*tag, body)).collect();
+                stream.extend(&garbage);
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                cuts.sort_unstable();
+                let whole = follow(&stream, &[]);
+                prop_assert_eq!(&follow(&stream, &cuts), &whole);
+                for (i, (tag, body)) in messages.iter().enumerate() {
+                    let wanted = &body[..body.len().min(usize::from(tag % 8))];
+                    prop_assert_eq!(&whole.0[i], &(*tag, wanted.to_vec()));
+                }
+            }
+        }
+    }
 }

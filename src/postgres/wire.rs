@@ -196,4 +196,35 @@ mod tests {
             Err(ReadError::Closed)
         ));
     }
+
+    /// The fields sealgate reads from messages sent by either side, on
+    /// any bytes: no panic, and a startup packet's parameters, when they
+    /// parse, are exactly the pairs it was written from.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_body_is_read_without_panic(body in prop::collection::vec(any::<u8>(), 0..200), wanted in any::<u8>()) {
+                let _ = startup_parameters(&body);
+                let _ = error_field(&body, wanted);
+            }
+
+            #[test]
+            fn startup_parameters_read_back_as_written(
+                pairs in prop::collection::vec(("[a-z_]{1,12}", "[^\\x00]{0,16}"), 0..6),
+            ) {
+                let mut body = Vec::new();
+                for (name, value) in &pairs {
+                    body.extend_from_slice(name.as_bytes());
+                    body.push(0);
+                    body.extend_from_slice(value.as_bytes());
+                    body.push(0);
+                }
+                body.push(0);
+                prop_assert_eq!(startup_parameters(&body), Some(pairs));
+            }
+        }
+    }
 }
