@@ -994,4 +994,47 @@ mod tests {
             "loopback"
         );
     }
+
+    /// Every spelling a URL parser accepts for an IPv4 address names the
+    /// same address: decimal, octal and hex parts, one to four of them,
+    /// a trailing dot, letter case.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn spelled(n: u64, radix: u8, upper: bool) -> String {
+            match radix {
+                0 => n.to_string(),
+                1 => format!("0{n:o}"),
+                _ if upper => format!("0X{n:X}"),
+                _ => format!("0x{n:x}"),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn every_spelling_of_an_address_names_it(
+                ip in any::<u32>(),
+                parts in 1..5usize,
+                radixes in prop::collection::vec((0..3u8, any::<bool>()), 4),
+                dot in any::<bool>(),
+            ) {
+                let bytes = ip.to_be_bytes();
+                // The last part carries the remaining bytes as one number.
+                let mut numbers: Vec<u64> = bytes[..parts - 1].iter().map(|&b| u64::from(b)).collect();
+                numbers.push(bytes[parts - 1..].iter().fold(0u64, |n, &b| n << 8 | u64::from(b)));
+                let mut host = numbers
+                    .iter()
+                    .zip(&radixes)
+                    .map(|(&n, &(radix, upper))| spelled(n, radix, upper))
+                    .collect::<Vec<_>>()
+                    .join(".");
+                if dot {
+                    host.push('.');
+                }
+                let want = ipnet::IpNet::from(IpAddr::V4(std::net::Ipv4Addr::from(ip)));
+                prop_assert_eq!(normalize_host(&host), Ok(Target::Net(want)), "{}", host);
+            }
+        }
+    }
 }
