@@ -476,6 +476,6 @@ async fn a_request_cut_off_at_the_end_of_the_grace_period_is_recorded() {
     let records = whole_lines(&sg.dir.path().join("audit.log"));
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["path"], "/slow/report");
-    assert_eq!(records[0]["error"], "cut_by_drain");
+    assert_eq!(records[0]["error"], "cut_by_drain", "{records:?}");
     assert_eq!(records[0]["datasource"], "slow");
 }

@@ -137,18 +137,23 @@ impl Drop for RequestCtx {
     fn drop(&mut self) {
         self.shared.metrics.active_requests.dec();
         if let Some(started) = self.started_request.take() {
-            let error = if self.shared.lifecycle.is_draining() {
-                CUT_BY_DRAIN
-            } else {
-                CUT_OFF
-            };
-            let record = self.audit_record(&started, self.status_sent, (0, 0), Some(error));
+            let record =
+                self.audit_record(&started, self.status_sent, (0, 0), Some(self.cut_reason()));
             self.shared.audit.record_now(&record);
         }
     }
 }
 
 impl RequestCtx {
+    /// Why a request that never got its answer ended.
+    fn cut_reason(&self) -> &'static str {
+        if self.shared.lifecycle.is_draining() {
+            CUT_BY_DRAIN
+        } else {
+            CUT_OFF
+        }
+    }
+
     /// The identified caller's name; `local` for loopback peers when no
     /// callers are configured; none when the caller was not identified.
     fn caller_name(&self) -> Option<&str> {
@@ -649,7 +654,7 @@ impl ProxyHttp for SealgateProxy {
         true
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or_else(
             || ctx.refusal.as_ref().map_or(0, |r| r.code.status()),
             |r| r.status.as_u16(),
@@ -679,8 +684,13 @@ impl ProxyHttp for SealgateProxy {
         if ctx.started_request.is_none() {
             ctx.started_request = Some(StartedRequest::of(session.req_header()));
         }
+        // Ended by an error before any answer: cut off, as a request whose
+        // task is dropped is. At the end of the grace period a request's
+        // sockets can fail before its task is dropped (seen with one
+        // runtime per thread), and it must read the same either way.
+        let cut = (status == 0 && e.is_some()).then(|| ctx.cut_reason());
         if let Some(started) = &ctx.started_request {
-            let record = ctx.audit_record(started, status, (request_bytes, response_bytes), None);
+            let record = ctx.audit_record(started, status, (request_bytes, response_bytes), cut);
             self.shared.audit.record(&record).await;
         }
         // Only once queued: a request cut off while it waits for the queue
