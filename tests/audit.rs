@@ -302,8 +302,18 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 }
 
 /// Every line of the trail is whole JSON; returns the request records.
+/// While the disk is full the writer retries, and each retry's write is
+/// cut short and then cut back: a read between the two sees a partial
+/// line for a moment. What must never be is one that stays.
 fn whole_lines(path: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let text = loop {
+        let text = std::fs::read_to_string(path).unwrap();
+        if text.is_empty() || text.ends_with('\n') || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     assert!(text.is_empty() || text.ends_with('\n'), "a line was cut");
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a whole JSON line"))
