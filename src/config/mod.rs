@@ -2078,8 +2078,21 @@ mod tests {
             ]
         }
 
-        fn damaged(damages: &[Damage]) -> String {
-            let mut lines: Vec<String> = BASE.lines().map(str::to_string).collect();
+        /// A policy file using each of its sections.
+        const POLICY: &str = concat!(
+            "[egress]\n",
+            "allow = [\"api.example.com:443\", \"*.example.org\", \"203.0.113.0/24\"]\n",
+            "allow_private = [\"10.0.0.0/8:5432\", \"[fd00::1]:443\"]\n",
+            "[callers.web]\n",
+            "unix_uid = 1000\n",
+            "datasources = [\"api\", { name = \"db\", not_after = \"2030-01-01T00:00:00Z\" }]\n",
+            "[callers.ci]\n",
+            "token_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+            "datasources = [\"api\"]\n",
+        );
+
+        fn damaged(base: &str, damages: &[Damage]) -> String {
+            let mut lines: Vec<String> = base.lines().map(str::to_string).collect();
             for d in damages {
                 if lines.is_empty() {
                     break;
@@ -2114,22 +2127,29 @@ mod tests {
 
         fn judged(text: &str) -> Result<(), TestCaseError> {
             let file = "/etc/sealgate/test.toml";
-            if let Err(errors) = parse(Path::new(file), text) {
-                let lines = text.lines().count() + 1;
-                for e in errors.0.iter().map(ToString::to_string) {
-                    let Some(rest) = e.strip_prefix(file) else {
-                        return Err(TestCaseError::fail(format!("no file in {e:?}")));
-                    };
-                    let line = rest
-                        .strip_prefix(':')
-                        .and_then(|r| r.split(':').next())
-                        .and_then(|n| n.parse::<usize>().ok());
-                    if let Some(line) = line {
-                        prop_assert!(
-                            line >= 1 && line <= lines,
-                            "line {line} of {lines} in {e:?}"
-                        );
-                    }
+            match parse(Path::new(file), text) {
+                Ok(_) => Ok(()),
+                Err(errors) => named(file, text, &errors.0),
+            }
+        }
+
+        /// Every error names `file`, and a line inside `text` where it
+        /// gives one.
+        fn named(file: &str, text: &str, errors: &[ConfigError]) -> Result<(), TestCaseError> {
+            let lines = text.lines().count() + 1;
+            for e in errors.iter().map(ToString::to_string) {
+                let Some(rest) = e.strip_prefix(file) else {
+                    return Err(TestCaseError::fail(format!("no file in {e:?}")));
+                };
+                let line = rest
+                    .strip_prefix(':')
+                    .and_then(|r| r.split(':').next())
+                    .and_then(|n| n.parse::<usize>().ok());
+                if let Some(line) = line {
+                    prop_assert!(
+                        line >= 1 && line <= lines,
+                        "line {line} of {lines} in {e:?}"
+                    );
                 }
             }
             Ok(())
@@ -2140,12 +2160,31 @@ mod tests {
             fn a_damaged_config_is_judged_with_its_file_and_line(
                 damages in prop::collection::vec(damage(), 1..5),
             ) {
-                judged(&damaged(&damages))?;
+                judged(&damaged(BASE, &damages))?;
             }
 
             #[test]
             fn any_text_is_judged_as_a_config(text in any::<String>()) {
                 judged(&text)?;
+            }
+
+            #[test]
+            fn a_damaged_policy_file_is_judged_with_its_file_and_line(
+                damages in prop::collection::vec(damage(), 1..5),
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("team.toml");
+                let text = damaged(POLICY, &damages);
+                std::fs::write(&file, &text).unwrap();
+                let datasources: std::collections::HashSet<&str> = ["api", "db"].into();
+                if let Err(errors) = policy::load(dir.path(), &datasources) {
+                    named(&file.display().to_string(), &text, &errors)?;
+                }
+            }
+
+            #[test]
+            fn any_egress_entry_is_judged(entry in any::<String>()) {
+                let _ = crate::egress::parse_entry(&entry);
             }
         }
     }
