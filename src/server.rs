@@ -282,14 +282,6 @@ fn server_conf(config: &Config) -> ServerConf {
         // 10 ms, idle or not; under load this also costs about 2,000 fewer
         // instructions per request.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
-        // One single-threaded runtime per worker thread, each connection
-        // staying on the thread that accepted it (nginx's and Envoy's
-        // model), instead of tokio's work-stealing scheduler. Measured on
-        // the peer benchmark with one thread (docs/BENCHMARKS.md): the
-        // 64 KiB GET's p99 fell from 22-30 ms to 7.5 ms (nginx 4.3-5.3)
-        // at the same CPU per request; the work-stealing scheduler served
-        // some connections far later than others even with one worker.
-        work_stealing: false,
         ..ServerConf::default()
     }
 }
