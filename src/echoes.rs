@@ -157,7 +157,8 @@ impl Echoes {
             Scan::Clean => false,
             Scan::Escaped if layers == 0 => false,
             Scan::Escaped => {
-                let readings: &[bool] = if bytes.contains(&b'+') {
+                // Without a `%`, reading `+` as itself decodes nothing.
+                let readings: &[bool] = if bytes.contains(&b'+') && bytes.contains(&b'%') {
                     &[true, false]
                 } else {
                     &[true]
