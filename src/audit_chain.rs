@@ -354,14 +354,6 @@ mod tests {
     mod properties {
         use super::*;
         use proptest::prelude::*;
-        use std::os::unix::fs::PermissionsExt;
-
-        fn keyring(dir: &Path) -> Keyring {
-            let key = dir.join("k1.key");
-            std::fs::write(&key, crate::secrets::new_master_key().unwrap().as_str()).unwrap();
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-            Keyring::load(dir, "k1", &crate::secrets::new_salt().unwrap()).unwrap()
-        }
 
         fn line() -> impl Strategy<Value = Vec<u8>> {
             prop_oneof![
@@ -382,10 +374,10 @@ mod tests {
             ) {
                 prop_assume!(lines.iter().flatten().any(|b| !b.is_ascii_whitespace()));
                 let dir = tempfile::tempdir().unwrap();
-                let keys = keyring(dir.path());
+                let keys = crate::secrets::tests::shared_keyring();
                 let file = dir.path().join("audit.log");
                 std::fs::write(&file, lines.join(&b'\n')).unwrap();
-                prop_assert!(verify(&keys, &[&file]).is_err());
+                prop_assert!(verify(keys, &[&file]).is_err());
             }
         }
     }

@@ -490,24 +490,26 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        fn body_with_forms() -> impl Strategy<Value = (String, Vec<u8>, Vec<usize>)> {
+        /// A secret with its scrubber (built once per case), a body with
+        /// its forms, and where the body is cut.
+        fn body_with_forms() -> impl Strategy<Value = (String, Arc<Scrubber>, Vec<u8>, Vec<usize>)>
+        {
             // No `*` in the secret: the mask itself could then be a form.
             "[!-)+-~]{4,24}"
                 .prop_flat_map(|secret| {
-                    let forms = scrubber(&secret).forms.len();
+                    let s = scrubber(&secret);
                     let part = prop_oneof![
                         prop::collection::vec(any::<u8>(), 0..24).prop_map(|b| (None, b)),
-                        (0..forms, any::<u32>())
+                        (0..s.forms.len(), any::<u32>())
                             .prop_map(|(f, case)| (Some(f), case.to_le_bytes().to_vec())),
                     ];
                     (
-                        Just(secret),
+                        Just((secret, s)),
                         prop::collection::vec(part, 1..12),
                         prop::collection::vec(any::<prop::sample::Index>(), 0..6),
                     )
                 })
-                .prop_map(|(secret, parts, cuts)| {
-                    let s = scrubber(&secret);
+                .prop_map(|((secret, s), parts, cuts)| {
                     let mut body = Vec::new();
                     for (form, bytes) in parts {
                         match form {
@@ -528,14 +530,13 @@ mod tests {
                     let mut cuts: Vec<usize> =
                         cuts.iter().map(|c| c.index(body.len() + 1)).collect();
                     cuts.sort_unstable();
-                    (secret, body, cuts)
+                    (secret, s, body, cuts)
                 })
         }
 
         proptest! {
             #[test]
-            fn no_form_survives_and_the_length_holds((secret, body, cuts) in body_with_forms()) {
-                let s = scrubber(&secret);
+            fn no_form_survives_and_the_length_holds((secret, s, body, cuts) in body_with_forms()) {
                 let (out, _) = through(&s, &body, &cuts);
                 prop_assert_eq!(out.len(), body.len());
                 let lower = out.to_ascii_lowercase();

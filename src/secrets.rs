@@ -484,8 +484,16 @@ pub enum SealError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// One keyring (primary key `k1`) for properties that run many cases,
+    /// built once: a key file per case spent more time in the file system
+    /// than in the property. Its key file is only read while loading.
+    pub(crate) fn shared_keyring() -> &'static Keyring {
+        static KEYRING: std::sync::OnceLock<Keyring> = std::sync::OnceLock::new();
+        KEYRING.get_or_init(|| keyring_with(&["k1"], "k1").1)
+    }
 
     fn keyring_with(ids: &[&str], primary: &str) -> (tempfile::TempDir, Keyring) {
         let dir = tempfile::tempdir().unwrap();
@@ -632,7 +640,7 @@ mod tests {
             fn any_text_is_refused_as_an_envelope(
                 text in prop_oneof![any::<String>(), "sealed:v1:k1:[A-Za-z0-9_=:+/-]{0,80}"],
             ) {
-                let (_d, k) = keyring_with(&["k1"], "k1");
+                let k = shared_keyring();
                 prop_assert!(k.open("pay", "token", &text, &[("pay", "other")]).is_err());
             }
 
@@ -642,7 +650,7 @@ mod tests {
                 at in any::<prop::sample::Index>(),
                 to in "[A-Za-z0-9_:-]",
             ) {
-                let (_d, k) = keyring_with(&["k1"], "k1");
+                let k = shared_keyring();
                 let envelope = k.seal("pay", "token", &secret(&plain)).unwrap();
                 let at = at.index(envelope.len());
                 let changed = format!("{}{}{}", &envelope[..at], to, &envelope[at + 1..]);
