@@ -686,8 +686,8 @@ impl ProxyHttp for SealgateProxy {
         }
         // Ended by an error before any answer: cut off, as a request whose
         // task is dropped is. At the end of the grace period a request's
-        // sockets can fail before its task is dropped (seen with one
-        // runtime per thread), and it must read the same either way.
+        // sockets can fail before its task is dropped (pingora's
+        // per-thread runtimes did so), and it must read the same either way.
         let cut = (status == 0 && e.is_some()).then(|| ctx.cut_reason());
         if let Some(started) = &ctx.started_request {
             let record = ctx.audit_record(started, status, (request_bytes, response_bytes), cut);
