@@ -175,14 +175,7 @@ async fn login(
     if greeting.first() == Some(&wire::ERR) {
         return Err(login_error(&greeting));
     }
-    let server: HandshakePacket<'_> = ParseBuf(&greeting)
-        .parse(())
-        .map_err(|_| protocol_error("a malformed greeting"))?;
-    if server.protocol_version() != 10 {
-        return Err(protocol_error(
-            "a greeting of an unsupported protocol version",
-        ));
-    }
+    let server = read_greeting(&greeting)?;
     let offered = server.capabilities();
     let required = CapabilityFlags::CLIENT_PROTOCOL_41
         | CapabilityFlags::CLIENT_SECURE_CONNECTION
@@ -273,9 +266,7 @@ async fn login(
             Some(&wire::ERR) => return Err(login_error(&payload)),
             Some(&wire::EOF) if !switched => {
                 switched = true;
-                let request: AuthSwitchRequest<'_> = ParseBuf(&payload)
-                    .parse(())
-                    .map_err(|_| protocol_error("a malformed auth switch request"))?;
+                let request = read_auth_switch(&payload)?;
                 plugin = request.auth_plugin().into_owned();
                 nonce = request.plugin_data().to_vec();
                 let scramble = answer(&plugin, password, &nonce, tls)?;
@@ -295,6 +286,105 @@ async fn login(
                 }
             }
             _ => return Err(protocol_error("an unexpected packet during login")),
+        }
+    }
+}
+
+/// The server's greeting (HandshakeV10): bytes from the network, before
+/// the server has proved anything.
+fn read_greeting(greeting: &[u8]) -> Result<HandshakePacket<'_>, LoginFailure> {
+    let server: HandshakePacket<'_> = ParseBuf(greeting)
+        .parse(())
+        .map_err(|_| protocol_error("a malformed greeting"))?;
+    if server.protocol_version() != 10 {
+        return Err(protocol_error(
+            "a greeting of an unsupported protocol version",
+        ));
+    }
+    Ok(server)
+}
+
+fn read_auth_switch(payload: &[u8]) -> Result<AuthSwitchRequest<'_>, LoginFailure> {
+    ParseBuf(payload)
+        .parse(())
+        .map_err(|_| protocol_error("a malformed auth switch request"))
+}
+
+#[cfg(test)]
+mod tests {
+    mod properties {
+        use super::super::*;
+        use mysql_common::constants::StatusFlags;
+        use proptest::prelude::*;
+
+        /// A greeting as MariaDB sends one.
+        fn greeting() -> Vec<u8> {
+            let packet = HandshakePacket::new(
+                10,
+                &b"5.5.5-11.4.2-MariaDB"[..],
+                7,
+                *b"abcdefgh",
+                Some(&b"ijklmnopqrst\0"[..]),
+                CapabilityFlags::CLIENT_PROTOCOL_41
+                    | CapabilityFlags::CLIENT_SECURE_CONNECTION
+                    | CapabilityFlags::CLIENT_PLUGIN_AUTH
+                    | CapabilityFlags::CLIENT_SSL,
+                45,
+                StatusFlags::SERVER_STATUS_AUTOCOMMIT,
+                Some(AuthPlugin::Ed25519.as_bytes()),
+            );
+            let mut out = Vec::new();
+            packet.serialize(&mut out);
+            out
+        }
+
+        /// Everything the login reads of a greeting and an auth switch.
+        fn read_all(bytes: &[u8]) {
+            if let Ok(server) = read_greeting(bytes) {
+                let _ = (
+                    server.capabilities(),
+                    server.nonce(),
+                    server.auth_plugin().map(|p| p.into_owned()),
+                    server.server_version_parsed(),
+                );
+            }
+            if let Ok(request) = read_auth_switch(bytes) {
+                let _ = (
+                    request.auth_plugin().into_owned(),
+                    request.plugin_data().to_vec(),
+                );
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn any_greeting_or_auth_switch_is_read_without_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                read_all(&bytes);
+            }
+
+            #[test]
+            fn a_damaged_greeting_is_read_without_panic(
+                keep in 0usize..120,
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            ) {
+                let mut bytes = greeting();
+                for (at, bits) in flips {
+                    let at = at.index(bytes.len());
+                    bytes[at] ^= bits;
+                }
+                bytes.truncate(keep);
+                read_all(&bytes);
+            }
+        }
+
+        #[test]
+        fn an_undamaged_greeting_reads_back() {
+            let bytes = greeting();
+            let Ok(server) = read_greeting(&bytes) else {
+                panic!("a greeting mysql_common wrote was refused");
+            };
+            assert_eq!(server.nonce(), b"abcdefghijklmnopqrst");
+            assert_eq!(server.auth_plugin(), Some(AuthPlugin::Ed25519));
         }
     }
 }

@@ -285,14 +285,8 @@ impl Inner {
             *io = Some(Box::new(tls));
             secured = true;
         };
-        let parsed: Result<HandshakeResponse<'_>, _> = ParseBuf(&response).parse(());
-        let Ok(hello) = parsed else {
-            return Err(bad("a malformed handshake response", seq));
-        };
+        let hello = read_hello(&response).map_err(|text| bad(text, seq))?;
         let client_capabilities = hello.capabilities();
-        if !client_capabilities.contains(CapabilityFlags::CLIENT_PROTOCOL_41) {
-            return Err(bad("a client of the pre-4.1 protocol", seq));
-        }
         log.client_user = Some(String::from_utf8_lossy(hello.user()).into_owned());
         let database = hello
             .db_name()
@@ -427,5 +421,100 @@ impl Inner {
             tracker.statements.load(Ordering::Relaxed),
             ended,
         );
+    }
+}
+
+/// The client's HandshakeResponse41, or why it is refused: bytes from a
+/// caller not yet identified.
+fn read_hello(response: &[u8]) -> Result<HandshakeResponse<'_>, &'static str> {
+    let hello: HandshakeResponse<'_> = ParseBuf(response)
+        .parse(())
+        .map_err(|_| "a malformed handshake response")?;
+    if !hello
+        .capabilities()
+        .contains(CapabilityFlags::CLIENT_PROTOCOL_41)
+    {
+        return Err("a client of the pre-4.1 protocol");
+    }
+    Ok(hello)
+}
+
+#[cfg(test)]
+mod tests {
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A handshake response as the mariadb client sends one, with
+        /// connection attributes and a database.
+        fn hello() -> Vec<u8> {
+            let attributes = [("_client_name", "libmariadb"), ("program_name", "mariadb")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let response = HandshakeResponse::new(
+                Some(&[7u8; 20][..]),
+                (11, 4, 2),
+                Some(&b"app"[..]),
+                Some(&b"crm"[..]),
+                Some(AuthPlugin::MysqlNativePassword),
+                RELAYED | CapabilityFlags::CLIENT_CONNECT_ATTRS,
+                Some(attributes),
+                16 * 1024 * 1024,
+            );
+            let mut out = Vec::new();
+            response.serialize(&mut out);
+            out
+        }
+
+        /// Everything the front reads of a parsed response.
+        fn read_all(hello: &HandshakeResponse<'_>) {
+            let _ = (
+                String::from_utf8_lossy(hello.user()),
+                hello.db_name().map(String::from_utf8_lossy),
+                hello.auth_plugin(),
+                hello.scramble_buf().to_vec(),
+                hello.collation(),
+                hello.connect_attributes(),
+            );
+        }
+
+        proptest! {
+            #[test]
+            fn any_handshake_response_is_read_without_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                if let Ok(hello) = read_hello(&bytes) {
+                    read_all(&hello);
+                }
+            }
+
+            #[test]
+            fn a_damaged_handshake_response_is_read_without_panic(
+                keep in 0usize..200,
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            ) {
+                let mut bytes = hello();
+                for (at, bits) in flips {
+                    let at = at.index(bytes.len());
+                    bytes[at] ^= bits;
+                }
+                bytes.truncate(keep);
+                if let Ok(hello) = read_hello(&bytes) {
+                    read_all(&hello);
+                }
+            }
+        }
+
+        #[test]
+        fn an_undamaged_response_reads_back() {
+            let bytes = hello();
+            let hello = read_hello(&bytes).expect("a response mysql_common wrote");
+            assert_eq!(hello.user(), b"app");
+            assert_eq!(hello.db_name(), Some(&b"crm"[..]));
+            assert_eq!(
+                hello.connect_attributes().map(|a| a.len()),
+                Some(2),
+                "both attributes"
+            );
+        }
     }
 }
