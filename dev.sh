@@ -6,8 +6,10 @@
 #                       2 cores); prints the binary's path on stdout
 #   ./dev.sh pgo-train  retrain pgo/sealgate.profdata (see pgo_train)
 #   ./dev.sh bench-setup  also what the benchmarks compare against (pgbouncer, haproxy)
-#   ./dev.sh fuzz       the property tests of every parser of outside input,
-#                       long: CASES (default 100000) generated inputs each,
+#   ./dev.sh fuzz       the property tests of every parser of outside input
+#                       and of the memory a length field may take
+#                       (tests/allocations.rs), long: CASES (default
+#                       100000) generated inputs each,
 #                       optimised with overflow checks on (profile `fuzz`);
 #                       `./dev.sh test` runs the same properties, 256 each
 # Each first installs what a fresh machine lacks: pingora's zlib-ng build
@@ -155,7 +157,9 @@ case "${1:-}" in
     ;;
   fuzz)
     ensure_build_tools
-    PROPTEST_CASES=${CASES:-100000} exec cargo test --profile fuzz --lib properties
+    export PROPTEST_CASES=${CASES:-100000}
+    cargo test --profile fuzz --lib properties
+    exec cargo test --profile fuzz --test allocations
     ;;
   bench-setup)
     ensure_build_tools

@@ -167,6 +167,39 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
+            /// A length field over the limit is refused before a byte of
+            /// the payload is read; under it, the payload is what was sent,
+            /// and a payload cut short is a close.
+            #[test]
+            fn a_packet_length_is_judged_before_the_payload_is_read(
+                declared in 0usize..=MAX_PAYLOAD,
+                seq in any::<u8>(),
+                max in 0usize..=MAX_HANDSHAKE_PACKET,
+                sent in prop::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let mut bytes = (declared as u32).to_le_bytes()[..3].to_vec();
+                bytes.push(seq);
+                bytes.extend_from_slice(&sent);
+                let mut stream = &bytes[..];
+                let read = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("a runtime")
+                    .block_on(read_packet(&mut stream, max));
+                match read {
+                    Err(ReadError::Length(l)) => {
+                        prop_assert!(declared > max);
+                        prop_assert_eq!(l, declared);
+                        prop_assert_eq!(stream.len(), sent.len(), "no byte of the payload was read");
+                    }
+                    Err(ReadError::Closed) => prop_assert!(sent.len() < declared),
+                    Err(ReadError::Io) => prop_assert!(false, "a slice cannot fail"),
+                    Ok((s, payload)) => {
+                        prop_assert_eq!(s, seq);
+                        prop_assert_eq!(&payload[..], &sent[..declared]);
+                    }
+                }
+            }
+
             #[test]
             fn any_payload_is_read_without_panic(payload in prop::collection::vec(any::<u8>(), 0..200)) {
                 let _ = lenenc(&payload);

@@ -204,11 +204,75 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        fn runtime() -> tokio::runtime::Runtime {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a runtime")
+        }
+
         proptest! {
             #[test]
             fn any_body_is_read_without_panic(body in prop::collection::vec(any::<u8>(), 0..200), wanted in any::<u8>()) {
                 let _ = startup_parameters(&body);
                 let _ = error_field(&body, wanted);
+            }
+
+            /// A length field over the limit is refused before a byte of
+            /// the body is read; under it, the body is what was sent, and a
+            /// body cut short is a close.
+            #[test]
+            fn a_message_length_is_judged_before_the_body_is_read(
+                tag in any::<u8>(),
+                declared in any::<u32>(),
+                max in 0usize..=MAX_LOGIN_MESSAGE_LEN,
+                sent in prop::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let mut bytes = vec![tag];
+                bytes.extend_from_slice(&declared.to_be_bytes());
+                bytes.extend_from_slice(&sent);
+                let mut stream = &bytes[..];
+                let read = runtime().block_on(read_message(&mut stream, max));
+                let len = declared as usize;
+                match read {
+                    Err(ReadError::Length(l)) => {
+                        prop_assert!(len < 4 || len - 4 > max);
+                        prop_assert_eq!(l, len);
+                        prop_assert_eq!(stream.len(), sent.len(), "no byte of the body was read");
+                    }
+                    Err(ReadError::Closed) => prop_assert!(sent.len() < len - 4),
+                    Err(ReadError::Io) => prop_assert!(false, "a slice cannot fail"),
+                    Ok((t, body)) => {
+                        prop_assert_eq!(t, tag);
+                        prop_assert_eq!(&body[..], &sent[..len - 4]);
+                    }
+                }
+            }
+
+            #[test]
+            fn a_startup_length_is_judged_before_the_body_is_read(
+                declared in any::<u32>(),
+                code in any::<u32>(),
+                sent in prop::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let mut bytes = declared.to_be_bytes().to_vec();
+                bytes.extend_from_slice(&code.to_be_bytes());
+                bytes.extend_from_slice(&sent);
+                let mut stream = &bytes[..];
+                let read = runtime().block_on(read_startup(&mut stream));
+                let len = declared as usize;
+                match read {
+                    Err(ReadError::Length(l)) => {
+                        prop_assert!(!(8..=MAX_STARTUP_LEN).contains(&len));
+                        prop_assert_eq!(l, len);
+                        prop_assert_eq!(stream.len(), 4 + sent.len(), "no byte of the body was read");
+                    }
+                    Err(ReadError::Closed) => prop_assert!(sent.len() < len - 8),
+                    Err(ReadError::Io) => prop_assert!(false, "a slice cannot fail"),
+                    Ok((c, body)) => {
+                        prop_assert_eq!(c, code);
+                        prop_assert_eq!(&body[..], &sent[..len - 8]);
+                    }
+                }
             }
 
             #[test]
