@@ -324,26 +324,7 @@ fn datasources_json(shared: &Shared) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditLog;
-    use crate::config::{self, AuditOutput, OnFull};
-    use crate::metrics::Metrics;
-
-    fn shared() -> Arc<Shared> {
-        let config = config::parse(
-            std::path::Path::new("t.toml"),
-            "[datasources.a]\nurl = \"https://example.com\"\n",
-        )
-        .unwrap();
-        let metrics = Metrics::new().unwrap();
-        let audit = AuditLog::open(
-            &AuditOutput::Stdout,
-            OnFull::Block,
-            metrics.audit_dropped.clone(),
-            None,
-        )
-        .unwrap();
-        Shared::new(config, metrics, audit)
-    }
+    use crate::state::tests::shared;
 
     fn status(shared: &Shared, path: &str, peer: &str) -> StatusCode {
         let req = Request::get(path).body(()).unwrap();

@@ -677,3 +677,24 @@ impl<'a> StatementLog<'a> {
         }))
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// What a statement log needs of a session, for the trackers' tests.
+    pub(crate) fn session(protocol: Protocol) -> SessionInfo {
+        SessionInfo {
+            request_id: "0000000000000001".into(),
+            protocol,
+            caller: Some("app".into()),
+            datasource: "a".into(),
+            region: None,
+            upstream: None,
+            egress_ip: None,
+            credential: None,
+            client_user: Some("app".into()),
+            db_user: Some("db".into()),
+        }
+    }
+}

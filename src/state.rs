@@ -249,8 +249,29 @@ impl std::fmt::Display for RequestId {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::audit::AuditLog;
+    use crate::config::{self, AuditOutput, OnFull};
+
+    /// Shared state for unit tests: one HTTP data source, the audit trail
+    /// on stdout.
+    pub(crate) fn shared() -> Arc<Shared> {
+        let config = config::parse(
+            std::path::Path::new("t.toml"),
+            "[datasources.a]\nurl = \"https://example.com\"\n",
+        )
+        .expect("a valid config");
+        let metrics = Metrics::new().expect("metrics");
+        let audit = AuditLog::open(
+            &AuditOutput::Stdout,
+            OnFull::Block,
+            metrics.audit_dropped.clone(),
+            None,
+        )
+        .expect("an audit trail on stdout");
+        Shared::new(config, metrics, audit)
+    }
 
     #[test]
     fn request_ids_are_sixteen_hex_digits_of_the_counter() {

@@ -492,6 +492,152 @@ impl<'a> Tracker<'a> {
 mod tests {
     use super::*;
 
+    mod properties {
+        use super::*;
+        use crate::config::Protocol;
+        use crate::state::Shared;
+        use proptest::prelude::*;
+        use std::sync::LazyLock;
+
+        static SHARED: LazyLock<Arc<Shared>> = LazyLock::new(crate::state::tests::shared);
+
+        /// One packet of a session, either way; the secret is put in every
+        /// place the audit must never show: literals, parameters, rows,
+        /// server error text.
+        #[derive(Debug, Clone)]
+        enum Step {
+            Query(usize),
+            Prepare(usize),
+            Execute(u32),
+            Close(u32),
+            Ok,
+            Err,
+            Eof,
+            PrepareOk(u32, u8, u8),
+            Row,
+            Client(Vec<u8>),
+            Server(Vec<u8>),
+        }
+
+        fn steps() -> impl Strategy<Value = Vec<Step>> {
+            let bytes = || prop::collection::vec(any::<u8>(), 0..40);
+            prop::collection::vec(
+                prop_oneof![
+                    any::<usize>().prop_map(Step::Query),
+                    any::<usize>().prop_map(Step::Prepare),
+                    (0u32..3).prop_map(Step::Execute),
+                    (0u32..3).prop_map(Step::Close),
+                    Just(Step::Ok),
+                    Just(Step::Err),
+                    Just(Step::Eof),
+                    (0u32..3, 0u8..3, 0u8..3).prop_map(|(id, c, p)| Step::PrepareOk(id, c, p)),
+                    Just(Step::Row),
+                    bytes().prop_map(Step::Client),
+                    bytes().prop_map(Step::Server),
+                ],
+                0..40,
+            )
+        }
+
+        /// A MySQL literal holding `secret`, in each quoting style.
+        fn literal(secret: &str, style: usize) -> String {
+            match style % 4 {
+                0 => format!("'{secret}'"),
+                1 => format!("\"{secret}\""),
+                2 => format!("_utf8mb4'{secret}'"),
+                _ => format!("'it''s {secret}'"),
+            }
+        }
+
+        fn lenenc_str(out: &mut Vec<u8>, s: &str) {
+            out.push(s.len() as u8);
+            out.extend(s.bytes());
+        }
+
+        /// (from the client, payload)
+        fn render(step: &Step, secret: &str) -> (bool, Vec<u8>) {
+            let with = |first: u8, rest: &[u8]| [&[first][..], rest].concat();
+            match step {
+                Step::Query(style) => (
+                    true,
+                    with(
+                        COM_QUERY,
+                        format!("SELECT a FROM t WHERE b = {}", literal(secret, *style)).as_bytes(),
+                    ),
+                ),
+                Step::Prepare(style) => (
+                    true,
+                    with(
+                        COM_STMT_PREPARE,
+                        format!("INSERT INTO t VALUES ({}, ?)", literal(secret, *style)).as_bytes(),
+                    ),
+                ),
+                Step::Execute(id) => {
+                    let mut p = with(COM_STMT_EXECUTE, &id.to_le_bytes());
+                    p.extend([0, 1, 0, 0, 0, 0, 1, 0xfe, 0]);
+                    lenenc_str(&mut p, secret);
+                    (true, p)
+                }
+                Step::Close(id) => (true, with(COM_STMT_CLOSE, &id.to_le_bytes())),
+                Step::Ok => (false, vec![wire::OK, 1, 0, 2, 0, 0, 0]),
+                Step::Err => {
+                    let mut p = vec![wire::ERR, 0x28, 0x04];
+                    p.extend(format!("#42000You have an error near '{secret}'").bytes());
+                    (false, p)
+                }
+                Step::Eof => (false, vec![wire::EOF, 0, 0, 2, 0]),
+                Step::PrepareOk(id, columns, params) => {
+                    let mut p = vec![wire::OK];
+                    p.extend(id.to_le_bytes());
+                    p.extend(u16::from(*columns).to_le_bytes());
+                    p.extend(u16::from(*params).to_le_bytes());
+                    p.extend([0, 0, 0]);
+                    (false, p)
+                }
+                Step::Row => {
+                    let mut p = Vec::new();
+                    lenenc_str(&mut p, secret);
+                    (false, p)
+                }
+                Step::Client(p) => (true, p.clone()),
+                Step::Server(p) => (false, p.clone()),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn no_literal_parameter_row_or_error_text_reaches_a_statement_record(
+                secret in "secret[a-z0-9]{10}",
+                steps in steps(),
+            ) {
+                let log = StatementLog::new(&SHARED, crate::sessions::tests::session(Protocol::Mysql), true);
+                let tracker = Tracker::new(log, false);
+                let mut records = Vec::new();
+                for step in &steps {
+                    let (from_client, payload) = render(step, &secret);
+                    let first = payload.first().copied();
+                    if from_client {
+                        let header = Header { seq: 0, len: payload.len(), continuation: false };
+                        if let Want::Peek(n) = tracker.client_packet(header, first) {
+                            tracker.client_seen(header, &payload[..n.min(payload.len())]);
+                        }
+                    } else {
+                        let header = Header { seq: 1, len: payload.len(), continuation: false };
+                        if let Want::Peek(n) = tracker.server_packet(header, first) {
+                            tracker.server_seen(header, &payload[..n.min(payload.len())]);
+                        }
+                    }
+                    records.extend(tracker.take_records().unwrap_or_default());
+                }
+                for record in &records {
+                    let text = String::from_utf8_lossy(record);
+                    prop_assert!(serde_json::from_str::<serde_json::Value>(text.trim_end()).is_ok(), "{}", text);
+                    prop_assert!(!text.contains(&secret), "{}", text);
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_verb_is_the_first_word() {
         assert_eq!(verb_of(b"  select 1").as_deref(), Some("SELECT"));

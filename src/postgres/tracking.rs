@@ -204,3 +204,146 @@ impl<'a> Tracker<'a> {
         Some(std::mem::take(&mut self.state().records))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    mod properties {
+        use super::super::*;
+        use crate::config::Protocol;
+        use crate::state::Shared;
+        use proptest::prelude::*;
+        use std::sync::LazyLock;
+
+        static SHARED: LazyLock<Arc<Shared>> = LazyLock::new(crate::state::tests::shared);
+
+        /// One message of a session, either way; the secret is put in
+        /// every place the audit must never show: literals, bind values,
+        /// server error text.
+        #[derive(Debug, Clone)]
+        enum Step {
+            Query(usize),
+            Parse(u8, usize),
+            Bind(u8, u8),
+            Execute(u8),
+            Sync,
+            Complete(usize),
+            Error,
+            Ready,
+            Client(u8, Vec<u8>),
+            Server(u8, Vec<u8>),
+        }
+
+        fn steps() -> impl Strategy<Value = Vec<Step>> {
+            let bytes = || prop::collection::vec(any::<u8>(), 0..40);
+            prop::collection::vec(
+                prop_oneof![
+                    any::<usize>().prop_map(Step::Query),
+                    (0u8..3, any::<usize>()).prop_map(|(n, s)| Step::Parse(n, s)),
+                    (0u8..3, 0u8..3).prop_map(|(p, s)| Step::Bind(p, s)),
+                    (0u8..3).prop_map(Step::Execute),
+                    Just(Step::Sync),
+                    (0usize..4).prop_map(Step::Complete),
+                    Just(Step::Error),
+                    Just(Step::Ready),
+                    (any::<u8>(), bytes()).prop_map(|(t, b)| Step::Client(t, b)),
+                    (any::<u8>(), bytes()).prop_map(|(t, b)| Step::Server(t, b)),
+                ],
+                0..40,
+            )
+        }
+
+        /// A PostgreSQL literal holding `secret`, in each quoting style.
+        fn literal(secret: &str, style: usize) -> String {
+            match style % 5 {
+                0 => format!("'{secret}'"),
+                1 => format!("E'{secret}\\n'"),
+                2 => format!("$${secret}$$"),
+                3 => format!("$q${secret}$q$"),
+                _ => format!("U&'{secret}'"),
+            }
+        }
+
+        fn name(n: u8) -> Vec<u8> {
+            if n == 0 {
+                vec![0]
+            } else {
+                vec![b'a' + n, 0]
+            }
+        }
+
+        /// (from the client, tag, body)
+        fn render(step: &Step, secret: &str) -> (bool, u8, Vec<u8>) {
+            match step {
+                Step::Query(style) => (
+                    true,
+                    b'Q',
+                    format!("SELECT a FROM t WHERE b = {}\0", literal(secret, *style)).into_bytes(),
+                ),
+                Step::Parse(n, style) => {
+                    let mut body = name(*n);
+                    body.extend(
+                        format!("INSERT INTO t VALUES ({}, $1)\0", literal(secret, *style)).bytes(),
+                    );
+                    body.extend([0, 0]);
+                    (true, b'P', body)
+                }
+                Step::Bind(portal, statement) => {
+                    let mut body = name(*portal);
+                    body.extend(name(*statement));
+                    body.extend([0, 0, 0, 1]);
+                    body.extend((secret.len() as u32).to_be_bytes());
+                    body.extend(secret.bytes());
+                    body.extend([0, 0]);
+                    (true, b'B', body)
+                }
+                Step::Execute(portal) => {
+                    let mut body = name(*portal);
+                    body.extend([0, 0, 0, 0]);
+                    (true, b'E', body)
+                }
+                Step::Sync => (true, b'S', Vec::new()),
+                Step::Complete(i) => {
+                    let tag = ["SELECT 1", "INSERT 0 1", "UPDATE 3", "COPY 10"][*i % 4];
+                    (false, b'C', format!("{tag}\0").into_bytes())
+                }
+                Step::Error => (
+                    false,
+                    b'E',
+                    format!("SERROR\0C22P02\0Minvalid input: {secret}\0Ddetail {secret}\0\0")
+                        .into_bytes(),
+                ),
+                Step::Ready => (false, b'Z', b"I".to_vec()),
+                Step::Client(tag, body) => (true, *tag, body.clone()),
+                Step::Server(tag, body) => (false, *tag, body.clone()),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn no_literal_bind_value_or_error_text_reaches_a_statement_record(
+                secret in "secret[a-z0-9]{10}",
+                steps in steps(),
+            ) {
+                let log = StatementLog::new(&SHARED, crate::sessions::tests::session(Protocol::Postgres), true);
+                let tracker = Tracker::new(log);
+                let mut records = Vec::new();
+                for step in &steps {
+                    let (from_client, tag, body) = render(step, &secret);
+                    if from_client {
+                        let seen = tracker.client_peek(tag).min(body.len());
+                        tracker.client_message(tag, &body[..seen]);
+                    } else {
+                        let seen = tracker.server_peek(tag).min(body.len());
+                        tracker.server_message(tag, &body[..seen]);
+                    }
+                    records.extend(tracker.take_records().unwrap_or_default());
+                }
+                for record in &records {
+                    let text = String::from_utf8_lossy(record);
+                    prop_assert!(serde_json::from_str::<serde_json::Value>(text.trim_end()).is_ok(), "{}", text);
+                    prop_assert!(!text.contains(&secret), "{}", text);
+                }
+            }
+        }
+    }
+}
