@@ -109,6 +109,32 @@ mod tests {
         req
     }
 
+    /// Requests captured from curl, wget and Python's urllib
+    /// (tests/corpus/README.md): what real clients send must pass.
+    #[test]
+    fn real_clients_requests_pass_and_their_route_is_read() {
+        for raw in [
+            &include_bytes!("../../tests/corpus/http/curl-get.request")[..],
+            include_bytes!("../../tests/corpus/http/curl-post.request"),
+            include_bytes!("../../tests/corpus/http/wget-get.request"),
+            include_bytes!("../../tests/corpus/http/urllib-get.request"),
+        ] {
+            let text = String::from_utf8_lossy(raw);
+            let head = text.split("\r\n\r\n").next().unwrap_or_default();
+            let mut lines = head.split("\r\n");
+            let start: Vec<&str> = lines.next().unwrap_or_default().split(' ').collect();
+            let headers: Vec<(&str, &str)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim(), v.trim()))
+                .collect();
+            assert!(headers.len() >= 3, "{head}");
+            let mut req = request(start[0], start[1], &headers);
+            assert_eq!(code(&req), None, "{head}");
+            assert!(crate::http::route::split(req.uri.path()).is_ok(), "{head}");
+            strip_for_upstream(&mut req);
+        }
+    }
+
     fn code(req: &RequestHeader) -> Option<(u16, bool)> {
         check(req).err().map(|u| (u.refusal.code.status(), u.close))
     }

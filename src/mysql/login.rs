@@ -378,6 +378,19 @@ mod tests {
         }
 
         #[test]
+        fn the_captured_mariadb_greeting_reads_back() {
+            let captured = include_bytes!("../../tests/corpus/mariadb.server");
+            let len = usize::from(captured[0]) | usize::from(captured[1]) << 8;
+            let Ok(server) = read_greeting(&captured[4..4 + len]) else {
+                panic!("MariaDB's greeting was refused");
+            };
+            assert_eq!(server.nonce().len(), 20);
+            assert!(server
+                .capabilities()
+                .contains(CapabilityFlags::CLIENT_PLUGIN_AUTH));
+        }
+
+        #[test]
         fn an_undamaged_greeting_reads_back() {
             let bytes = greeting();
             let Ok(server) = read_greeting(&bytes) else {

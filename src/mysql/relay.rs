@@ -314,16 +314,18 @@ mod tests {
 
         type Seen = (Vec<(u8, usize, bool, Vec<u8>)>, Option<usize>);
 
-        fn follow(stream: &[u8], cuts: &[usize]) -> Seen {
+        /// The packets seen, and where it stopped: at a packet whose
+        /// first byte is `stop`, if any; other packets are peeked into by
+        /// their first byte.
+        fn follow_stopping_at(stream: &[u8], cuts: &[usize], stop: Option<u8>) -> Seen {
             let mut packets = Packets::default();
             let mut seen = Vec::new();
             let mut from = 0;
             for &cut in cuts.iter().chain([stream.len()].iter()) {
                 let fed = packets.feed(
                     &stream[from..cut],
-                    // A first byte of 0xff stops; otherwise peek by it.
                     |_, first| match first {
-                        Some(0xff) => Want::Stop(()),
+                        first if stop.is_some() && first == stop => Want::Stop(()),
                         first => Want::Peek(usize::from(first.unwrap_or(0) % 8)),
                     },
                     |h, p| seen.push((h.seq, h.len, h.continuation, p.to_vec())),
@@ -336,7 +338,33 @@ mod tests {
             (seen, None)
         }
 
+        fn follow(stream: &[u8], cuts: &[usize]) -> Seen {
+            follow_stopping_at(stream, cuts, Some(0xff))
+        }
+
+        /// A session captured from the mariadb client against MariaDB
+        /// (tests/corpus/README.md), each direction.
+        const CAPTURED: [&[u8]; 2] = [
+            include_bytes!("../../tests/corpus/mariadb.client"),
+            include_bytes!("../../tests/corpus/mariadb.server"),
+        ];
+
         proptest! {
+            #[test]
+            fn a_captured_session_is_seen_whole_and_alike_however_cut(
+                side in 0usize..2,
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..24),
+            ) {
+                let stream = CAPTURED[side];
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                cuts.sort_unstable();
+                let whole = follow_stopping_at(stream, &[], None);
+                prop_assert_eq!(whole.1, None);
+                let lengths: usize = whole.0.iter().map(|p| 4 + p.1).sum();
+                prop_assert_eq!(lengths, stream.len(), "every byte is in a packet");
+                prop_assert_eq!(follow_stopping_at(stream, &cuts, None), whole);
+            }
+
             #[test]
             fn packets_are_seen_the_same_however_the_stream_is_cut(
                 payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..8),

@@ -604,6 +604,107 @@ mod tests {
             }
         }
 
+        /// A session captured from the mariadb client against MariaDB
+        /// 10.11 (tests/corpus/README.md): queries with literals in every
+        /// quoting, server-side PREPARE and EXECUTE, errors, a 70 kB row.
+        const CAPTURED: (&[u8], &[u8]) = (
+            include_bytes!("../../tests/corpus/mariadb.client"),
+            include_bytes!("../../tests/corpus/mariadb.server"),
+        );
+
+        /// Values the captured session sent as literals: none may be
+        /// recorded.
+        const CAPTURED_VALUES: [&str; 4] = ["Brien", "Zo", "quoted", "slash"];
+
+        /// (sequence id, payload) of each packet of a captured stream.
+        fn packets(mut stream: &[u8]) -> Vec<(u8, &[u8])> {
+            let mut out = Vec::new();
+            while let Some(head) = stream.get(..4) {
+                let len =
+                    usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
+                let Some(payload) = stream.get(4..4 + len) else {
+                    break;
+                };
+                out.push((head[3], payload));
+                stream = &stream[4 + len..];
+            }
+            out
+        }
+
+        /// The captured session as the relay sees it after login, each
+        /// command with the server's answer to it (the answer's packets
+        /// are numbered from 1).
+        /// (sequence id, payload)
+        type Packet = (u8, &'static [u8]);
+
+        fn exchanges() -> Vec<(Packet, Vec<Packet>)> {
+            let commands = packets(CAPTURED.0).into_iter().filter(|(seq, _)| *seq == 0);
+            let mut answers: Vec<Vec<Packet>> = Vec::new();
+            let server = packets(CAPTURED.1);
+            // The greeting (0), then the login's answers, then answers.
+            let first_answer = server
+                .iter()
+                .skip(1)
+                .position(|(seq, _)| *seq == 1)
+                .map_or(server.len(), |p| p + 1);
+            for packet in &server[first_answer..] {
+                match answers.last_mut() {
+                    Some(answer) if packet.0 != 1 => answer.push(*packet),
+                    _ => answers.push(vec![*packet]),
+                }
+            }
+            commands
+                .zip(answers.into_iter().chain(std::iter::repeat(Vec::new())))
+                .collect()
+        }
+
+        #[test]
+        fn a_captured_session_is_recorded_under_each_commands_answer_without_its_values() {
+            let log = StatementLog::new(
+                &SHARED,
+                crate::sessions::tests::session(Protocol::Mysql),
+                true,
+            );
+            let tracker = Tracker::new(log, false);
+            for ((seq, command), answer) in exchanges() {
+                let header = Header {
+                    seq,
+                    len: command.len(),
+                    continuation: false,
+                };
+                if let Want::Peek(n) = tracker.client_packet(header, command.first().copied()) {
+                    tracker.client_seen(header, &command[..n.min(command.len())]);
+                }
+                for (seq, payload) in answer {
+                    let header = Header {
+                        seq,
+                        len: payload.len(),
+                        continuation: false,
+                    };
+                    if let Want::Peek(n) = tracker.server_packet(header, payload.first().copied()) {
+                        tracker.server_seen(header, &payload[..n.min(payload.len())]);
+                    }
+                }
+            }
+            let records = tracker.take_records().unwrap_or_default();
+            assert!(records.len() > 10, "{} statement records", records.len());
+            for record in records {
+                let v: serde_json::Value = serde_json::from_slice(&record).unwrap_or_default();
+                let statement = v["statement"].as_str().unwrap_or_default();
+                for value in CAPTURED_VALUES {
+                    assert!(!statement.contains(value), "{statement}");
+                }
+                let verb = statement
+                    .split([' ', ';'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_uppercase();
+                if let (Some(command), false) = (v["command"].as_str(), verb == "EXECUTE") {
+                    assert_eq!(verb, command, "{statement}");
+                }
+            }
+        }
+
         proptest! {
             #[test]
             fn no_literal_parameter_row_or_error_text_reaches_a_statement_record(

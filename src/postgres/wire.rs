@@ -275,6 +275,28 @@ mod tests {
                 }
             }
 
+            /// psql's and pgbench's captured SSLRequest and startup
+            /// (tests/corpus/README.md), cut anywhere, read as whole.
+            #[test]
+            fn captured_startups_are_read_whole_or_refused(cut in any::<prop::sample::Index>(), captured in 0usize..2) {
+                let stream: &[u8] = [
+                    &include_bytes!("../../tests/corpus/psql.client")[..],
+                    &include_bytes!("../../tests/corpus/pgbench.client")[..],
+                ][captured];
+                let runtime = runtime();
+                let mut whole = stream;
+                let ssl = runtime.block_on(read_startup(&mut whole));
+                prop_assert!(matches!(ssl, Ok((SSL_REQUEST, ref body)) if body.is_empty()));
+                let startup = runtime.block_on(read_startup(&mut whole));
+                let Ok((PROTOCOL_3, body)) = startup else {
+                    return Err(TestCaseError::fail("the startup was not read"));
+                };
+                let parameters = startup_parameters(&body).unwrap_or_default();
+                prop_assert!(parameters.contains(&("user".into(), "postgres".into())), "{:?}", parameters);
+                let mut cut_short = &stream[8..8 + cut.index(stream.len() - whole.len() - 8)];
+                prop_assert!(matches!(runtime.block_on(read_startup(&mut cut_short)), Err(ReadError::Closed)));
+            }
+
             #[test]
             fn startup_parameters_read_back_as_written(
                 pairs in prop::collection::vec(("[a-z_]{1,12}", "[^\\x00]{0,16}"), 0..6),
