@@ -576,37 +576,47 @@ pub async fn upstream(h: Handler, tls: Option<Arc<rustls::ServerConfig>>) -> Ups
         .expect("bind upstream");
     let addr = listener.local_addr().expect("upstream addr");
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let h = h.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let h = h.clone();
-                    async move { Ok::<_, std::convert::Infallible>(h(req).await) }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                match tls {
-                    Some(cfg) => {
-                        let Ok(tls_stream) =
-                            tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
-                        else {
-                            return;
-                        };
-                        let _ = builder
-                            .serve_connection(TokioIo::new(tls_stream), svc)
-                            .await;
-                    }
-                    None => {
-                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                    }
-                }
-            });
-        }
-    });
+    tokio::spawn(serve_upstream(listener, h, tls, accepted.clone()));
     Upstream { addr, accepted }
+}
+
+/// Serves `h` on `listener`, counting connections in `accepted`. The
+/// connections belong to this future: dropping (aborting) it closes every
+/// one of them, as an upstream that restarts does.
+pub async fn serve_upstream(
+    listener: tokio::net::TcpListener,
+    h: Handler,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    while let Ok((stream, _)) = listener.accept().await {
+        while connections.try_join_next().is_some() {}
+        accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let h = h.clone();
+        let tls = tls.clone();
+        connections.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let h = h.clone();
+                async move { Ok::<_, std::convert::Infallible>(h(req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            match tls {
+                Some(cfg) => {
+                    let Ok(tls_stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
+                    else {
+                        return;
+                    };
+                    let _ = builder
+                        .serve_connection(TokioIo::new(tls_stream), svc)
+                        .await;
+                }
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                }
+            }
+        });
+    }
 }
 
 /// An upstream that answers with what it received, as JSON.

@@ -184,6 +184,27 @@ impl PgServer {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Restarts the server as an operator would (`pg_ctl restart -m
+    /// fast`): sessions end with 57P01, and for a moment no login is
+    /// possible.
+    pub fn restart(&self) {
+        let status = as_server_user(&mut Command::new(bin_dir().join("pg_ctl")))
+            .args(["-w", "-t", "30", "-m", "fast", "-l"])
+            .arg(self.data.parent().expect("dir").join("server.log"))
+            .arg("-D")
+            .arg(&self.data)
+            .arg("restart")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("pg_ctl restart");
+        assert!(
+            status.success(),
+            "PostgreSQL did not restart: {}",
+            self.log()
+        );
+    }
+
     /// The server's log (for checking what it saw).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.parent().expect("dir").join("server.log"))
