@@ -293,6 +293,18 @@ async fn login(
 /// The server's greeting (HandshakeV10): bytes from the network, before
 /// the server has proved anything.
 fn read_greeting(greeting: &[u8]) -> Result<HandshakePacket<'_>, LoginFailure> {
+    // mysql_common computes `auth_plugin_data_len as i8 - 8`, which
+    // overflows for lengths 0x80 to 0x87: a panic wherever overflow checks
+    // are on. The protocol sends 0 or 21; a length past 0x7f is refused
+    // before the parse. The byte follows the NUL-ended server version and
+    // 20 bytes of fixed fields.
+    let plugin_data_len = greeting
+        .get(1..)
+        .and_then(|rest| rest.iter().position(|&b| b == 0))
+        .and_then(|version_len| greeting.get(1 + version_len + 21));
+    if plugin_data_len.is_some_and(|&len| len > 0x7f) {
+        return Err(protocol_error("a malformed greeting"));
+    }
     let server: HandshakePacket<'_> = ParseBuf(greeting)
         .parse(())
         .map_err(|_| protocol_error("a malformed greeting"))?;
@@ -375,6 +387,20 @@ mod tests {
                 bytes.truncate(keep);
                 read_all(&bytes);
             }
+        }
+
+        /// Found by `./dev.sh fuzz`: mysql_common's parse of this greeting
+        /// overflowed an i8 (auth_plugin_data_len 0x80) and panicked.
+        #[test]
+        fn a_greeting_whose_plugin_data_length_overflows_is_refused() {
+            let mut greeting = [0u8; 33];
+            greeting[16] = 0x80; // CLIENT_SECURE_CONNECTION
+            greeting[18] = 8;
+            greeting[22] = 0x80; // auth_plugin_data_len
+            assert!(read_greeting(&greeting).is_err());
+            let mut named = greeting.to_vec();
+            named.splice(1..1, b"11.4.2-MariaDB".iter().copied());
+            assert!(read_greeting(&named).is_err());
         }
 
         #[test]
