@@ -1035,6 +1035,47 @@ mod tests {
                 let want = ipnet::IpNet::from(IpAddr::V4(std::net::Ipv4Addr::from(ip)));
                 prop_assert_eq!(normalize_host(&host), Ok(Target::Net(want)), "{}", host);
             }
+
+            /// Whatever a URL's host is, it is judged without panic.
+            #[test]
+            fn any_host_is_judged_without_panic(host in "\\PC{0,40}", bracketed in "\\[[0-9a-fA-F:.%]{0,40}\\]") {
+                let _ = normalize_host(&host);
+                let _ = normalize_host(&bracketed);
+            }
+
+            /// An IPv4 address the deny list blocks is blocked in every
+            /// IPv6 form that carries it: IPv4-mapped, IPv4-compatible,
+            /// NAT64, 6to4, and as a Teredo server or (obfuscated) client.
+            #[test]
+            fn a_blocked_ipv4_address_is_blocked_in_every_ipv6_form(
+                row in any::<prop::sample::Index>(),
+                host in any::<u32>(),
+                filler in any::<u32>(),
+            ) {
+                let blocked: Vec<(u32, u32)> = SPECIAL_NETS
+                    .v4
+                    .iter()
+                    .filter(|(_, _, row)| row.blocked.is_some())
+                    .map(|(net, mask, _)| (*net, *mask))
+                    .collect();
+                let (net, mask) = blocked[row.index(blocked.len())];
+                let ip = net | (host & !mask);
+                let v4 = std::net::Ipv4Addr::from(ip);
+                prop_assume!(classify(IpAddr::V4(v4)).is_some());
+                let (hi, lo) = ((ip >> 16) as u16, ip as u16);
+                let (f_hi, f_lo) = ((filler >> 16) as u16, filler as u16);
+                let forms = [
+                    v4.to_ipv6_mapped(),
+                    Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo),
+                    Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo),
+                    Ipv6Addr::new(0x2002, hi, lo, f_hi, f_lo, 0, 0, 1),
+                    Ipv6Addr::new(0x2001, 0, hi, lo, f_hi, f_lo, 0xffff, 0xffff),
+                    Ipv6Addr::new(0x2001, 0, 0x0808, 0x0808, f_hi, f_lo, !hi, !lo),
+                ];
+                for form in forms {
+                    prop_assert!(classify(IpAddr::V6(form)).is_some(), "{} carries {}", form, v4);
+                }
+            }
         }
     }
 }
