@@ -282,6 +282,16 @@ fn server_conf(config: &Config) -> ServerConf {
         // 10 ms, idle or not; under load this also costs about 2,000 fewer
         // instructions per request.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
+        // One thread (a sidecar whose CPU quota is one core): one
+        // single-threaded runtime instead of tokio's work-stealing
+        // scheduler, which with one worker still served some connections
+        // far later than others (64 KiB GET p99 4-6x nginx's; see
+        // docs/BENCHMARKS.md). With more threads the work-stealing
+        // scheduler stays: under pingora's one-runtime-per-thread, a
+        // pooled upstream connection is often not reused, because its idle
+        // watch runs on a random thread and releases the connection's lock
+        // before its reference (`failed to acquire reusable stream`).
+        work_stealing: config.proxy.threads > 1,
         ..ServerConf::default()
     }
 }

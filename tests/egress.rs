@@ -168,6 +168,34 @@ async fn regions_bind_their_egress_addresses_and_spread_connections() {
     assert!(records.iter().all(|r| r["region"] == "us"));
 }
 
+/// With one thread sealgate runs one single-threaded event loop (not
+/// tokio's work-stealing scheduler); its pooled upstream connections are
+/// reused all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_thread_serves_from_one_event_loop_and_reuses_its_connections() {
+    let (up, accepted) = peer_reporting_upstream(Ipv4Addr::LOCALHOST).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/egress.toml"),
+        "[egress]\nallow = [\"127.0.0.0/8\"]\nallow_private = [\"127.0.0.0/8\"]\n",
+    )
+    .unwrap();
+    let sg = Sealgate::start_in_with_proxy_keys(
+        dir,
+        "threads = 1",
+        &format!("[policy]\ndir = \"policies\"\n[datasources.pay]\nurl = \"http://{up}\"\n"),
+    );
+    for sent in 1..=6 {
+        let resp = get(sg.proxy, "/pay/x").await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+        back_in_the_pool(&sg, sent);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+    assert!(!sg.stderr().contains("ERROR"), "{}", sg.stderr());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_egress_address_that_cannot_be_bound_falls_over_to_the_next() {
     let (up, _) = peer_reporting_upstream(Ipv4Addr::LOCALHOST).await;

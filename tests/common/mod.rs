@@ -155,8 +155,14 @@ impl Sealgate {
         } else {
             "[audit]\noutput = \"audit.log\"\n"
         };
+        // Two threads unless the test sets its own.
+        let threads = if proxy_keys.contains("threads") {
+            ""
+        } else {
+            "threads = 2\n"
+        };
         let config = format!(
-            "[proxy]\nlisten = [\"{proxy}\"]\nthreads = 2\ngrace_period_s = 5\n{proxy_keys}\
+            "[proxy]\nlisten = [\"{proxy}\"]\n{threads}grace_period_s = 5\n{proxy_keys}\
              [admin]\nlisten = \"{admin}\"\n{audit}\n{extra_toml}"
         );
         let config = if extra_toml.contains("[policy]") {
