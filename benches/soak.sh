@@ -8,6 +8,7 @@
 #
 #   benches/soak.sh
 #   DURATION=180 benches/soak.sh          # what CI runs
+#   THREADS=2 benches/soak.sh             # sealgate's threads (default 1)
 #   SEALGATE_BIN=target/release/sealgate benches/soak.sh
 #
 # It starts a PostgreSQL and a MariaDB server of its own, as their system
@@ -19,5 +20,5 @@ DURATION=${DURATION:-1800}
 ./dev.sh setup
 source benches/bench_setup.sh
 SG=$(bench_binary)
-SEALGATE_TEST_BIN=$SG SEALGATE_SOAK_SECS=$DURATION \
+SEALGATE_TEST_BIN=$SG SEALGATE_SOAK_SECS=$DURATION SEALGATE_SOAK_THREADS=${THREADS:-1} \
   cargo test --test soak -- --ignored --nocapture

@@ -20,7 +20,9 @@
 //! logged was written during a fault.
 //!
 //! Minutes long, so ignored by `cargo test`: `benches/soak.sh` runs it
-//! (30 minutes by default), CI for 3 (`SEALGATE_SOAK_SECS=180`).
+//! (30 minutes by default), CI for 3 (`SEALGATE_SOAK_SECS=180`). sealgate
+//! runs one thread, as a sidecar with one core does, unless
+//! `SEALGATE_SOAK_THREADS` says more.
 
 mod common;
 
@@ -791,6 +793,15 @@ fn soak_duration() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// sealgate's `threads`: 1 by default, a sidecar's shape (one event loop),
+/// or `SEALGATE_SOAK_THREADS` (2 or more: tokio's work-stealing runtime).
+fn soak_threads() -> usize {
+    std::env::var("SEALGATE_SOAK_THREADS").map_or(1, |s| {
+        s.parse()
+            .expect("SEALGATE_SOAK_THREADS is a number of threads")
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long: benches/soak.sh, and CI's 3-minute run"]
 async fn a_mixed_load_under_scheduled_faults_is_answered_audited_and_leaks_nothing() {
@@ -877,7 +888,8 @@ async fn a_mixed_load_under_scheduled_faults_is_answered_audited_and_leaks_nothi
         maria_port = maria.port,
         maria_db = common::mysql::DATABASE,
     );
-    let sg = Arc::new(Sealgate::start_in(dir, &toml));
+    let threads = format!("threads = {}", soak_threads());
+    let sg = Arc::new(Sealgate::start_in_with_proxy_keys(dir, &threads, &toml));
     let fronts = Arc::new(Fronts {
         plain: sg.proxy,
         tls,
@@ -950,6 +962,7 @@ async fn a_mixed_load_under_scheduled_faults_is_answered_audited_and_leaks_nothi
     let rss_peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
     let report = serde_json::json!({
         "seconds": secs,
+        "threads": soak_threads(),
         "http_requests": tally.http_requests.load(Ordering::SeqCst),
         "http_records": books.requests,
         "db_sessions": tally.db_sessions.load(Ordering::SeqCst),
