@@ -11,7 +11,8 @@
 //! Faults, every 30 s in turn: a SIGHUP reload, every other one with a
 //! broken config (refused, nothing changes) and every other one after the
 //! audit file was moved away as logrotate does; ten seconds after each, a
-//! restart of the plain HTTP upstream or of PostgreSQL.
+//! restart of the plain HTTP upstream or of PostgreSQL; ten seconds after
+//! that, the delayed link 20 times slower for 4 s.
 //!
 //! Passes when every error a client saw happened while an injected fault
 //! could explain it; the audit trail holds exactly one record per HTTP
@@ -46,8 +47,11 @@ const BEARER: &str = "soak-bearer-5d0a8e";
 const API_KEY: &str = "soak-api-key-c41f27";
 const CLIENT_SECRET: &str = "soak-client-secret-90be";
 const TOKEN_LIFE_S: u64 = 20;
-/// Every piece of the delayed data source's answers waits this long.
-const LINK_DELAY: Duration = Duration::from_millis(20);
+/// Every piece of the delayed data source's answers waits this long...
+const LINK_DELAY_MS: u64 = 20;
+/// ...and this long while a network-delay fault lasts.
+const FAULT_DELAY_MS: u64 = 400;
+const FAULT_DELAY_FOR: Duration = Duration::from_secs(4);
 const FAULT_PERIOD: Duration = Duration::from_secs(30);
 /// How long after a fault ends its effects may still be seen: a session
 /// that was mid-login, a pooled connection found closed.
@@ -238,8 +242,9 @@ impl Restartable {
 }
 
 /// A link to `target` that holds every piece of the answer for
-/// `LINK_DELAY`: a slow network path to one upstream.
-async fn delaying_link(target: SocketAddr) -> SocketAddr {
+/// `delay_ms`: a slow network path to one upstream, slower while a fault
+/// says so.
+async fn delaying_link(target: SocketAddr, delay_ms: Arc<AtomicU64>) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -247,6 +252,7 @@ async fn delaying_link(target: SocketAddr) -> SocketAddr {
     let addr = listener.local_addr().expect("link addr");
     tokio::spawn(async move {
         while let Ok((inbound, _)) = listener.accept().await {
+            let delay_ms = delay_ms.clone();
             tokio::spawn(async move {
                 let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                     return;
@@ -259,7 +265,8 @@ async fn delaying_link(target: SocketAddr) -> SocketAddr {
                 });
                 let mut piece = vec![0u8; 16 * 1024];
                 while let Ok(n @ 1..) = out_read.read(&mut piece).await {
-                    tokio::time::sleep(LINK_DELAY).await;
+                    let delay = delay_ms.load(Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
                     if in_write.write_all(&piece[..n]).await.is_err() {
                         break;
                     }
@@ -597,6 +604,7 @@ async fn inject_faults(
     sg: Arc<Sealgate>,
     mut plain: Restartable,
     pg: Arc<PgServer>,
+    link_delay_ms: Arc<AtomicU64>,
     until: Instant,
 ) -> Vec<Window> {
     let mut windows = Vec::new();
@@ -607,7 +615,7 @@ async fn inject_faults(
     loop {
         cycle += 1;
         let reload_at = start + FAULT_PERIOD * cycle;
-        if reload_at + FAULT_PERIOD / 2 > until {
+        if reload_at + FAULT_PERIOD > until {
             break;
         }
         tokio::time::sleep_until(reload_at.into()).await;
@@ -648,6 +656,14 @@ async fn inject_faults(
             (format!("PostgreSQL restarted ({cycle})"), &["orders"])
         };
         windows.push(settle(&sg, fault, affects, from, log_from).await);
+
+        tokio::time::sleep_until((reload_at + FAULT_PERIOD * 2 / 3).into()).await;
+        let (from, log_from) = (Instant::now(), log_len(sg.dir.path()));
+        link_delay_ms.store(FAULT_DELAY_MS, Ordering::Relaxed);
+        tokio::time::sleep(FAULT_DELAY_FOR).await;
+        link_delay_ms.store(LINK_DELAY_MS, Ordering::Relaxed);
+        let fault = format!("network delay on the delayed upstream ({cycle})");
+        windows.push(settle(&sg, fault, &["delayed"], from, log_from).await);
     }
     windows
 }
@@ -833,7 +849,8 @@ async fn a_mixed_load_under_scheduled_faults_is_answered_audited_and_leaks_nothi
         None,
     )
     .await;
-    let delayed = delaying_link(delayed_origin.addr).await;
+    let link_delay_ms = Arc::new(AtomicU64::new(LINK_DELAY_MS));
+    let delayed = delaying_link(delayed_origin.addr, link_delay_ms.clone()).await;
     let issuer = Arc::new(Issuer::default());
     let token_endpoint = upstream(issuer.clone().handler(), None).await;
     let resource_issuer = issuer.clone();
@@ -910,7 +927,13 @@ async fn a_mixed_load_under_scheduled_faults_is_answered_audited_and_leaks_nothi
         load.spawn(pg_sessions(pg_listen, tally.clone(), until, worker));
     }
     load.spawn(mysql_sessions(mysql_listen, tally.clone(), until, 1));
-    let faults = tokio::spawn(inject_faults(sg.clone(), plain, pg.clone(), until));
+    let faults = tokio::spawn(inject_faults(
+        sg.clone(),
+        plain,
+        pg.clone(),
+        link_delay_ms,
+        until,
+    ));
     let pid = sg.pid();
     let sampler = tokio::spawn(async move {
         let mut samples = Vec::new();
