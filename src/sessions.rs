@@ -681,6 +681,14 @@ impl<'a> StatementLog<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::sync::LazyLock;
+
+    static SHARED: LazyLock<Arc<Shared>> = LazyLock::new(crate::state::tests::shared);
+
+    /// A statement log with statement audit on, for the trackers' tests.
+    pub(crate) fn statement_log(protocol: Protocol) -> StatementLog<'static> {
+        StatementLog::new(&SHARED, session(protocol), true)
+    }
 
     /// What a statement log needs of a session, for the trackers' tests.
     pub(crate) fn session(protocol: Protocol) -> SessionInfo {

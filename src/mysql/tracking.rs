@@ -495,11 +495,8 @@ mod tests {
     mod properties {
         use super::*;
         use crate::config::Protocol;
-        use crate::state::Shared;
+        use crate::sessions::tests::statement_log;
         use proptest::prelude::*;
-        use std::sync::LazyLock;
-
-        static SHARED: LazyLock<Arc<Shared>> = LazyLock::new(crate::state::tests::shared);
 
         /// One packet of a session, either way; the secret is put in every
         /// place the audit must never show: literals, parameters, rows,
@@ -660,11 +657,7 @@ mod tests {
 
         #[test]
         fn a_captured_session_is_recorded_under_each_commands_answer_without_its_values() {
-            let log = StatementLog::new(
-                &SHARED,
-                crate::sessions::tests::session(Protocol::Mysql),
-                true,
-            );
+            let log = statement_log(Protocol::Mysql);
             let tracker = Tracker::new(log, false);
             for ((seq, command), answer) in exchanges() {
                 let header = Header {
@@ -711,7 +704,7 @@ mod tests {
                 secret in "secret[a-z0-9]{10}",
                 steps in steps(),
             ) {
-                let log = StatementLog::new(&SHARED, crate::sessions::tests::session(Protocol::Mysql), true);
+                let log = statement_log(Protocol::Mysql);
                 let tracker = Tracker::new(log, false);
                 let mut records = Vec::new();
                 for step in &steps {

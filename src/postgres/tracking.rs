@@ -210,11 +210,8 @@ mod tests {
     mod properties {
         use super::super::*;
         use crate::config::Protocol;
-        use crate::state::Shared;
+        use crate::sessions::tests::statement_log;
         use proptest::prelude::*;
-        use std::sync::LazyLock;
-
-        static SHARED: LazyLock<Arc<Shared>> = LazyLock::new(crate::state::tests::shared);
 
         /// One message of a session, either way; the secret is put in
         /// every place the audit must never show: literals, bind values,
@@ -381,11 +378,7 @@ mod tests {
             server: &[u8],
             cuts: &[prop::sample::Index],
         ) -> Vec<[serde_json::Value; 4]> {
-            let log = StatementLog::new(
-                &SHARED,
-                crate::sessions::tests::session(Protocol::Postgres),
-                true,
-            );
+            let log = statement_log(Protocol::Postgres);
             let tracker = Tracker::new(log);
             let feed = |stream: &[u8], client_side: bool| {
                 let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
@@ -463,7 +456,7 @@ mod tests {
                 secret in "secret[a-z0-9]{10}",
                 steps in steps(),
             ) {
-                let log = StatementLog::new(&SHARED, crate::sessions::tests::session(Protocol::Postgres), true);
+                let log = statement_log(Protocol::Postgres);
                 let tracker = Tracker::new(log);
                 let mut records = Vec::new();
                 for step in &steps {
