@@ -509,17 +509,13 @@ mod tests {
 
         /// A captured response head as pingora holds it.
         fn captured_head(raw: &[u8]) -> ResponseHeader {
-            let text = String::from_utf8_lossy(raw);
-            let head = text.split("\r\n\r\n").next().unwrap_or_default();
-            let mut lines = head.split("\r\n");
-            let status = lines
-                .next()
-                .and_then(|l| l.split(' ').nth(1))
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(500);
-            let mut resp = ResponseHeader::build(status, None).expect("a status");
-            for (name, value) in lines.filter_map(|l| l.split_once(':')) {
-                resp.append_header(name.trim().to_string(), value.trim())
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut parsed = httparse::Response::new(&mut headers);
+            parsed.parse(raw).expect("a captured response head");
+            let mut resp =
+                ResponseHeader::build(parsed.code.unwrap_or(500), None).expect("a status");
+            for h in parsed.headers.iter() {
+                resp.append_header(h.name.to_string(), h.value)
                     .expect("a captured header");
             }
             resp

@@ -43,3 +43,15 @@ pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<
     w.write_all(bytes).await?;
     w.flush().await
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// Runs one of the readers above to its end, for the wire modules'
+    /// tests.
+    pub(crate) fn block_on<F: std::future::Future>(read: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+            .block_on(read)
+    }
+}

@@ -690,8 +690,25 @@ pub(crate) mod tests {
         StatementLog::new(&SHARED, session(protocol), true)
     }
 
-    /// What a statement log needs of a session, for the trackers' tests.
-    pub(crate) fn session(protocol: Protocol) -> SessionInfo {
+    /// Every statement record is a JSON line and none shows `secret`.
+    pub(crate) fn records_hide(
+        records: &[Vec<u8>],
+        secret: &str,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        for record in records {
+            let text = String::from_utf8_lossy(record);
+            proptest::prop_assert!(
+                serde_json::from_str::<serde_json::Value>(text.trim_end()).is_ok(),
+                "{}",
+                text
+            );
+            proptest::prop_assert!(!text.contains(secret), "{}", text);
+        }
+        Ok(())
+    }
+
+    /// What a statement log needs of a session.
+    fn session(protocol: Protocol) -> SessionInfo {
         SessionInfo {
             request_id: "0000000000000001".into(),
             protocol,

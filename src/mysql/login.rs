@@ -405,9 +405,9 @@ mod tests {
 
         #[test]
         fn the_captured_mariadb_greeting_reads_back() {
-            let captured = include_bytes!("../../tests/corpus/mariadb.server");
-            let len = usize::from(captured[0]) | usize::from(captured[1]) << 8;
-            let Ok(server) = read_greeting(&captured[4..4 + len]) else {
+            let captured =
+                wire::tests::packets(include_bytes!("../../tests/corpus/mariadb.server"));
+            let Ok(server) = read_greeting(&captured[0].1) else {
                 panic!("MariaDB's greeting was refused");
             };
             assert_eq!(server.nonce().len(), 20);

@@ -506,9 +506,9 @@ mod tests {
 
         #[test]
         fn the_captured_mariadb_clients_response_reads_back() {
-            let captured = include_bytes!("../../tests/corpus/mariadb.client");
-            let len = usize::from(captured[0]) | usize::from(captured[1]) << 8;
-            let hello = read_hello(&captured[4..4 + len]).expect("the mariadb client's response");
+            let captured =
+                wire::tests::packets(include_bytes!("../../tests/corpus/mariadb.client"));
+            let hello = read_hello(&captured[0].1).expect("the mariadb client's response");
             assert_eq!(hello.user(), b"app");
             assert_eq!(hello.db_name(), Some(&b"crm"[..]));
             assert!(hello.connect_attributes().is_some_and(|a| !a.is_empty()));

@@ -111,8 +111,19 @@ pub fn err_fields(payload: &[u8]) -> Option<(u16, &str)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// (sequence id, payload) of each packet of a captured stream, read
+    /// with `read_packet` as the fronts read them.
+    pub(crate) fn packets(mut stream: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !stream.is_empty() {
+            let read = crate::framing::tests::block_on(read_packet(&mut stream, MAX_PAYLOAD));
+            out.push(read.expect("a captured stream is whole packets"));
+        }
+        out
+    }
 
     #[tokio::test]
     async fn lengths_are_checked_before_anything_is_read_or_allocated() {
@@ -181,10 +192,7 @@ mod tests {
                 bytes.push(seq);
                 bytes.extend_from_slice(&sent);
                 let mut stream = &bytes[..];
-                let read = tokio::runtime::Builder::new_current_thread()
-                    .build()
-                    .expect("a runtime")
-                    .block_on(read_packet(&mut stream, max));
+                let read = crate::framing::tests::block_on(read_packet(&mut stream, max));
                 match read {
                     Err(ReadError::Length(l)) => {
                         prop_assert!(declared > max);

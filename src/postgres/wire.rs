@@ -202,13 +202,8 @@ mod tests {
     /// parse, are exactly the pairs it was written from.
     mod properties {
         use super::*;
+        use crate::framing::tests::block_on;
         use proptest::prelude::*;
-
-        fn runtime() -> tokio::runtime::Runtime {
-            tokio::runtime::Builder::new_current_thread()
-                .build()
-                .expect("a runtime")
-        }
 
         proptest! {
             #[test]
@@ -231,7 +226,7 @@ mod tests {
                 bytes.extend_from_slice(&declared.to_be_bytes());
                 bytes.extend_from_slice(&sent);
                 let mut stream = &bytes[..];
-                let read = runtime().block_on(read_message(&mut stream, max));
+                let read = block_on(read_message(&mut stream, max));
                 let len = declared as usize;
                 match read {
                     Err(ReadError::Length(l)) => {
@@ -258,7 +253,7 @@ mod tests {
                 bytes.extend_from_slice(&code.to_be_bytes());
                 bytes.extend_from_slice(&sent);
                 let mut stream = &bytes[..];
-                let read = runtime().block_on(read_startup(&mut stream));
+                let read = block_on(read_startup(&mut stream));
                 let len = declared as usize;
                 match read {
                     Err(ReadError::Length(l)) => {
@@ -283,18 +278,17 @@ mod tests {
                     &include_bytes!("../../tests/corpus/psql.client")[..],
                     &include_bytes!("../../tests/corpus/pgbench.client")[..],
                 ][captured];
-                let runtime = runtime();
                 let mut whole = stream;
-                let ssl = runtime.block_on(read_startup(&mut whole));
+                let ssl = block_on(read_startup(&mut whole));
                 prop_assert!(matches!(ssl, Ok((SSL_REQUEST, ref body)) if body.is_empty()));
-                let startup = runtime.block_on(read_startup(&mut whole));
+                let startup = block_on(read_startup(&mut whole));
                 let Ok((PROTOCOL_3, body)) = startup else {
                     return Err(TestCaseError::fail("the startup was not read"));
                 };
                 let parameters = startup_parameters(&body).unwrap_or_default();
                 prop_assert!(parameters.contains(&("user".into(), "postgres".into())), "{:?}", parameters);
                 let mut cut_short = &stream[8..8 + cut.index(stream.len() - whole.len() - 8)];
-                prop_assert!(matches!(runtime.block_on(read_startup(&mut cut_short)), Err(ReadError::Closed)));
+                prop_assert!(matches!(block_on(read_startup(&mut cut_short)), Err(ReadError::Closed)));
             }
 
             #[test]
