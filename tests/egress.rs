@@ -45,10 +45,19 @@ fn back_in_the_pool(sg: &Sealgate, sent: usize) {
 
 /// Starts sealgate with one policy file and the given data sources.
 fn start_with_policy(policy: &str, datasources: &str) -> Sealgate {
+    start_with_policy_and_proxy_keys("", policy, datasources)
+}
+
+/// The same, with more keys in the `[proxy]` table.
+fn start_with_policy_and_proxy_keys(proxy_keys: &str, policy: &str, datasources: &str) -> Sealgate {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies/egress.toml"), policy).unwrap();
-    Sealgate::start_in(dir, &format!("[policy]\ndir = \"policies\"\n{datasources}"))
+    Sealgate::start_in_with_proxy_keys(
+        dir,
+        proxy_keys,
+        &format!("[policy]\ndir = \"policies\"\n{datasources}"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -174,17 +183,10 @@ async fn regions_bind_their_egress_addresses_and_spread_connections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_thread_serves_from_one_event_loop_and_reuses_its_connections() {
     let (up, accepted) = peer_reporting_upstream(Ipv4Addr::LOCALHOST).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-    std::fs::write(
-        dir.path().join("policies/egress.toml"),
-        "[egress]\nallow = [\"127.0.0.0/8\"]\nallow_private = [\"127.0.0.0/8\"]\n",
-    )
-    .unwrap();
-    let sg = Sealgate::start_in_with_proxy_keys(
-        dir,
+    let sg = start_with_policy_and_proxy_keys(
         "threads = 1",
-        &format!("[policy]\ndir = \"policies\"\n[datasources.pay]\nurl = \"http://{up}\"\n"),
+        "[egress]\nallow = [\"127.0.0.0/8\"]\nallow_private = [\"127.0.0.0/8\"]\n",
+        &format!("[datasources.pay]\nurl = \"http://{up}\"\n"),
     );
     for sent in 1..=6 {
         let resp = get(sg.proxy, "/pay/x").await;

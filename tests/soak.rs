@@ -167,38 +167,6 @@ fn log_len(dir: &Path) -> u64 {
 
 // ----------------------------------------------------------- upstreams --
 
-/// An upstream of `/1k`, `/64k` and uploads that refuses (401) a request
-/// without the credential `accepts` approves.
-fn content(
-    accepts: impl Fn(&str) -> bool + Send + Sync + 'static,
-    header: &'static str,
-) -> Handler {
-    let accepts = Arc::new(accepts);
-    handler(move |req: Request<hyper::body::Incoming>| {
-        let accepts = accepts.clone();
-        async move {
-            let credential = req.headers().get(header).and_then(|v| v.to_str().ok());
-            if !credential.is_some_and(|c| accepts(c)) {
-                let mut refused = Response::new(full("credential missing"));
-                *refused.status_mut() = StatusCode::UNAUTHORIZED;
-                return refused;
-            }
-            let path = req.uri().path().to_string();
-            let body = if path.ends_with("/1k") {
-                vec![b'k'; 1024]
-            } else if path.ends_with("/64k") {
-                vec![b'm'; 64 * 1024]
-            } else {
-                let received = req.into_body().collect().await.map(|b| b.to_bytes());
-                received
-                    .map(|b| b.len().to_string().into_bytes())
-                    .unwrap_or_default()
-            };
-            Response::new(full(body))
-        }
-    })
-}
-
 /// An upstream on a fixed port that can be stopped and started again.
 struct Restartable {
     listen: SocketAddr,
@@ -362,19 +330,11 @@ async fn connect(fronts: &Fronts, front: Front) -> std::io::Result<Sender> {
     match front {
         Front::Plain => {
             let stream = tokio::net::TcpStream::connect(fronts.plain).await?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(std::io::Error::other)?;
-            tokio::spawn(conn);
-            Ok(Sender::H1(sender))
+            Ok(Sender::H1(h1_over(stream).await))
         }
         Front::Tls => {
             let stream = tls_connect(fronts.tls, &[&fronts.ca], None, &[b"http/1.1"]).await?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(std::io::Error::other)?;
-            tokio::spawn(conn);
-            Ok(Sender::H1(sender))
+            Ok(Sender::H1(h1_over(stream).await))
         }
         Front::H2 => {
             let stream = tls_connect(fronts.tls, &[&fronts.ca], None, &[b"h2"]).await?;

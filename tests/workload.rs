@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -56,43 +55,6 @@ impl Load {
         };
         Load { rounds, mix }
     }
-}
-
-/// An upstream that serves `/1k` and `/64k`, answers an upload with its
-/// length, and refuses (401) any request without the credential sealgate
-/// must have injected: `header: value`.
-async fn content_upstream(
-    header: &'static str,
-    value: String,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) -> Upstream {
-    let value: Arc<str> = value.into();
-    upstream(
-        handler(move |req: Request<hyper::body::Incoming>| {
-            let value = value.clone();
-            async move {
-                let injected = req.headers().get(header).and_then(|v| v.to_str().ok());
-                if injected != Some(&*value) {
-                    let mut refused = Response::new(full("credential missing"));
-                    *refused.status_mut() = StatusCode::UNAUTHORIZED;
-                    return refused;
-                }
-                let body = match req.uri().path() {
-                    "/1k" => vec![b'k'; 1024],
-                    "/64k" => vec![b'm'; 64 * 1024],
-                    _ => {
-                        let received = req.into_body().collect().await.map(|b| b.to_bytes());
-                        received
-                            .map(|b| b.len().to_string().into_bytes())
-                            .unwrap_or_default()
-                    }
-                };
-                Response::new(full(body))
-            }
-        }),
-        tls,
-    )
-    .await
 }
 
 fn request(method: &str, path: &str, body: Bytes) -> Request<BoxBody> {
@@ -225,10 +187,10 @@ async fn a_mixed_kept_alive_load_is_answered_injected_and_audited_request_by_req
 
     let upstream_ca = TestCa::new("workload upstream CA");
     upstream_ca.write_pem(&dir.path().join("upstream-ca.pem"));
-    let plain = content_upstream("authorization", format!("Bearer {BEARER}"), None).await;
-    let secure = content_upstream(
-        "x-api-key",
-        API_KEY.to_string(),
+    let bearer_header = format!("Bearer {BEARER}");
+    let plain = upstream(content(move |c| c == bearer_header, "authorization"), None).await;
+    let secure = upstream(
+        content(|c| c == API_KEY, "x-api-key"),
         Some(upstream_ca.server_config(&["localhost"])),
     )
     .await;

@@ -625,6 +625,39 @@ pub async fn serve_upstream(
     }
 }
 
+/// An upstream of `/1k`, `/64k` and uploads (answered with the length
+/// received) that refuses (401) a request without the credential
+/// `accepts` approves in `header`.
+pub fn content(
+    accepts: impl Fn(&str) -> bool + Send + Sync + 'static,
+    header: &'static str,
+) -> Handler {
+    let accepts = Arc::new(accepts);
+    handler(move |req: Request<hyper::body::Incoming>| {
+        let accepts = accepts.clone();
+        async move {
+            let credential = req.headers().get(header).and_then(|v| v.to_str().ok());
+            if !credential.is_some_and(|c| accepts(c)) {
+                let mut refused = Response::new(full("credential missing"));
+                *refused.status_mut() = StatusCode::UNAUTHORIZED;
+                return refused;
+            }
+            let path = req.uri().path().to_string();
+            let body = if path.ends_with("/1k") {
+                vec![b'k'; 1024]
+            } else if path.ends_with("/64k") {
+                vec![b'm'; 64 * 1024]
+            } else {
+                let received = req.into_body().collect().await.map(|b| b.to_bytes());
+                received
+                    .map(|b| b.len().to_string().into_bytes())
+                    .unwrap_or_default()
+            };
+            Response::new(full(body))
+        }
+    })
+}
+
 /// An upstream that answers with what it received, as JSON.
 pub async fn echo_upstream() -> Upstream {
     upstream(

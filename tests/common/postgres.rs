@@ -106,18 +106,8 @@ impl PgServer {
             ),
             0o600,
         );
-        let status = as_server_user(&mut Command::new(bin.join("pg_ctl")))
-            .args(["-w", "-t", "30", "-l"])
-            .arg(dir.path().join("server.log"))
-            .arg("-D")
-            .arg(&data)
-            .arg("start")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("pg_ctl start");
         assert!(
-            status.success(),
+            pg_ctl(&data, &["-w", "-t", "30", "start"]),
             "PostgreSQL did not start: {}",
             std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
         );
@@ -188,18 +178,8 @@ impl PgServer {
     /// fast`): sessions end with 57P01, and for a moment no login is
     /// possible.
     pub fn restart(&self) {
-        let status = as_server_user(&mut Command::new(bin_dir().join("pg_ctl")))
-            .args(["-w", "-t", "30", "-m", "fast", "-l"])
-            .arg(self.data.parent().expect("dir").join("server.log"))
-            .arg("-D")
-            .arg(&self.data)
-            .arg("restart")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("pg_ctl restart");
         assert!(
-            status.success(),
+            pg_ctl(&self.data, &["-w", "-t", "30", "-m", "fast", "restart"]),
             "PostgreSQL did not restart: {}",
             self.log()
         );
@@ -214,14 +194,23 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        let _ = as_server_user(&mut Command::new(bin_dir().join("pg_ctl")))
-            .args(["-m", "immediate", "-D"])
-            .arg(&self.data)
-            .arg("stop")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        pg_ctl(&self.data, &["-m", "immediate", "stop"]);
     }
+}
+
+/// `pg_ctl` on the cluster in `data` as the server's user, the server
+/// logging to `server.log` beside it; whether it succeeded.
+fn pg_ctl(data: &Path, args: &[&str]) -> bool {
+    as_server_user(&mut Command::new(bin_dir().join("pg_ctl")))
+        .arg("-D")
+        .arg(data)
+        .arg("-l")
+        .arg(data.parent().expect("dir").join("server.log"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// tokio-postgres over TLS with rustls (the `tokio-postgres-rustls` crate
