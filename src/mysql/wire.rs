@@ -114,6 +114,21 @@ pub fn err_fields(payload: &[u8]) -> Option<(u16, &str)> {
 pub(crate) mod tests {
     use super::*;
 
+    /// `packet` with up to four of its bytes changed, then cut anywhere.
+    pub(crate) fn damaged(packet: Vec<u8>) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let flips = prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4);
+        (0..=packet.len(), flips).prop_map(move |(keep, flips)| {
+            let mut bytes = packet.clone();
+            for (at, bits) in flips {
+                let at = at.index(bytes.len());
+                bytes[at] ^= bits;
+            }
+            bytes.truncate(keep);
+            bytes
+        })
+    }
+
     /// (sequence id, payload) of each packet of a captured stream, read
     /// with `read_packet` as the fronts read them.
     pub(crate) fn packets(mut stream: &[u8]) -> Vec<(u8, Vec<u8>)> {
