@@ -12,6 +12,8 @@
 # 127.0.0.1:18070 that start.sh starts.
 # SCRUB=off turns response body scrubbing off (it is on by default for a
 # data source with a credential), to measure what scrubbing costs.
+# SG_PORT, SG_TLS_PORT and SG_ADMIN_PORT move the listeners, for a second
+# sealgate beside the first.
 
 # bench_binary: the build users ship (`./dev.sh release`, profile-guided),
 # or $SEALGATE_BIN, e.g. to compare a plain `cargo build --release`.
@@ -52,6 +54,7 @@ TOML
 
 bench_setup() {
   local work=$1 sg=$2
+  local port=${SG_PORT:-18083} tls_port=${SG_TLS_PORT:-18444} admin_port=${SG_ADMIN_PORT:-18990}
   mkdir -p "$work/keys"
   "$sg" keygen --out "$work/keys/k1.key" 2>/dev/null
   local salt sealed
@@ -91,14 +94,14 @@ PY
 #!/usr/bin/env bash
 cat >"$work/sealgate.toml" <<TOML
 [proxy]
-listen = ["127.0.0.1:18083"]
+listen = ["127.0.0.1:$port"]
 threads = 1
 [proxy.tls]
-listen = ["127.0.0.1:18444"]
+listen = ["127.0.0.1:$tls_port"]
 cert = "\$PB_CERT"
 key = "\$PB_KEY"
 [admin]
-listen = "127.0.0.1:18990"
+listen = "127.0.0.1:$admin_port"
 [audit]
 output = "$work/audit.log"
 [policy]
@@ -114,4 +117,37 @@ $token_endpoint
 RUST_LOG=warn exec \${SG_WRAPPER:-} "$sg" run -c "$work/sealgate.toml"
 SH
   chmod +x "$work/start.sh"
+}
+
+# bench_cert WORK: a self-signed certificate for 127.0.0.1, WORK/cert.pem
+# and WORK/key.pem, where peerbench would give one.
+bench_cert() {
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
+    -addext "subjectAltName=IP:127.0.0.1" \
+    -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
+}
+
+# bench_upstream WORK CPU: nginx on 127.0.0.1:18080, pinned to CPU, serving
+# random bytes from WORK/www: 1k.bin, 64k.bin, and big.bin of $BIG_MIB MiB
+# if set. Its pid joins $pids.
+bench_upstream() {
+  local work=$1 cpu=$2
+  chmod 755 "$work" # nginx's workers read the content as another user
+  mkdir -p "$work/www" "$work/tmp"
+  head -c 1024 /dev/urandom >"$work/www/1k.bin"
+  head -c 65536 /dev/urandom >"$work/www/64k.bin"
+  [[ -n ${BIG_MIB:-} ]] && head -c "${BIG_MIB}M" /dev/urandom >"$work/www/big.bin"
+  cat >"$work/upstream.conf" <<NGINX
+worker_processes 1; daemon off; pid $work/upstream.pid; error_log $work/upstream.err warn;
+events { worker_connections 4096; }
+http {
+  client_body_temp_path $work/tmp/b; proxy_temp_path $work/tmp/p; fastcgi_temp_path $work/tmp/f;
+  uwsgi_temp_path $work/tmp/u; scgi_temp_path $work/tmp/s;
+  access_log off; sendfile on; tcp_nodelay on;
+  keepalive_timeout 300s; keepalive_requests 100000000;
+  server { listen 127.0.0.1:18080; root $work/www; }
+}
+NGINX
+  taskset -c "$cpu" nginx -c "$work/upstream.conf" -p "$work" 2>/dev/null &
+  pids+=($!)
 }

@@ -38,9 +38,7 @@ url = "http://127.0.0.1:18080"
 TOML
 
 # The benchmark config needs a certificate where peerbench would give one.
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
-  -addext "subjectAltName=IP:127.0.0.1" \
-  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+bench_cert "$work"
 
 python3 - "$SG" "$work" "$ROUNDS" "$SETTLE" <<'PY'
 import os, socket, statistics, subprocess, sys, time

@@ -26,28 +26,9 @@ done
 source benches/bench_setup.sh
 SG=$(bench_binary)
 bench_workdir profile
-chmod 755 "$work" # nginx's workers read the content as another user
 bench_setup "$work" "$SG"
-
-mkdir -p "$work/www" "$work/tmp"
-head -c 1024 /dev/urandom >"$work/www/1k.bin"
-head -c 65536 /dev/urandom >"$work/www/64k.bin"
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
-  -addext "subjectAltName=IP:127.0.0.1" \
-  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
-cat >"$work/upstream.conf" <<NGINX
-worker_processes 1; daemon off; pid $work/upstream.pid; error_log $work/upstream.err warn;
-events { worker_connections 4096; }
-http {
-  client_body_temp_path $work/tmp/b; proxy_temp_path $work/tmp/p; fastcgi_temp_path $work/tmp/f;
-  uwsgi_temp_path $work/tmp/u; scgi_temp_path $work/tmp/s;
-  access_log off; sendfile on; tcp_nodelay on;
-  keepalive_timeout 300s; keepalive_requests 100000000;
-  server { listen 127.0.0.1:18080; root $work/www; }
-}
-NGINX
-taskset -c 0 nginx -c "$work/upstream.conf" -p "$work" 2>/dev/null &
-pids+=($!)
+bench_cert "$work"
+bench_upstream "$work" 0
 if [[ $CALLGRIND == 1 ]]; then
   command -v valgrind >/dev/null || { echo "CALLGRIND=1 needs valgrind" >&2; exit 1; }
   export SG_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=$work/callgrind.out"
