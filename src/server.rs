@@ -122,12 +122,14 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     };
     let mut proxy = Service::new("sealgate proxy".to_string(), limits.app(&server, &shared));
     for addr in &proxy_listen {
-        proxy.add_listener(listener(addr));
+        proxy.add_listener(listener(addr, HTTP_READ_BUFFER));
     }
     if let (Some(handles), Some(tls)) = (&shared.tls, &shared.config.load().proxy.tls) {
         let handshakes = Arc::new(Handshakes::default());
         for addr in &tls_listen {
-            proxy.add_listener(listener(addr).tls(tls_settings(handles, handshakes.clone())?));
+            proxy.add_listener(
+                listener(addr, BUFFERED_READ).tls(tls_settings(handles, handshakes.clone())?),
+            );
         }
         proxy
             .endpoints()
@@ -217,7 +219,7 @@ fn add_db_front<A>(
 {
     let mut service = Service::new(format!("sealgate {name}"), front.clone());
     for addr in listen {
-        service.add_listener(listener(addr));
+        service.add_listener(listener(addr, BUFFERED_READ));
     }
     server.add_service(service);
     if let Some((path, listener)) = unix {
@@ -228,19 +230,24 @@ fn add_db_front<A>(
     }
 }
 
-/// A TCP listener whose connections each hold a 16 KiB read buffer instead
-/// of pingora's 64 KiB, which tokio zero-fills, so every open connection
-/// keeps all of it resident. 16 KiB is a whole TLS record: rustls asks for
-/// 4 KiB at a time, so a TLS body still arrives a record per read, and
-/// larger reads (pingora's body reader asks for 64 KiB) bypass the buffer.
-/// Peer benchmark, 50 connections of 1 KiB (docs/BENCHMARKS.md): peak RSS
-/// 18.0 MiB with 64 KiB, 16.3 with 16 KiB, at the same CPU per request.
-fn listener(addr: &SocketAddr) -> ListenerConfig {
-    ListenerConfig::tcp(addr.to_string())
-        .l4_buffer(L4BufferSettings::default().read(LISTENER_READ_BUFFER))
+/// A TCP listener whose connections each hold a read buffer of
+/// `read_buffer` bytes instead of pingora's 64 KiB, which tokio zero-fills,
+/// so every open connection keeps all of it resident.
+fn listener(addr: &SocketAddr, read_buffer: usize) -> ListenerConfig {
+    ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(read_buffer))
 }
 
-const LISTENER_READ_BUFFER: usize = 16 * 1024;
+/// The plain HTTP listener reads straight from the socket: pingora reads a
+/// request head into a buffer of its own and a body through 64 KiB reads,
+/// so a buffer in front only adds a copy, and 16 KiB resident per open
+/// connection. Peer benchmark, 50 connections of 1 KiB (docs/BENCHMARKS.md):
+/// peak RSS 18.0 MiB with 64 KiB, 16.3 with 16 KiB, 15.4 unbuffered.
+const HTTP_READ_BUFFER: usize = 0;
+
+/// TLS (rustls asks for 4 KiB at a time) and the database fronts (many
+/// small messages) keep one: 16 KiB, a whole TLS record, so a TLS body
+/// still arrives a record per read.
+const BUFFERED_READ: usize = 16 * 1024;
 
 fn bind_unix(
     path: &std::path::Path,
