@@ -268,7 +268,7 @@ async fn login(
                 switched = true;
                 let request = read_auth_switch(&payload)?;
                 plugin = request.auth_plugin().into_owned();
-                nonce = request.plugin_data().to_vec();
+                nonce = switch_nonce(&request, &payload);
                 let scramble = answer(&plugin, password, &nonce, tls)?;
                 send(&mut io, &mut seq, &scramble).await?;
             }
@@ -322,8 +322,61 @@ fn read_auth_switch(payload: &[u8]) -> Result<AuthSwitchRequest<'_>, LoginFailur
         .map_err(|_| protocol_error("a malformed auth switch request"))
 }
 
+/// The nonce of an auth switch request as the server sent it.
+/// mysql_common's `plugin_data` drops a last zero byte: right for the
+/// NUL-ended scramble of mysql_native_password and caching_sha2_password,
+/// wrong for client_ed25519's 32 random bytes, of which one in 256 ends in
+/// zero; sealgate then signed 31 bytes and MariaDB refused the login
+/// (1045), now and then.
+fn switch_nonce(request: &AuthSwitchRequest<'_>, payload: &[u8]) -> Vec<u8> {
+    if !matches!(request.auth_plugin(), AuthPlugin::Ed25519) {
+        return request.plugin_data().to_vec();
+    }
+    let after_header = payload.get(1..).unwrap_or_default();
+    let name_end = after_header.iter().position(|&b| b == 0);
+    name_end
+        .and_then(|end| after_header.get(end + 1..))
+        .unwrap_or_default()
+        .to_vec()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn switch(plugin: &str, data: &[u8]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        AuthSwitchRequest::new(plugin.as_bytes(), data).serialize(&mut payload);
+        let Ok(request) = read_auth_switch(&payload) else {
+            panic!("an auth switch request sealgate cannot read: {payload:?}");
+        };
+        switch_nonce(&request, &payload)
+    }
+
+    #[test]
+    fn an_ed25519_nonce_is_taken_whole_even_when_it_ends_in_zero() {
+        let mut nonce: Vec<u8> = (1..=32).collect();
+        assert_eq!(switch("client_ed25519", &nonce), nonce);
+        nonce[31] = 0;
+        assert_eq!(switch("client_ed25519", &nonce), nonce);
+        let signed = |nonce: &[u8]| {
+            answer(&AuthPlugin::Ed25519, "pw", nonce, false)
+                .map(|answer| answer.to_vec())
+                .ok()
+        };
+        assert_ne!(signed(&nonce), signed(&nonce[..31]));
+    }
+
+    #[test]
+    fn a_nul_ended_scramble_loses_its_terminator() {
+        let scramble = b"abcdefghijklmnopqrst";
+        let mut sent = scramble.to_vec();
+        sent.push(0);
+        for plugin in ["mysql_native_password", "caching_sha2_password"] {
+            assert_eq!(switch(plugin, &sent), scramble);
+        }
+    }
+
     mod properties {
         use super::super::*;
         use mysql_common::constants::StatusFlags;
