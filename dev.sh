@@ -5,7 +5,8 @@
 #   ./dev.sh release    the build to ship, profile-guided (about 5 min on
 #                       2 cores); prints the binary's path on stdout
 #   ./dev.sh pgo-train  retrain pgo/sealgate.profdata (see pgo_train)
-#   ./dev.sh bench-setup  also what the benchmarks compare against (pgbouncer, haproxy)
+#   ./dev.sh bench-setup  also what the benchmarks compare against and load with
+#                       (pgbouncer, haproxy, nginx, wrk, valgrind)
 #   ./dev.sh fuzz       the property tests of every parser of outside input
 #                       and of the memory a length field may take
 #                       (tests/allocations.rs), long: CASES (default
@@ -85,9 +86,16 @@ profdata_tool() {
 # LLVM (SLP vectoriser, then register-allocation liveness, on one function)
 # after 10 (docs/BENCHMARKS.md). CI's timeout catches a profile like that.
 # cargo writes to stderr, so stdout carries only the binary's path.
+#
+# The functions that run are laid out together (pgo/symbol-order.txt, made
+# by benches/symbol_order.sh): the kernel maps code in 64 KiB pieces, and
+# scattered they kept 4 MiB more of the binary resident under load. Only
+# the final link takes the order, so the dependencies stay built.
 release_build() {
   RUSTFLAGS="-Cprofile-use=$PWD/pgo/sealgate.profdata" \
-    cargo build --release --locked --bin sealgate --target-dir target/pgo/optimized
+    cargo rustc --release --locked --bin sealgate --target-dir target/pgo/optimized -- \
+    -C link-arg=-Wl,--symbol-ordering-file="$PWD/pgo/symbol-order.txt" \
+    -C link-arg=-Wl,--no-warn-symbol-ordering
   echo "$PWD/target/pgo/optimized/release/sealgate"
 }
 
@@ -119,11 +127,17 @@ pgo_train() {
   echo "dev.sh: new profile in pgo/sealgate.profdata; now ./dev.sh release" >&2
 }
 
-# benches/pgbench.sh compares sealgate with PgBouncer and HAProxy.
+# The benchmarks' peers and load: PgBouncer and HAProxy (benches/pgbench.sh),
+# nginx and wrk (the HTTP benchmarks), valgrind (benches/profile.sh's
+# CALLGRIND=1, benches/symbol_order.sh).
 ensure_bench_peers() {
-  command -v pgbouncer >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 && return 0
-  echo "dev.sh: installing pgbouncer and haproxy (the PostgreSQL benchmark's peers)" >&2
-  apt_install pgbouncer haproxy
+  local missing=() tool
+  for tool in pgbouncer haproxy nginx wrk valgrind; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+  done
+  [[ ${#missing[@]} == 0 ]] && return 0
+  echo "dev.sh: installing ${missing[*]} (for the benchmarks)" >&2
+  apt_install "${missing[@]}"
 }
 
 case "${1:-}" in
