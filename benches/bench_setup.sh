@@ -151,3 +151,24 @@ NGINX
   taskset -c "$cpu" nginx -c "$work/upstream.conf" -p "$work" 2>/dev/null &
   pids+=($!)
 }
+
+# bench_start WORK CPU [PORT]: runs WORK/start.sh with peerbench's
+# variables (WORK/cert.pem, the upstream of bench_upstream), pinned to CPU
+# ("" for any), its pid in $sg_pid and $pids, and waits until it serves the
+# data source on PORT (18083): up to 30 s, since under valgrind sealgate
+# takes seconds to start.
+bench_start() {
+  local work=$1 cpu=$2 port=${3:-18083} pin=()
+  [[ -n $cpu ]] && pin=(taskset -c "$cpu")
+  PB_UPSTREAM=127.0.0.1:18080 PB_CERT=$work/cert.pem PB_KEY=$work/key.pem \
+    "${pin[@]}" "$work/start.sh" 2>"$work/sealgate.err" &
+  sg_pid=$!
+  pids+=("$sg_pid")
+  for _ in $(seq 300); do
+    curl -fs -o /dev/null "http://127.0.0.1:$port/bench/1k.bin" && return 0
+    sleep 0.1
+  done
+  echo "sealgate did not start:" >&2
+  cat "$work/sealgate.err" >&2
+  exit 1
+}

@@ -34,17 +34,7 @@ if [[ $CALLGRIND == 1 ]]; then
   export SG_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=$work/callgrind.out"
   PERF=0
 fi
-PB_UPSTREAM=127.0.0.1:18080 PB_CERT=$work/cert.pem PB_KEY=$work/key.pem \
-  taskset -c 1 "$work/start.sh" 2>"$work/sealgate.err" &
-sg_pid=$!
-pids+=("$sg_pid")
-# Under valgrind sealgate takes several seconds to start.
-for _ in $(seq 300); do
-  curl -fs -o /dev/null "http://127.0.0.1:18083/bench/1k.bin" && break
-  sleep 0.1
-done
-curl -fs -o /dev/null "http://127.0.0.1:18083/bench/1k.bin" ||
-  { echo "sealgate did not start:" >&2; cat "$work/sealgate.err" >&2; exit 1; }
+bench_start "$work" 1
 url="http://127.0.0.1:18083/bench/$SIZE.bin"
 [[ $TLS == 1 ]] && url="https://127.0.0.1:18444/bench/$SIZE.bin"
 taskset -c 0 wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null

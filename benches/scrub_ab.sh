@@ -28,23 +28,16 @@ bench_workdir scrub-ab
 bench_cert "$work"
 bench_upstream "$work" 0
 
-declare -A sg_pid port
+declare -A pid_of port
 for scrub in on off; do
   if [[ $scrub == on ]]; then port[$scrub]=18083; else port[$scrub]=18086; fi
   mkdir -p "$work/$scrub"
+  cp "$work/cert.pem" "$work/key.pem" "$work/$scrub/"
   SCRUB=$scrub SG_PORT=${port[$scrub]} SG_TLS_PORT=$((port[$scrub] + 361)) \
     SG_ADMIN_PORT=$((port[$scrub] + 907)) bench_setup "$work/$scrub" "$SG"
-  PB_UPSTREAM=127.0.0.1:18080 PB_CERT=$work/cert.pem PB_KEY=$work/key.pem \
-    taskset -c 1 "$work/$scrub/start.sh" 2>"$work/$scrub/sealgate.err" &
-  sg_pid[$scrub]=$!
-  pids+=("${sg_pid[$scrub]}")
-done
-for scrub in on off; do
-  url="http://127.0.0.1:${port[$scrub]}/bench/64k.bin"
-  for _ in $(seq 100); do curl -fs -o /dev/null "$url" && break; sleep 0.1; done
-  curl -fs -o /dev/null "$url" ||
-    { echo "sealgate ($scrub) did not start:" >&2; cat "$work/$scrub/sealgate.err" >&2; exit 1; }
-  taskset -c 0 wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null
+  bench_start "$work/$scrub" 1 "${port[$scrub]}"
+  pid_of[$scrub]=$sg_pid
+  taskset -c 0 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:${port[$scrub]}/bench/64k.bin" >/dev/null
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -53,9 +46,9 @@ results=()
 for round in $(seq "$ROUNDS"); do
   for scrub in on off; do
     base="http://127.0.0.1:${port[$scrub]}/bench"
-    before=$(cpu_ticks "${sg_pid[$scrub]}")
+    before=$(cpu_ticks "${pid_of[$scrub]}")
     out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" "$base/64k.bin")
-    after=$(cpu_ticks "${sg_pid[$scrub]}")
+    after=$(cpu_ticks "${pid_of[$scrub]}")
     if grep -q "Non-2xx\|Socket errors" <<<"$out"; then
       echo "errors during the $scrub run:" >&2
       echo "$out" >&2

@@ -32,17 +32,7 @@ bench_setup "$work" "$SG"
 bench_cert "$work"
 bench_upstream "$work" 0
 export SG_WRAPPER="valgrind --tool=callgrind --demangle=no --callgrind-out-file=$work/callgrind.out"
-PB_UPSTREAM=127.0.0.1:18080 PB_CERT=$work/cert.pem PB_KEY=$work/key.pem \
-  "$work/start.sh" 2>"$work/sealgate.err" &
-sg_pid=$!
-pids+=("$sg_pid")
-# Under valgrind sealgate takes several seconds to start.
-for _ in $(seq 300); do
-  curl -fs -o /dev/null "http://127.0.0.1:18083/bench/1k.bin" && break
-  sleep 0.1
-done
-curl -fs -o /dev/null "http://127.0.0.1:18083/bench/1k.bin" ||
-  { echo "sealgate did not start:" >&2; cat "$work/sealgate.err" >&2; exit 1; }
+bench_start "$work" ""
 curl -fs -o /dev/null http://127.0.0.1:18990/readyz
 curl -fs -o /dev/null http://127.0.0.1:18990/metrics
 for url in http://127.0.0.1:18083/bench/1k.bin http://127.0.0.1:18083/bench/64k.bin \
