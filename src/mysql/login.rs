@@ -329,15 +329,13 @@ fn read_auth_switch(payload: &[u8]) -> Result<AuthSwitchRequest<'_>, LoginFailur
 /// zero; sealgate then signed 31 bytes and MariaDB refused the login
 /// (1045), now and then.
 fn switch_nonce(request: &AuthSwitchRequest<'_>, payload: &[u8]) -> Vec<u8> {
-    if !matches!(request.auth_plugin(), AuthPlugin::Ed25519) {
+    let plugin = request.auth_plugin();
+    if !matches!(plugin, AuthPlugin::Ed25519) {
         return request.plugin_data().to_vec();
     }
-    let after_header = payload.get(1..).unwrap_or_default();
-    let name_end = after_header.iter().position(|&b| b == 0);
-    name_end
-        .and_then(|end| after_header.get(end + 1..))
-        .unwrap_or_default()
-        .to_vec()
+    // 0xFE, the plugin's name and its NUL, then the data to its end.
+    let data_at = 1 + plugin.as_bytes().len() + 1;
+    payload.get(data_at..).unwrap_or_default().to_vec()
 }
 
 #[cfg(test)]
