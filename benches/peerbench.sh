@@ -8,6 +8,10 @@
 #   benches/peerbench.sh                       # 3 rounds, every scenario
 #   ROUNDS=1 SCENARIOS="small" benches/peerbench.sh
 #
+# peerbench's check that the credential was injected reads it back from a
+# response body, which sealgate scrubs: it says "NO" ("upstream saw
+# 'Bearer ****'"). SCRUB=off turns scrubbing off, and the check says yes.
+#
 # Everything stays on 127.0.0.1; peerbench ends every process it started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
