@@ -9,7 +9,8 @@
 # TLS=1) give sealgate's CPU seconds per 10k requests and the p99; with
 # STREAM=1 one $BIG_MIB MiB GET with curl gives MB/s and CPU seconds per
 # GiB (at most $STREAM_RATE, curl's --limit-rate, if set). Prints every round,
-# the medians, and A against B round by round.
+# the medians, and A against B round by round, under the names A_NAME and
+# B_NAME (default A and B).
 #
 #   A_BIN=/tmp/sealgate-before benches/ab.sh        # B: the shipped build
 #   SIZES="1k 64k" TLS=1 ROUNDS=10 DURATION=3 A_BIN=... B_BIN=... benches/ab.sh
