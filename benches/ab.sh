@@ -52,14 +52,12 @@ for side in A B; do
   echo "$side: $bin, scrubbing $scrub" >&2
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # wrk's 99th percentile, in ms whatever unit wrk printed it in.
 p99_ms() {
   awk '$1 == "99%" {
     v = $2; unit = v; sub(/[0-9.]+/, "", unit); sub(/[a-z]+$/, "", v)
     printf "%.2f", v * (unit == "us" ? 0.001 : unit == "s" ? 1000 : 1) }'
 }
-hz=$(getconf CLK_TCK)
 results=()
 for round in $(seq "$ROUNDS"); do
   for size in $SIZES; do

@@ -15,6 +15,12 @@
 # SG_PORT, SG_TLS_PORT and SG_ADMIN_PORT move the listeners, for a second
 # sealgate beside the first.
 
+# cpu_ticks PID: the user and system CPU the process has used so far, in
+# clock ticks ($hz a second); 0 without a PID (a peer with no process of
+# its own, such as "direct").
+cpu_ticks() { [[ -n $1 ]] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+hz=$(getconf CLK_TCK)
+
 # bench_binary: the build users ship (`./dev.sh release`, profile-guided),
 # or $SEALGATE_BIN, e.g. to compare a plain `cargo build --release`.
 bench_binary() {

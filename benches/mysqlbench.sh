@@ -118,9 +118,7 @@ sleep 1
 
 declare -A port=([direct]=$db_port [sealgate]=$sg_port [haproxy]=$haproxy_port)
 declare -A pid=([direct]= [sealgate]=$sg_pid [haproxy]=$haproxy_pid)
-cpu_ticks() { [[ -n $1 ]] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
 hwm_kib() { [[ -n $1 ]] && awk '/VmHWM/ {print $2}' "/proc/$1/status" || echo 0; }
-hz=$(getconf CLK_TCK)
 # sealgate's callers log in as `app` with no password: it holds the sealed one.
 url_for() {
   if [[ $1 == sealgate ]]; then

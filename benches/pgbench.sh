@@ -121,9 +121,7 @@ haproxy_pid=$(pgrep -n -x haproxy)
 
 declare -A port=([direct]=$pg_port [sealgate]=$sg_port [pgbouncer]=$bouncer_port [haproxy]=$haproxy_port)
 declare -A pid=([direct]= [sealgate]=$sg_pid [pgbouncer]=$bouncer_pid [haproxy]=$haproxy_pid)
-cpu_ticks() { [[ -n $1 ]] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
 hwm_kib() { [[ -n $1 ]] && awk '/VmHWM/ {print $2}' "/proc/$1/status" || echo 0; }
-hz=$(getconf CLK_TCK)
 user_for() { [[ $1 == sealgate ]] && echo app || echo bench; }
 
 results="$work/results"

@@ -39,8 +39,7 @@ url="http://127.0.0.1:18083/bench/$SIZE.bin"
 [[ $TLS == 1 ]] && url="https://127.0.0.1:18444/bench/$SIZE.bin"
 taskset -c 0 wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$sg_pid/stat"; }
-before=$(cpu_ticks)
+before=$(cpu_ticks "$sg_pid")
 [[ $CALLGRIND == 1 ]] && callgrind_control -z "$sg_pid" >/dev/null
 if [[ $PERF == 1 ]]; then
   perf record -q -F 1999 -p "$sg_pid" -o "$work/perf.data" -- sleep "$DURATION" 2>/dev/null &
@@ -49,7 +48,7 @@ fi
 result=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" "$url")
 [[ $PERF == 1 ]] && wait "$perf_pid"
 [[ $CALLGRIND == 1 ]] && callgrind_control -d "$sg_pid" >/dev/null
-after=$(cpu_ticks)
+after=$(cpu_ticks "$sg_pid")
 requests=$(awk '/requests in/ {print $1}' <<<"$result")
 echo "$result" | grep -E "Requests/sec|Latency|requests in|errors" || true
 if grep -q "Non-2xx" <<<"$result"; then
@@ -70,7 +69,7 @@ if [[ $CALLGRIND == 1 ]]; then
       }' | head -30
   exit 0
 fi
-awk -v t=$((after - before)) -v n="$requests" -v hz="$(getconf CLK_TCK)" \
+awk -v t=$((after - before)) -v n="$requests" -v hz="$hz" \
   'BEGIN { printf "sealgate CPU: %.3f s per 10k requests (%d requests)\n", t / hz / n * 10000, n }'
 if [[ $PERF == 1 ]]; then
   perf report -i "$work/perf.data" --no-children --sort dso,symbol --percent-limit 0.7 \
